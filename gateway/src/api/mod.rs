@@ -1,0 +1,37 @@
+//! The public surface: REST (axum) and gRPC (tonic) served on one port. Both authenticate
+//! through [`crate::auth::Authenticator`], call the same admin functions in [`admin`] and the
+//! same [`crate::ingest::Ingestor`], and fail with the same [`ApiError`].
+
+pub mod admin;
+pub mod error;
+pub mod grpc;
+pub mod rest;
+
+use std::sync::Arc;
+
+use axum::Router;
+
+use crate::auth::Authenticator;
+use crate::bus::Bus;
+use crate::ingest::Ingestor;
+use crate::meta::Metastore;
+use crate::metrics::Metrics;
+
+pub use error::ApiError;
+
+/// Everything a request handler may need.
+pub struct AppState {
+    pub meta: Arc<dyn Metastore>,
+    pub auth: Authenticator,
+    pub ingest: Ingestor,
+    pub bus: Arc<dyn Bus>,
+    pub metrics: Arc<Metrics>,
+    /// The gRPC decode limit (bytes), the same as the REST body limit.
+    pub max_message_bytes: usize,
+}
+
+/// REST and gRPC on one router.
+pub fn router(state: Arc<AppState>) -> Router {
+    let grpc = grpc::routes(state.clone()).into_axum_router();
+    rest::router(state.clone()).merge(grpc).layer(axum::middleware::from_fn_with_state(state, rest::track_requests))
+}

@@ -1,0 +1,148 @@
+//! The `rewind` command line: `serve` runs the gateway; the other commands talk to one over
+//! REST (`REWIND_URL`, `REWIND_TOKEN`), except `bus read`, which reads the bus directly.
+
+mod client;
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::config::ServeArgs;
+
+#[derive(Debug, Parser)]
+#[command(name = "rewind", version, about = "Rewind: a multi-tenant event gateway — ingest, archive, search and replay events")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Where the gateway is and who we are.
+#[derive(Debug, Clone, Args)]
+pub struct Remote {
+    /// Gateway URL.
+    #[arg(long, env = "REWIND_URL", default_value = "http://127.0.0.1:8080", global = true)]
+    pub url: String,
+    /// A team token (`rw_…`), or the root token for `team create`.
+    #[arg(long, env = "REWIND_TOKEN", global = true, hide_env_values = true)]
+    pub token: Option<String>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the gateway (REST + gRPC on one port).
+    Serve(Box<ServeArgs>),
+    /// Manage teams (root token).
+    Team {
+        #[command(flatten)]
+        remote: Remote,
+        #[command(subcommand)]
+        command: TeamCommand,
+    },
+    /// Manage your team's tokens (admin scope).
+    Token {
+        #[command(flatten)]
+        remote: Remote,
+        #[command(subcommand)]
+        command: TokenCommand,
+    },
+    /// Manage your team's collections.
+    Collection {
+        #[command(flatten)]
+        remote: Remote,
+        #[command(subcommand)]
+        command: CollectionCommand,
+    },
+    /// Send events to a collection: NDJSON (one JSON event per line) from files or stdin.
+    Send(SendArgs),
+    /// Inspect the durable bus directly (gateway stopped, for the local bus).
+    Bus {
+        #[command(subcommand)]
+        command: BusCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TeamCommand {
+    /// Create a team; prints its id and first admin token (shown once). Uses REWIND_TOKEN,
+    /// else REWIND_ROOT_TOKEN, else ./rewind-data/root-token.
+    Create { name: String },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TokenCommand {
+    /// Create a token; the secret is printed once.
+    Create {
+        name: String,
+        /// Scopes: admin, ingest, read, replay (repeat or comma-separate).
+        #[arg(long = "scope", value_delimiter = ',', required = true)]
+        scopes: Vec<String>,
+    },
+    /// List tokens (no secrets).
+    List,
+    /// Revoke a token by id; takes effect on its next request.
+    Revoke { id: String },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum CollectionCommand {
+    Create { name: String },
+    List,
+    /// Show one collection (by id or name).
+    Get { id: String },
+}
+
+#[derive(Debug, Args)]
+pub struct SendArgs {
+    #[command(flatten)]
+    pub remote: Remote,
+    /// Collection id or name.
+    pub collection: String,
+    /// NDJSON files; `-` or none reads stdin.
+    pub files: Vec<PathBuf>,
+    /// Events per request.
+    #[arg(long, default_value_t = 500)]
+    pub batch: usize,
+    /// Print the id of every stored event to stdout.
+    #[arg(long)]
+    pub print_ids: bool,
+    /// How often a batch is retried after a 429 or 503 before giving up.
+    #[arg(long, default_value_t = 20)]
+    pub retries: u32,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum BusCommand {
+    /// Print the events on the bus as NDJSON, through a durable consumer, until the bus has
+    /// been idle for --idle-ms. For the local bus the gateway must be stopped.
+    Read(BusReadArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct BusReadArgs {
+    #[command(flatten)]
+    pub serve: Box<ServeArgs>,
+    /// Consumer name; progress is kept per name.
+    #[arg(long, default_value = "cli")]
+    pub consumer: String,
+    /// Acknowledge what was read (the next read with this name starts after it).
+    #[arg(long)]
+    pub ack: bool,
+    #[arg(long, default_value_t = 1500)]
+    pub idle_ms: u64,
+}
+
+/// Runs a parsed command line.
+pub async fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Serve(args) => {
+            let config = args.resolve()?;
+            crate::server::init_logging(config.log_format);
+            crate::server::serve(config).await
+        }
+        Command::Team { remote, command } => client::team(remote, command).await,
+        Command::Token { remote, command } => client::token(remote, command).await,
+        Command::Collection { remote, command } => client::collection(remote, command).await,
+        Command::Send(args) => client::send(args).await,
+        Command::Bus { command: BusCommand::Read(args) } => client::bus_read(args).await,
+    }
+}

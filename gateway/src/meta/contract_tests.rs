@@ -1,0 +1,122 @@
+//! One suite, every backend: what any [`Metastore`] must do. Runs on SQLite (a temp file) and
+//! on PostgreSQL (`REWIND_TEST_POSTGRES_URL`, default the local server's `test` database; each
+//! run gets a fresh database of its own, dropped afterwards).
+
+use super::*;
+use crate::auth::Scope;
+use crate::ids::{new_id, now_micros};
+
+fn token(team_id: &str, name: &str, scopes: &[Scope]) -> TokenRecord {
+    let secret = crate::auth::tokens::generate();
+    TokenRecord {
+        id: new_id("tok"),
+        team_id: team_id.into(),
+        name: name.into(),
+        hash: crate::auth::tokens::hash(&secret),
+        prefix: secret[..7].into(),
+        scopes: scopes.iter().copied().collect(),
+        created_at: now_micros(),
+        revoked_at: None,
+    }
+}
+
+fn team(name: &str) -> Team {
+    Team {
+        id: new_id("tm"),
+        name: name.into(),
+        created_at: now_micros(),
+    }
+}
+
+async fn contract_suite(store: &dyn Metastore) {
+    store.ping().await.unwrap();
+
+    // Teams come with an admin token, atomically.
+    let a = team("team-a");
+    let a_admin = token(&a.id, "admin", &[Scope::Admin]);
+    store.create_team(&a, &a_admin).await.unwrap();
+    let b = team("team-b");
+    let b_admin = token(&b.id, "admin", &[Scope::Admin]);
+    store.create_team(&b, &b_admin).await.unwrap();
+
+    // A duplicate team name is refused, and its token is not left behind.
+    let dup = team("team-a");
+    let dup_token = token(&dup.id, "admin", &[Scope::Admin]);
+    assert!(matches!(
+        store.create_team(&dup, &dup_token).await,
+        Err(MetaError::AlreadyExists { what: "team", .. })
+    ));
+    assert!(store.token_by_hash(&dup_token.hash).await.unwrap().is_none());
+
+    // Tokens: found by hash, listed per team only, revoked once.
+    let ingest = token(&a.id, "ci", &[Scope::Ingest, Scope::Read]);
+    store.create_token(&ingest).await.unwrap();
+    let found = store.token_by_hash(&ingest.hash).await.unwrap().unwrap();
+    assert_eq!(found, ingest);
+    assert!(found.scopes.contains(Scope::Read) && !found.scopes.contains(Scope::Admin));
+    let listed: Vec<String> = store.list_tokens(&a.id).await.unwrap().into_iter().map(|t| t.id).collect();
+    assert_eq!(listed.len(), 2);
+    assert!(listed.contains(&ingest.id) && listed.contains(&a_admin.id));
+    assert!(!listed.contains(&b_admin.id));
+
+    // Team B cannot revoke team A's token.
+    assert!(!store.revoke_token(&b.id, &ingest.id, now_micros()).await.unwrap());
+    assert!(store.token_by_hash(&ingest.hash).await.unwrap().unwrap().revoked_at.is_none());
+    assert!(store.revoke_token(&a.id, &ingest.id, now_micros()).await.unwrap());
+    assert!(!store.revoke_token(&a.id, &ingest.id, now_micros()).await.unwrap());
+    assert!(store.token_by_hash(&ingest.hash).await.unwrap().unwrap().revoked_at.is_some());
+
+    // Collections: names unique per team, not across teams; lookups never cross teams.
+    let orders_a = Collection { id: new_id("col"), team_id: a.id.clone(), name: "orders".into(), created_at: now_micros() };
+    store.create_collection(&orders_a).await.unwrap();
+    let orders_b = Collection { id: new_id("col"), team_id: b.id.clone(), name: "orders".into(), created_at: now_micros() };
+    store.create_collection(&orders_b).await.unwrap();
+    let again = Collection { id: new_id("col"), ..orders_a.clone() };
+    assert!(matches!(
+        store.create_collection(&again).await,
+        Err(MetaError::AlreadyExists { what: "collection", .. })
+    ));
+    assert_eq!(store.get_collection(&a.id, &orders_a.id).await.unwrap(), Some(orders_a.clone()));
+    assert_eq!(store.get_collection(&a.id, "orders").await.unwrap(), Some(orders_a.clone()));
+    assert_eq!(store.get_collection(&b.id, "orders").await.unwrap(), Some(orders_b.clone()));
+    assert_eq!(store.get_collection(&b.id, &orders_a.id).await.unwrap(), None);
+    let users = Collection { id: new_id("col"), team_id: a.id.clone(), name: "users".into(), created_at: now_micros() };
+    store.create_collection(&users).await.unwrap();
+    let names: Vec<String> = store.list_collections(&a.id).await.unwrap().into_iter().map(|c| c.name).collect();
+    assert_eq!(names, vec!["orders", "users"]);
+    assert_eq!(store.list_collections(&b.id).await.unwrap(), vec![orders_b]);
+}
+
+#[tokio::test]
+async fn sqlite_passes_the_contract() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("meta.db");
+    let store = SqlMetastore::open_sqlite(&path).await.unwrap();
+    contract_suite(&store).await;
+    drop(store);
+    // Reopening runs migrations again without error and keeps the data.
+    let store = SqlMetastore::open_sqlite(&path).await.unwrap();
+    assert_eq!(store.kind(), "sqlite");
+    assert!(store.get_collection("nope", "orders").await.unwrap().is_none());
+}
+
+#[tokio::test]
+async fn postgres_passes_the_contract() {
+    let base = std::env::var("REWIND_TEST_POSTGRES_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into());
+    sqlx::any::install_default_drivers();
+    let db = format!("rewind_contract_{}", new_id("t").to_lowercase().replace('_', ""));
+    let mut admin = <sqlx::AnyConnection as sqlx::Connection>::connect(&base)
+        .await
+        .expect("PostgreSQL must be reachable for this test (set REWIND_TEST_POSTGRES_URL)");
+    sqlx::query(&format!("CREATE DATABASE {db}")).execute(&mut admin).await.unwrap();
+    let url = match base.rfind('/') {
+        Some(i) => format!("{}/{db}", &base[..i]),
+        None => unreachable!("a PostgreSQL URL has a path"),
+    };
+    let store = SqlMetastore::open_postgres(&url).await.unwrap();
+    assert_eq!(store.kind(), "postgres");
+    contract_suite(&store).await;
+    drop(store);
+    let _ = sqlx::query(&format!("DROP DATABASE {db} WITH (FORCE)")).execute(&mut admin).await;
+}

@@ -1,0 +1,132 @@
+//! Building and running the gateway from a [`Config`]: open the metastore and the bus, wire
+//! the API, serve REST + gRPC on one port, and shut down gracefully on SIGTERM/SIGINT.
+//!
+//! Shutdown order matters for "ack nothing not durable": stop accepting connections, let
+//! in-flight requests finish (each is answered only after its append is durable), then close
+//! the bus, which flushes and fsyncs whatever is queued.
+
+use std::sync::Arc;
+
+use anyhow::Context;
+
+use crate::api::{self, AppState};
+use crate::auth::{Authenticator, load_or_create_root_token};
+use crate::bus::Bus;
+use crate::bus::local::{LocalBus, LocalBusOptions};
+use crate::bus::nats::NatsBus;
+use crate::config::{BusConfig, Config, MetastoreConfig};
+use crate::ingest::Ingestor;
+use crate::ingest::dedupe::DedupeIndex;
+use crate::ingest::ratelimit::TokenRateLimiter;
+use crate::meta::{Metastore, SqlMetastore};
+use crate::metrics::Metrics;
+
+/// Opens the configured metastore.
+pub async fn open_metastore(config: &Config) -> anyhow::Result<Arc<dyn Metastore>> {
+    Ok(match &config.metastore {
+        MetastoreConfig::Sqlite { path } => Arc::new(SqlMetastore::open_sqlite(path).await?),
+        MetastoreConfig::Postgres { url } => Arc::new(SqlMetastore::open_postgres(url).await.context(
+            "check --metastore / REWIND_METASTORE and that PostgreSQL is running",
+        )?),
+    })
+}
+
+/// Opens the configured bus. NATS connects in the background (the gateway starts even if
+/// NATS is down, and reports itself not ready until it connects).
+pub async fn open_bus(config: &Config) -> anyhow::Result<Arc<dyn Bus>> {
+    Ok(match &config.bus {
+        BusConfig::Local => Arc::new(LocalBus::open(&config.data_dir.join("bus"), LocalBusOptions::default())?),
+        BusConfig::Nats { url } => {
+            let bus = NatsBus::start(url);
+            if !bus.wait_ready(std::time::Duration::from_secs(3)).await {
+                tracing::error!(%url, "NATS is not reachable yet: the gateway starts, /readyz reports the bus not ready, ingest answers 503 until it connects");
+            }
+            Arc::new(bus)
+        }
+    })
+}
+
+/// Runs the gateway until SIGTERM/SIGINT.
+pub async fn serve(config: Config) -> anyhow::Result<()> {
+    std::fs::create_dir_all(&config.data_dir)
+        .with_context(|| format!("cannot create the data dir {}", config.data_dir.display()))?;
+    let (root_token, created) = load_or_create_root_token(config.root_token.as_deref(), &config.data_dir)
+        .context("cannot read or create the root token file")?;
+    if let Some(path) = created {
+        // The path, never the token.
+        eprintln!("rewind: generated a root token in {} (mode 0600); use it to create teams", path.display());
+    }
+
+    let meta = open_metastore(&config).await?;
+    let bus = open_bus(&config).await?;
+    let metrics = Arc::new(Metrics::new());
+    let limiter = TokenRateLimiter::new(config.rate_limit.events_per_sec, config.rate_limit.burst, config.rate_limit.max_keys);
+    let dedupe = Arc::new(DedupeIndex::new(config.dedupe_window, config.dedupe_max_keys));
+    let ingest = Ingestor::new(bus.clone(), config.limits.clone(), limiter, dedupe, metrics.clone(), config.id_field.clone());
+    match ingest.rebuild_dedupe(config.dedupe_window).await {
+        Ok(n) if n > 0 => tracing::info!(keys = n, "restored client ids for de-duplication"),
+        Ok(_) => {}
+        Err(e) => tracing::warn!(error = %e, "could not restore client ids; retries of events sent before the restart may be stored twice"),
+    }
+    let state = Arc::new(AppState {
+        meta: meta.clone(),
+        auth: Authenticator::new(root_token, meta.clone()),
+        ingest,
+        bus: bus.clone(),
+        metrics,
+        max_message_bytes: config.limits.max_request_bytes,
+    });
+    let app = api::router(state);
+
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("cannot listen on {} (is another gateway running? change --listen)", config.listen))?;
+    let local = listener.local_addr()?;
+    tracing::info!(listen = %local, bus = bus.kind(), metastore = meta.kind(), data_dir = %config.data_dir.display(), "rewind gateway listening (REST + gRPC)");
+    eprintln!("rewind: listening on http://{local} (REST and gRPC)");
+
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let grace = config.shutdown_grace;
+    let server = axum::serve(listener, app).with_graceful_shutdown(async move {
+        shutdown_signal().await;
+        tracing::info!("shutting down: finishing in-flight requests");
+        let _ = stop_tx.send(true);
+    });
+    let mut stop_rx2 = stop_rx.clone();
+    tokio::select! {
+        result = server => result.context("server error")?,
+        _ = async {
+            let _ = stop_rx2.wait_for(|s| *s).await;
+            tokio::time::sleep(grace).await;
+        } => tracing::warn!(?grace, "in-flight requests did not finish within the grace period; their clients get no ack"),
+    }
+    bus.close().await;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! { _ = ctrl_c => {}, _ = term => {} }
+}
+
+/// Sets up `tracing` logs: text (default) or JSON, level from `RUST_LOG` (default info).
+pub fn init_logging(format: crate::config::LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,sqlx=warn,async_nats=warn"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        crate::config::LogFormat::Json => builder.json().init(),
+        crate::config::LogFormat::Text => builder.init(),
+    }
+}
