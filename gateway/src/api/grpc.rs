@@ -21,6 +21,14 @@ use pb::token_service_server::{TokenService, TokenServiceServer};
 /// How many batches of one `PublishStream` may be in flight at once (acks stay in order).
 const STREAM_PIPELINE: usize = 16;
 
+/// Full names of the services, as they appear in gRPC paths.
+pub const SERVICES: [&str; 4] = [
+    "rewind.v1.TeamService",
+    "rewind.v1.TokenService",
+    "rewind.v1.CollectionService",
+    "rewind.v1.IngestService",
+];
+
 /// All services, each with the decode limit set explicitly.
 pub fn routes(state: Arc<AppState>) -> Routes {
     let limit = state.max_message_bytes;

@@ -32,6 +32,12 @@ pub struct AppState {
 
 /// REST and gRPC on one router.
 pub fn router(state: Arc<AppState>) -> Router {
-    let grpc = grpc::routes(state.clone()).into_axum_router();
-    rest::router(state.clone()).merge(grpc).layer(axum::middleware::from_fn_with_state(state, rest::track_requests))
+    // Each gRPC service's paths go to tonic's router; everything else is REST (whose fallback
+    // answers unknown paths with a JSON 404).
+    let grpc = grpc::routes(state.clone());
+    let mut router = rest::router(state.clone());
+    for service in grpc::SERVICES {
+        router = router.route_service(&format!("/{service}/{{method}}"), grpc.clone());
+    }
+    router.layer(axum::middleware::from_fn_with_state(state, rest::track_requests))
 }

@@ -720,7 +720,7 @@ mod tests {
         let mut positions: Vec<u64> = futures::future::join_all(handles).await.into_iter().map(|r| r.unwrap()).collect();
         positions.sort();
         assert_eq!(positions, (100..200).collect::<Vec<_>>());
-        assert!(list_segments(dir.path()).unwrap().len() > 5, "segments rolled");
+        assert!(list_segments(dir.path()).unwrap().len() >= 3, "segments rolled");
 
         let mut consumer = bus.consumer("archiver").await.unwrap();
         let got = drain(&mut consumer, 200).await;
