@@ -159,9 +159,15 @@ pub async fn send(args: SendArgs) -> anyhow::Result<()> {
     for reader in readers {
         let mut batch = String::new();
         let mut in_batch = 0;
+        let mut line_no = 0usize;
+        let mut batch_first_line = 1usize;
         let mut lines = reader.lines();
         loop {
             let line = lines.next().transpose()?;
+            line_no += 1;
+            if in_batch == 0 {
+                batch_first_line = line_no;
+            }
             if let Some(line) = &line
                 && !line.trim().is_empty()
             {
@@ -172,7 +178,9 @@ pub async fn send(args: SendArgs) -> anyhow::Result<()> {
             if in_batch > 0 && (in_batch == batch_size || line.is_none()) {
                 let ids = post_batch(&client, &path, std::mem::take(&mut batch), args.retries)
                     .await
-                    .with_context(|| format!("after {sent} events were stored"))?;
+                    .with_context(|| {
+                        format!("in the batch starting at input line {batch_first_line} (line numbers in the error count from there; blank lines are skipped); {sent} events were stored before it")
+                    })?;
                 sent += ids.len();
                 in_batch = 0;
                 if args.print_ids {

@@ -1,0 +1,113 @@
+//! The NATS JetStream bus against real nats-server processes the tests start and stop.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+use crate::durability::sustained_load;
+use crate::support::{Gateway, Nats, free_port};
+
+async fn ready(gw: &Gateway) -> (u16, Value) {
+    let resp = gw.http.get(gw.url("/readyz")).send().await.unwrap();
+    (resp.status().as_u16(), resp.json().await.unwrap())
+}
+
+#[tokio::test]
+async fn nats_down_at_start_means_not_ready_and_503_until_it_comes_up() {
+    let port = free_port();
+    let url = format!("nats://127.0.0.1:{port}");
+    let gw = Gateway::start(&["--bus", &url]).await;
+    let (s, body) = ready(&gw).await;
+    assert_eq!(s, 503, "{body}");
+    assert_eq!(body["backends"]["bus"]["ready"], false);
+    assert!(body["backends"]["bus"]["detail"].as_str().unwrap().contains("cannot connect to NATS"), "{body}");
+    assert!(gw.log().contains("NATS"), "the log says why: {}", gw.log());
+
+    let (admin, col) = gw.team_with_collection("acme", "orders").await;
+    let tok = gw.token(&admin, &["ingest"]).await;
+    let resp = gw.send(&tok, &col, "application/json", "{}").await;
+    assert_eq!(resp.status(), 503);
+    assert!(resp.headers().contains_key("retry-after"));
+    let body: Value = resp.json().await.unwrap();
+    assert!(body["error"]["message"].as_str().unwrap().contains("retry"), "{body}");
+
+    // NATS comes up: the gateway connects by itself.
+    let _nats = Nats::start_on(port);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while ready(&gw).await.0 != 200 {
+        assert!(Instant::now() < deadline, "gateway did not become ready after NATS started");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(gw.send(&tok, &col, "application/json", "{}").await.status(), 202);
+}
+
+#[tokio::test]
+async fn nats_restart_mid_load_loses_nothing_acknowledged() {
+    let mut nats = Nats::start();
+    let gw = Gateway::start(&["--bus", &nats.url(), "--id-field", "event_id"]).await;
+    let (admin, col) = gw.team_with_collection("acme", "orders").await;
+    let tok = gw.token(&admin, &["ingest"]).await;
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let load = tokio::spawn(sustained_load(gw.url(""), tok.clone(), col.clone(), 4, 50, true, stop.clone()));
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    nats.stop();
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    // While NATS is down the gateway says so.
+    let (s, _) = ready(&gw).await;
+    assert_eq!(s, 503);
+    nats.restart();
+    tokio::time::sleep(Duration::from_millis(3000)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let acked = load.await.unwrap();
+    assert!(acked.len() > 500, "{} acked", acked.len());
+    let (s, body) = ready(&gw).await;
+    assert_eq!(s, 200, "{body}");
+
+    // Read the stream back through a durable consumer: every acknowledged id is there.
+    let on_bus: HashSet<String> = gw.bus_ids(&["--consumer", "verify"]).into_iter().collect();
+    let missing = acked.iter().filter(|id| !on_bus.contains(*id)).count();
+    assert_eq!(missing, 0, "{missing} of {} acknowledged events missing after a NATS restart", acked.len());
+}
+
+#[tokio::test]
+async fn nats_bus_publishes_per_collection_subjects_and_dedupes_retries() {
+    let nats = Nats::start();
+    let gw = Gateway::start(&["--bus", &nats.url()]).await;
+    let (admin, col) = gw.team_with_collection("acme", "orders").await;
+    let tok = gw.token(&admin, &["ingest"]).await;
+    let (s, body) = ready(&gw).await;
+    assert_eq!(s, 200, "{body}");
+    assert_eq!(body["backends"]["bus"]["kind"], "nats");
+    for _ in 0..3 {
+        let resp = gw
+            .http
+            .post(gw.url(&format!("/v1/collections/{col}/events")))
+            .bearer_auth(&tok)
+            .header("content-type", "application/json")
+            .header("idempotency-key", "k1")
+            .body("{\"a\":1}")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 202);
+    }
+    // A batch bigger than NATS's default max_payload (1 MiB) is split and stored whole.
+    let big: String = (0..3000).map(|i| crate::support::event_of_size(i, 1000) + "\n").collect();
+    let resp = gw.send(&tok, &col, "application/x-ndjson", big).await;
+    assert_eq!(resp.status(), 202);
+    let lines = crate::support::bus_read(&gw.data_dir, &gw.args, &["--consumer", "check"]);
+    assert_eq!(lines.len(), 3001);
+    let team = lines[0]["team"].as_str().unwrap();
+    assert!(team.starts_with("tm_"));
+    assert_eq!(lines[0]["collection"], col.as_str());
+    // The subject carries team and collection.
+    let client = async_nats::connect(nats.url()).await.unwrap();
+    let js = async_nats::jetstream::new(client);
+    let mut stream = js.get_stream("REWIND_EVENTS").await.unwrap();
+    let info = stream.info().await.unwrap();
+    assert!(info.state.messages >= 2);
+    let msg = stream.get_last_raw_message_by_subject(&format!("rewind.events.{team}.{col}")).await.unwrap();
+    assert!(msg.sequence >= 2);
+}

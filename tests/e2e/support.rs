@@ -1,0 +1,250 @@
+//! Test support: start the real `rewind` binary (and, where a test needs one, a NATS server
+//! of its own on a free port), and small REST helpers.
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+pub const ROOT: &str = "test-root-token-0123456789";
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+pub fn rewind_bin() -> &'static str {
+    env!("CARGO_BIN_EXE_rewind")
+}
+
+/// A running gateway with its own data dir.
+pub struct Gateway {
+    pub child: Option<Child>,
+    pub port: u16,
+    pub data_dir: PathBuf,
+    pub args: Vec<String>,
+    pub http: reqwest::Client,
+    _tmp: Option<tempfile::TempDir>,
+}
+
+impl Gateway {
+    /// Starts a gateway on a fresh data dir with extra `serve` flags.
+    pub async fn start(args: &[&str]) -> Gateway {
+        let tmp = tempfile::tempdir().unwrap();
+        let data_dir = tmp.path().to_path_buf();
+        let mut gw = Gateway {
+            child: None,
+            port: free_port(),
+            data_dir,
+            args: args.iter().map(|s| s.to_string()).collect(),
+            http: reqwest::Client::builder().timeout(Duration::from_secs(30)).build().unwrap(),
+            _tmp: Some(tmp),
+        };
+        gw.spawn();
+        gw.wait_healthy().await;
+        gw
+    }
+
+    fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.data_dir.join("gateway.log")).unwrap();
+        let child = Command::new(rewind_bin())
+            .arg("serve")
+            .arg("--listen")
+            .arg(format!("127.0.0.1:{}", self.port))
+            .arg("--data-dir")
+            .arg(&self.data_dir)
+            .args(&self.args)
+            .env("REWIND_ROOT_TOKEN", ROOT)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        self.child = Some(child);
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.port)
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.data_dir.join("gateway.log")).unwrap_or_default()
+    }
+
+    pub async fn wait_healthy(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok(r) = self.http.get(self.url("/healthz")).send().await
+                && r.status() == 200
+            {
+                return;
+            }
+            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!("gateway exited with {status} before it was healthy:\n{}", self.log());
+            }
+            assert!(Instant::now() < deadline, "gateway not healthy in 30s:\n{}", self.log());
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// SIGKILL: no chance to flush anything.
+    pub fn kill9(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            child.kill().unwrap();
+            child.wait().unwrap();
+        }
+    }
+
+    /// SIGTERM, then wait for the exit status.
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        let mut child = self.child.take().expect("running");
+        Command::new("kill").arg("-TERM").arg(child.id().to_string()).status().unwrap();
+        child.wait().unwrap()
+    }
+
+    pub async fn restart(&mut self) {
+        assert!(self.child.is_none(), "stop the gateway first");
+        self.spawn();
+        self.wait_healthy().await;
+    }
+
+    /// `rewind bus read` against this gateway's bus (the gateway must be stopped for the
+    /// local bus). Returns the event ids in bus order.
+    pub fn bus_ids(&self, extra: &[&str]) -> Vec<String> {
+        bus_read(&self.data_dir, &self.args, extra)
+            .into_iter()
+            .map(|v| v["id"].as_str().unwrap().to_string())
+            .collect()
+    }
+
+    pub async fn call(&self, method: reqwest::Method, path: &str, token: &str, body: Option<Value>) -> (u16, Value) {
+        let mut req = self.http.request(method, self.url(path)).bearer_auth(token);
+        if let Some(body) = body {
+            req = req.json(&body);
+        }
+        let resp = req.send().await.unwrap();
+        let status = resp.status().as_u16();
+        let text = resp.text().await.unwrap();
+        (status, serde_json::from_str(&text).unwrap_or(Value::String(text)))
+    }
+
+    /// Creates a team, a collection in it and returns (admin token, collection id).
+    pub async fn team_with_collection(&self, team: &str, collection: &str) -> (String, String) {
+        let (s, t) = self.call(reqwest::Method::POST, "/v1/teams", ROOT, Some(json!({"name": team}))).await;
+        assert_eq!(s, 201, "{t}");
+        let admin = t["admin_token"].as_str().unwrap().to_string();
+        let (s, c) = self.call(reqwest::Method::POST, "/v1/collections", &admin, Some(json!({"name": collection}))).await;
+        assert_eq!(s, 201, "{c}");
+        (admin, c["id"].as_str().unwrap().to_string())
+    }
+
+    pub async fn token(&self, admin: &str, scopes: &[&str]) -> String {
+        let (s, t) = self.call(reqwest::Method::POST, "/v1/tokens", admin, Some(json!({"name": "t", "scopes": scopes}))).await;
+        assert_eq!(s, 201, "{t}");
+        t["token"].as_str().unwrap().to_string()
+    }
+
+    /// POSTs a raw body to a collection's events.
+    pub async fn send(&self, token: &str, collection: &str, content_type: &str, body: impl Into<reqwest::Body>) -> reqwest::Response {
+        self.http
+            .post(self.url(&format!("/v1/collections/{collection}/events")))
+            .bearer_auth(token)
+            .header("content-type", content_type)
+            .body(body)
+            .send()
+            .await
+            .unwrap()
+    }
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// Runs `rewind bus read` with the serve flags of a gateway; returns the NDJSON lines.
+pub fn bus_read(data_dir: &Path, serve_args: &[String], extra: &[&str]) -> Vec<Value> {
+    let out = Command::new(rewind_bin())
+        .args(["bus", "read", "--idle-ms", "1500", "--data-dir"])
+        .arg(data_dir)
+        .args(serve_args)
+        .args(extra)
+        .env("REWIND_ROOT_TOKEN", ROOT)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "bus read failed: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+}
+
+/// A NATS server of the test's own, with JetStream, that the test can stop and restart.
+pub struct Nats {
+    pub port: u16,
+    child: Option<Child>,
+    store: tempfile::TempDir,
+}
+
+impl Nats {
+    pub fn start() -> Nats {
+        Self::start_on(free_port())
+    }
+
+    pub fn start_on(port: u16) -> Nats {
+        let mut nats = Nats { port, child: None, store: tempfile::tempdir().unwrap() };
+        nats.spawn();
+        nats
+    }
+
+    pub fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    fn spawn(&mut self) {
+        let child = Command::new("/usr/sbin/nats-server")
+            .args(["-a", "127.0.0.1", "-p", &self.port.to_string(), "-js", "-sd"])
+            .arg(self.store.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("nats-server must be installed at /usr/sbin/nats-server");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            assert!(Instant::now() < deadline, "nats-server did not start");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Graceful stop (SIGTERM): JetStream flushes its store.
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            Command::new("kill").arg("-TERM").arg(child.id().to_string()).status().unwrap();
+            child.wait().unwrap();
+        }
+    }
+
+    pub fn restart(&mut self) {
+        self.stop();
+        self.spawn();
+    }
+}
+
+impl Drop for Nats {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// Builds a JSON event of about `size` bytes.
+pub fn event_of_size(i: usize, size: usize) -> String {
+    let head = format!("{{\"type\":\"account_created\",\"seq\":{i},\"pad\":\"");
+    let pad = size.saturating_sub(head.len() + 2);
+    format!("{head}{}\"}}", "x".repeat(pad))
+}
