@@ -18,17 +18,22 @@ use crate::config::{BusConfig, Config, MetastoreConfig};
 use crate::ingest::Ingestor;
 use crate::ingest::dedupe::DedupeIndex;
 use crate::ingest::ratelimit::TokenRateLimiter;
-use crate::meta::{Metastore, SqlMetastore};
+use crate::meta::{CachedMetastore, Metastore, SqlMetastore};
 use crate::metrics::Metrics;
 
-/// Opens the configured metastore.
+/// Opens the configured metastore, behind the token/collection cache (see `meta::cache`).
 pub async fn open_metastore(config: &Config) -> anyhow::Result<Arc<dyn Metastore>> {
-    Ok(match &config.metastore {
-        MetastoreConfig::Sqlite { path } => Arc::new(SqlMetastore::open_sqlite(path).await?),
-        MetastoreConfig::Postgres { url } => Arc::new(SqlMetastore::open_postgres(url).await.context(
-            "check --metastore / REWIND_METASTORE and that PostgreSQL is running",
-        )?),
-    })
+    let (store, token_ttl): (Arc<dyn Metastore>, _) = match &config.metastore {
+        // One gateway owns a SQLite file: its own revocations are the only ones.
+        MetastoreConfig::Sqlite { path } => (Arc::new(SqlMetastore::open_sqlite(path).await?), None),
+        MetastoreConfig::Postgres { url } => (
+            Arc::new(SqlMetastore::open_postgres(url).await.context(
+                "check --metastore / REWIND_METASTORE and that PostgreSQL is running",
+            )?),
+            Some(std::time::Duration::from_secs(1)),
+        ),
+    };
+    Ok(Arc::new(CachedMetastore::new(store, token_ttl)))
 }
 
 /// Opens the configured bus. NATS connects in the background (the gateway starts even if

@@ -1,1 +1,332 @@
-fn main() {}
+//! `rewind-bench`: the ingest benchmark. Starts a release `rewind serve` (from the same
+//! directory as this binary) on a temp data dir, drives it from this process over loopback, and
+//! prints the figures `docs/benchmarks.md` records:
+//!
+//! * HTTP, batches of 500 × 1 KiB JSON, embedded bus: events/s acknowledged;
+//! * gRPC `PublishStream`, batches of 500: events/s;
+//! * HTTP single-event requests: requests/s;
+//! * p50/p99 ack latency of HTTP batches at half the peak batch rate;
+//! * the gateway's peak RSS over all of it;
+//! * with `--nats URL`: raw JetStream publishing of single 1 KiB messages (the baseline) and
+//!   the gateway on the NATS bus with batches of 500, in the same run.
+//!
+//! Run: `cargo build --release && target/release/rewind-bench [--secs 10] [--nats nats://127.0.0.1:4222]`
+
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use bytes::Bytes;
+use clap::Parser;
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use rewind_gateway::proto::v1 as pb;
+
+#[derive(Parser)]
+struct Args {
+    /// Seconds per scenario.
+    #[arg(long, default_value_t = 10)]
+    secs: u64,
+    /// Concurrent HTTP connections for batch scenarios.
+    #[arg(long, default_value_t = 8)]
+    http_conns: usize,
+    /// Concurrent gRPC streams.
+    #[arg(long, default_value_t = 4)]
+    grpc_streams: usize,
+    /// Concurrent connections for single-event requests.
+    #[arg(long, default_value_t = 64)]
+    single_conns: usize,
+    /// Also benchmark the NATS bus against this server (JetStream enabled).
+    #[arg(long)]
+    nats: Option<String>,
+    /// Event size in bytes.
+    #[arg(long, default_value_t = 1024)]
+    event_bytes: usize,
+}
+
+const BATCH: usize = 500;
+const ROOT: &str = "bench-root-token";
+
+fn event(i: usize, size: usize) -> String {
+    let head = format!("{{\"type\":\"account_created\",\"account\":{i},\"amount\":{},\"region\":\"eu-west-1\",\"pad\":\"", i % 1000);
+    let pad = size.saturating_sub(head.len() + 2);
+    format!("{head}{}\"}}", "x".repeat(pad))
+}
+
+struct Gateway {
+    child: Child,
+    port: u16,
+    _dir: tempfile::TempDir,
+}
+
+impl Gateway {
+    async fn start(extra: &[&str]) -> anyhow::Result<Gateway> {
+        let exe = std::env::current_exe()?.with_file_name("rewind");
+        if !exe.exists() {
+            bail!("{} not found: run `cargo build --release` first", exe.display());
+        }
+        let dir = tempfile::tempdir()?;
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+        let child = Command::new(&exe)
+            .args(["serve", "--listen", &format!("127.0.0.1:{port}"), "--rate-limit-events-per-sec", "0"])
+            .arg("--data-dir")
+            .arg(dir.path())
+            .args(extra)
+            .env("REWIND_ROOT_TOKEN", ROOT)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()?;
+        let gw = Gateway { child, port, _dir: dir };
+        let http = reqwest::Client::new();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Ok(r) = http.get(gw.url("/readyz")).send().await
+                && r.status() == 200
+            {
+                return Ok(gw);
+            }
+            if Instant::now() > deadline {
+                bail!("gateway not ready in 20 s");
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.port)
+    }
+
+    /// Team, collection and an ingest token.
+    async fn setup(&self) -> anyhow::Result<(String, String)> {
+        let http = reqwest::Client::new();
+        let team: serde_json::Value = http.post(self.url("/v1/teams")).bearer_auth(ROOT).json(&serde_json::json!({"name":"bench"})).send().await?.json().await?;
+        let admin = team["admin_token"].as_str().context("team")?.to_string();
+        let col: serde_json::Value = http.post(self.url("/v1/collections")).bearer_auth(&admin).json(&serde_json::json!({"name":"events"})).send().await?.json().await?;
+        let tok: serde_json::Value = http.post(self.url("/v1/tokens")).bearer_auth(&admin).json(&serde_json::json!({"name":"bench","scopes":["ingest"]})).send().await?.json().await?;
+        Ok((tok["token"].as_str().context("token")?.to_string(), col["id"].as_str().context("collection")?.to_string()))
+    }
+
+    fn rss_mib(&self) -> f64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap_or_default();
+        status
+            .lines()
+            .find(|l| l.starts_with("VmRSS:"))
+            .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
+            .map_or(0.0, |kb| kb / 1024.0)
+    }
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Samples the gateway's RSS every 100 ms; returns the peak when stopped.
+fn watch_rss(pid: u32, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<f64> {
+    std::thread::spawn(move || {
+        let mut peak: f64 = 0.0;
+        while !stop.load(Ordering::Relaxed) {
+            let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+            if let Some(kb) = status.lines().find(|l| l.starts_with("VmRSS:")).and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok()) {
+                peak = peak.max(kb / 1024.0);
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        peak
+    })
+}
+
+type HttpClient = Client<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>>;
+
+async fn post(client: &HttpClient, url: &str, token: &str, content_type: &str, body: Bytes) -> anyhow::Result<()> {
+    let req = hyper::Request::post(url)
+        .header("authorization", format!("Bearer {token}"))
+        .header("content-type", content_type)
+        .body(Full::new(body))?;
+    let resp = client.request(req).await?;
+    let status = resp.status();
+    let _ = resp.into_body().collect().await?;
+    if status != 202 {
+        bail!("status {status}");
+    }
+    Ok(())
+}
+
+/// Runs `conns` loops posting `body` for `secs`; returns requests completed per second.
+async fn http_load(url: &str, token: &str, content_type: &str, body: Bytes, conns: usize, secs: u64) -> anyhow::Result<f64> {
+    let client: HttpClient = Client::builder(TokioExecutor::new()).pool_max_idle_per_host(conns).build_http();
+    let done = Arc::new(AtomicU64::new(0));
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..conns {
+        let (client, url, token, ct, body, done) = (client.clone(), url.to_string(), token.to_string(), content_type.to_string(), body.clone(), done.clone());
+        tasks.push(tokio::spawn(async move {
+            while Instant::now() < deadline {
+                post(&client, &url, &token, &ct, body.clone()).await?;
+                done.fetch_add(1, Ordering::Relaxed);
+            }
+            anyhow::Ok(())
+        }));
+    }
+    for t in tasks {
+        t.await??;
+    }
+    Ok(done.load(Ordering::Relaxed) as f64 / started.elapsed().as_secs_f64())
+}
+
+/// Posts batches at a fixed rate (open loop) and records each ack's latency.
+async fn paced_latency(url: &str, token: &str, body: Bytes, batches_per_sec: f64, secs: u64) -> anyhow::Result<(f64, f64, f64)> {
+    let client: HttpClient = Client::builder(TokioExecutor::new()).pool_max_idle_per_host(64).build_http();
+    let hist = Arc::new(std::sync::Mutex::new(hdrhistogram::Histogram::<u64>::new(3)?));
+    let interval = Duration::from_secs_f64(1.0 / batches_per_sec);
+    let mut ticker = tokio::time::interval(interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    let mut tasks = Vec::new();
+    while Instant::now() < deadline {
+        ticker.tick().await;
+        let (client, url, token, body, hist) = (client.clone(), url.to_string(), token.to_string(), body.clone(), hist.clone());
+        tasks.push(tokio::spawn(async move {
+            let t0 = Instant::now();
+            post(&client, &url, &token, "application/x-ndjson", body).await?;
+            hist.lock().expect("lock").record(t0.elapsed().as_micros() as u64)?;
+            anyhow::Ok(())
+        }));
+    }
+    for t in tasks {
+        t.await??;
+    }
+    let h = hist.lock().expect("lock");
+    Ok((h.value_at_quantile(0.5) as f64 / 1000.0, h.value_at_quantile(0.99) as f64 / 1000.0, h.len() as f64 / secs as f64))
+}
+
+async fn grpc_load(gw: &Gateway, token: &str, collection: &str, streams: usize, secs: u64, event_bytes: usize) -> anyhow::Result<f64> {
+    let channel = tonic::transport::Channel::from_shared(gw.url(""))?.connect().await?;
+    let events: Vec<pb::PublishEvent> = (0..BATCH).map(|i| pb::PublishEvent { payload: event(i, event_bytes).into(), ..Default::default() }).collect();
+    let done = Arc::new(AtomicU64::new(0));
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..streams {
+        let mut client = pb::ingest_service_client::IngestServiceClient::new(channel.clone()).max_decoding_message_size(64 << 20).max_encoding_message_size(64 << 20);
+        let (events, collection, done) = (events.clone(), collection.to_string(), done.clone());
+        let header: tonic::metadata::MetadataValue<_> = format!("Bearer {token}").parse()?;
+        tasks.push(tokio::spawn(async move {
+            let requests = futures::stream::iter(0u64..).map(move |seq| pb::PublishRequest { collection: collection.clone(), events: events.clone(), sequence: seq });
+            let requests = futures::StreamExt::take_while(requests, move |_| futures::future::ready(Instant::now() < deadline));
+            let mut req = tonic::Request::new(requests);
+            req.metadata_mut().insert("authorization", header);
+            let mut acks = client.publish_stream(req).await?.into_inner();
+            while let Some(ack) = acks.message().await? {
+                done.fetch_add(ack.accepted as u64, Ordering::Relaxed);
+            }
+            anyhow::Ok(())
+        }));
+    }
+    for t in tasks {
+        t.await??;
+    }
+    Ok(done.load(Ordering::Relaxed) as f64 / started.elapsed().as_secs_f64())
+}
+
+use futures::StreamExt as _;
+
+/// Raw JetStream: single 1 KiB messages, each awaited for its publish ack, with up to 256 in
+/// flight (async publishing, as a well-written client would).
+async fn raw_jetstream(url: &str, secs: u64, event_bytes: usize) -> anyhow::Result<f64> {
+    let client = async_nats::connect(url).await?;
+    let js = async_nats::jetstream::new(client);
+    let _ = js.delete_stream("BENCH_RAW").await;
+    js.create_stream(async_nats::jetstream::stream::Config {
+        name: "BENCH_RAW".into(),
+        subjects: vec!["bench.raw".into()],
+        storage: async_nats::jetstream::stream::StorageType::File,
+        ..Default::default()
+    })
+    .await?;
+    let payload = Bytes::from(event(0, event_bytes));
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    let started = Instant::now();
+    let mut in_flight = futures::stream::FuturesUnordered::new();
+    let mut done = 0u64;
+    while Instant::now() < deadline {
+        while in_flight.len() < 256 {
+            in_flight.push(std::future::IntoFuture::into_future(js.publish("bench.raw", payload.clone()).await?));
+        }
+        if let Some(ack) = in_flight.next().await {
+            ack?;
+            done += 1;
+        }
+    }
+    while let Some(ack) = in_flight.next().await {
+        ack?;
+        done += 1;
+    }
+    let rate = done as f64 / started.elapsed().as_secs_f64();
+    let _ = js.delete_stream("BENCH_RAW").await;
+    Ok(rate)
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let secs = args.secs;
+    let batch_body = Bytes::from((0..BATCH).map(|i| event(i, args.event_bytes) + "\n").collect::<String>());
+    let single_body = Bytes::from(event(0, args.event_bytes));
+    println!("rewind-bench: {} s per scenario, {}-byte JSON events, batches of {BATCH}", secs, args.event_bytes);
+    println!("machine: {} cores, {}", std::thread::available_parallelism().map_or(0, |n| n.get()), std::fs::read_to_string("/proc/cpuinfo").ok().and_then(|c| c.lines().find(|l| l.starts_with("model name")).map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())).unwrap_or_default());
+
+    let gw = Gateway::start(&[]).await?;
+    let (token, col) = gw.setup().await?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let rss = watch_rss(gw.child.id(), stop.clone());
+    let url = gw.url(&format!("/v1/collections/{col}/events"));
+
+    let batch_rps = http_load(&url, &token, "application/x-ndjson", batch_body.clone(), args.http_conns, secs).await?;
+    let http_events = batch_rps * BATCH as f64;
+    println!("| HTTP batches of {BATCH}, local bus | {:.0} events/s ({:.0} requests/s, {} connections) |", http_events, batch_rps, args.http_conns);
+
+    let grpc_events = grpc_load(&gw, &token, &col, args.grpc_streams, secs, args.event_bytes).await?;
+    println!("| gRPC PublishStream, batches of {BATCH}, local bus | {:.0} events/s ({} streams) |", grpc_events, args.grpc_streams);
+
+    let single = http_load(&url, &token, "application/json", single_body, args.single_conns, secs).await?;
+    println!("| HTTP single-event requests, local bus | {:.0} requests/s ({} connections) |", single, args.single_conns);
+
+    let (p50, p99, achieved) = paced_latency(&url, &token, batch_body.clone(), batch_rps / 2.0, secs).await?;
+    println!(
+        "| ack latency at half the peak batch rate ({:.0} events/s offered, {:.0} achieved) | p50 {:.2} ms, p99 {:.2} ms |",
+        batch_rps / 2.0 * BATCH as f64,
+        achieved * BATCH as f64,
+        p50,
+        p99
+    );
+    if std::env::var_os("BENCH_DEBUG").is_some() {
+        let m = reqwest::get(gw.url("/metrics")).await?.text().await?;
+        for l in m.lines().filter(|l| l.contains("append_seconds")) {
+            println!("{l}");
+        }
+    }
+    stop.store(true, Ordering::Relaxed);
+    let peak = rss.join().expect("rss thread");
+    println!("| gateway peak RSS (all scenarios above) | {:.0} MiB (now {:.0} MiB) |", peak, gw.rss_mib());
+    drop(gw);
+
+    if let Some(nats) = &args.nats {
+        let raw = raw_jetstream(nats, secs, args.event_bytes).await?;
+        println!("| raw JetStream publish, single {}-byte messages (baseline) | {:.0} messages/s |", args.event_bytes, raw);
+        let gw = Gateway::start(&["--bus", nats]).await?;
+        let (token, col) = gw.setup().await?;
+        let url = gw.url(&format!("/v1/collections/{col}/events"));
+        let rps = http_load(&url, &token, "application/x-ndjson", batch_body, args.http_conns, secs).await?;
+        let events = rps * BATCH as f64;
+        println!("| HTTP batches of {BATCH}, NATS bus | {:.0} events/s ({:.1}x the raw baseline) |", events, events / raw);
+    }
+    Ok(())
+}

@@ -101,6 +101,20 @@ async fn sqlite_passes_the_contract() {
 }
 
 #[tokio::test]
+async fn the_cache_passes_the_contract_and_forgets_revoked_tokens_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let inner: std::sync::Arc<dyn Metastore> = std::sync::Arc::new(SqlMetastore::open_sqlite(&dir.path().join("m.db")).await.unwrap());
+    let store = CachedMetastore::new(inner, None);
+    contract_suite(&store).await;
+    let t = team("cached");
+    let tok = token(&t.id, "admin", &[Scope::Admin]);
+    store.create_team(&t, &tok).await.unwrap();
+    assert!(store.token_by_hash(&tok.hash).await.unwrap().is_some());
+    assert!(store.revoke_token(&t.id, &tok.id, now_micros()).await.unwrap());
+    assert!(store.token_by_hash(&tok.hash).await.unwrap().unwrap().revoked_at.is_some());
+}
+
+#[tokio::test]
 async fn postgres_passes_the_contract() {
     let base = std::env::var("REWIND_TEST_POSTGRES_URL")
         .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into());

@@ -3,10 +3,12 @@
 //! that runs on SQLite (the embedded default, a file in the data dir) and on PostgreSQL; one
 //! contract suite (`contract_tests`) runs against both.
 
+mod cache;
 mod sql;
 #[cfg(test)]
 mod contract_tests;
 
+pub use cache::CachedMetastore;
 pub use sql::SqlMetastore;
 
 use async_trait::async_trait;

@@ -1,0 +1,108 @@
+//! A read-through cache in front of any [`Metastore`], for the two look-ups every ingest
+//! request makes: the token (by hash) and the collection (by id or name).
+//!
+//! Revocation must take effect on the next request. Revocations through this gateway drop the
+//! cached token at once. A revocation made by *another* gateway sharing a PostgreSQL metastore
+//! is seen once the entry is older than `token_ttl` (1 s by default for PostgreSQL; SQLite is a
+//! single-gateway store, so there its entries live until revoked here). Collections are never
+//! renamed or moved between teams, so cached ones stay valid; misses are not cached.
+
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+
+use super::{Collection, MetaError, Metastore, Team, TokenRecord};
+
+/// Entries kept per cache before it is cleared and refilled (bounds memory).
+const MAX_ENTRIES: usize = 100_000;
+
+pub struct CachedMetastore {
+    inner: Arc<dyn Metastore>,
+    token_ttl: Option<Duration>,
+    tokens: RwLock<HashMap<String, (TokenRecord, Instant)>>,
+    collections: RwLock<HashMap<(String, String), Collection>>,
+}
+
+impl CachedMetastore {
+    /// `token_ttl: None` caches tokens until revoked through this instance.
+    pub fn new(inner: Arc<dyn Metastore>, token_ttl: Option<Duration>) -> Self {
+        Self { inner, token_ttl, tokens: RwLock::default(), collections: RwLock::default() }
+    }
+}
+
+fn insert_bounded<K: std::hash::Hash + Eq, V>(map: &RwLock<HashMap<K, V>>, key: K, value: V) {
+    let mut map = map.write().expect("lock");
+    if map.len() >= MAX_ENTRIES {
+        map.clear();
+    }
+    map.insert(key, value);
+}
+
+#[async_trait]
+impl Metastore for CachedMetastore {
+    fn kind(&self) -> &'static str {
+        self.inner.kind()
+    }
+
+    async fn ping(&self) -> Result<(), MetaError> {
+        self.inner.ping().await
+    }
+
+    async fn create_team(&self, team: &Team, admin_token: &TokenRecord) -> Result<(), MetaError> {
+        self.inner.create_team(team, admin_token).await
+    }
+
+    async fn create_token(&self, token: &TokenRecord) -> Result<(), MetaError> {
+        self.inner.create_token(token).await
+    }
+
+    async fn token_by_hash(&self, hash: &str) -> Result<Option<TokenRecord>, MetaError> {
+        if let Some((record, at)) = self.tokens.read().expect("lock").get(hash)
+            && self.token_ttl.is_none_or(|ttl| at.elapsed() < ttl)
+        {
+            return Ok(Some(record.clone()));
+        }
+        let found = self.inner.token_by_hash(hash).await?;
+        if let Some(record) = &found
+            && record.revoked_at.is_none()
+        {
+            insert_bounded(&self.tokens, hash.to_string(), (record.clone(), Instant::now()));
+        }
+        Ok(found)
+    }
+
+    async fn list_tokens(&self, team_id: &str) -> Result<Vec<TokenRecord>, MetaError> {
+        self.inner.list_tokens(team_id).await
+    }
+
+    async fn revoke_token(&self, team_id: &str, token_id: &str, at: i64) -> Result<bool, MetaError> {
+        // Drop the cached entry first and again after: a look-up racing with the revocation
+        // cannot leave a stale entry behind.
+        self.tokens.write().expect("lock").retain(|_, (r, _)| r.id != token_id);
+        let revoked = self.inner.revoke_token(team_id, token_id, at).await;
+        self.tokens.write().expect("lock").retain(|_, (r, _)| r.id != token_id);
+        revoked
+    }
+
+    async fn create_collection(&self, collection: &Collection) -> Result<(), MetaError> {
+        self.inner.create_collection(collection).await
+    }
+
+    async fn get_collection(&self, team_id: &str, id_or_name: &str) -> Result<Option<Collection>, MetaError> {
+        let key = (team_id.to_string(), id_or_name.to_string());
+        if let Some(c) = self.collections.read().expect("lock").get(&key) {
+            return Ok(Some(c.clone()));
+        }
+        let found = self.inner.get_collection(team_id, id_or_name).await?;
+        if let Some(c) = &found {
+            insert_bounded(&self.collections, key, c.clone());
+        }
+        Ok(found)
+    }
+
+    async fn list_collections(&self, team_id: &str) -> Result<Vec<Collection>, MetaError> {
+        self.inner.list_collections(team_id).await
+    }
+}
