@@ -203,7 +203,8 @@ impl ServeArgs {
             .or(file.root_token.clone());
         let pick = |a: &Option<String>, b: &Option<String>| a.clone().or_else(|| b.clone());
 
-        let listen_raw = pick(&self.listen, &file.listen).unwrap_or_else(|| "127.0.0.1:8080".into());
+        let listen_raw =
+            pick(&self.listen, &file.listen).unwrap_or_else(|| "127.0.0.1:8080".into());
         let listen: SocketAddr = listen_raw.parse().map_err(|_| {
             invalid(
                 "listen",
@@ -256,11 +257,16 @@ impl ServeArgs {
         {
             return Err(invalid(
                 "search",
-                format!("{search:?}: use `embedded` or a Meilisearch URL such as http://127.0.0.1:7700"),
+                format!(
+                    "{search:?}: use `embedded` or a Meilisearch URL such as http://127.0.0.1:7700"
+                ),
             ));
         }
 
-        let max_event_bytes = self.max_event_bytes.or(file.max_event_bytes).unwrap_or(1 << 20);
+        let max_event_bytes = self
+            .max_event_bytes
+            .or(file.max_event_bytes)
+            .unwrap_or(1 << 20);
         let max_request_bytes = self
             .max_request_bytes
             .or(file.max_request_bytes)
@@ -270,7 +276,10 @@ impl ServeArgs {
             .or(file.max_batch_events)
             .unwrap_or(10_000);
         if max_event_bytes == 0 || max_request_bytes == 0 || max_batch_events == 0 {
-            return Err(invalid("max_event_bytes/max_request_bytes/max_batch_events", "must be above 0"));
+            return Err(invalid(
+                "max_event_bytes/max_request_bytes/max_batch_events",
+                "must be above 0",
+            ));
         }
         if max_event_bytes > max_request_bytes {
             return Err(invalid(
@@ -292,7 +301,10 @@ impl ServeArgs {
             .or(file.rate_limit_burst)
             .unwrap_or(events_per_sec);
         if events_per_sec > 0 && burst == 0 {
-            return Err(invalid("rate_limit_burst", "must be above 0 when the rate limit is on"));
+            return Err(invalid(
+                "rate_limit_burst",
+                "must be above 0 when the rate limit is on",
+            ));
         }
         let max_keys = self
             .rate_limit_max_keys
@@ -303,7 +315,12 @@ impl ServeArgs {
         let log_format = match pick(&self.log_format, &file.log_format).as_deref() {
             None | Some("text") => LogFormat::Text,
             Some("json") => LogFormat::Json,
-            Some(other) => return Err(invalid("log_format", format!("{other:?}: use text or json"))),
+            Some(other) => {
+                return Err(invalid(
+                    "log_format",
+                    format!("{other:?}: use text or json"),
+                ));
+            }
         };
         let id_field = pick(&self.id_field, &file.id_field).filter(|f| !f.is_empty());
 
@@ -315,7 +332,10 @@ impl ServeArgs {
             archive,
             search,
             archive_flush: Duration::from_secs(
-                self.archive_flush_secs.or(file.archive_flush_secs).unwrap_or(60).max(1),
+                self.archive_flush_secs
+                    .or(file.archive_flush_secs)
+                    .unwrap_or(60)
+                    .max(1),
             ),
             allow_private_destinations: self
                 .allow_private_destinations
@@ -333,12 +353,19 @@ impl ServeArgs {
             },
             id_field,
             dedupe_window: Duration::from_secs(
-                self.dedupe_window_secs.or(file.dedupe_window_secs).unwrap_or(86_400),
+                self.dedupe_window_secs
+                    .or(file.dedupe_window_secs)
+                    .unwrap_or(86_400),
             ),
-            dedupe_max_keys: self.dedupe_max_keys.or(file.dedupe_max_keys).unwrap_or(1_000_000),
+            dedupe_max_keys: self
+                .dedupe_max_keys
+                .or(file.dedupe_max_keys)
+                .unwrap_or(1_000_000),
             log_format,
             shutdown_grace: Duration::from_secs(
-                self.shutdown_grace_secs.or(file.shutdown_grace_secs).unwrap_or(30),
+                self.shutdown_grace_secs
+                    .or(file.shutdown_grace_secs)
+                    .unwrap_or(30),
             ),
             root_token,
         })
@@ -366,7 +393,9 @@ mod tests {
         assert_eq!(cfg.listen.to_string(), "127.0.0.1:8080");
         assert_eq!(cfg.bus, BusConfig::Local);
         assert_eq!(cfg.data_dir, PathBuf::from("./rewind-data"));
-        assert!(matches!(cfg.metastore, MetastoreConfig::Sqlite { ref path } if path.ends_with("metastore.db")));
+        assert!(
+            matches!(cfg.metastore, MetastoreConfig::Sqlite { ref path } if path.ends_with("metastore.db"))
+        );
         assert_eq!(cfg.limits.max_event_bytes, 1 << 20);
         assert_eq!(cfg.archive_flush, Duration::from_secs(60));
         assert!(!cfg.allow_private_destinations);
@@ -376,7 +405,11 @@ mod tests {
     fn flags_win_over_the_file_and_the_file_over_defaults() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("rewind.toml");
-        std::fs::write(&path, "listen = \"0.0.0.0:9000\"\nbus = \"nats://n:4222\"\nmax_batch_events = 7\n").unwrap();
+        std::fs::write(
+            &path,
+            "listen = \"0.0.0.0:9000\"\nbus = \"nats://n:4222\"\nmax_batch_events = 7\n",
+        )
+        .unwrap();
         let args = ServeArgs {
             config: Some(path),
             listen: Some("127.0.0.1:7000".into()),
@@ -384,30 +417,44 @@ mod tests {
         };
         let cfg = args.resolve().unwrap();
         assert_eq!(cfg.listen.to_string(), "127.0.0.1:7000");
-        assert_eq!(cfg.bus, BusConfig::Nats { url: "nats://n:4222".into() });
+        assert_eq!(
+            cfg.bus,
+            BusConfig::Nats {
+                url: "nats://n:4222".into()
+            }
+        );
         assert_eq!(cfg.limits.max_batch_events, 7);
     }
 
     #[test]
     fn bad_settings_name_the_key() {
-        let err = ServeArgs { bus: Some("kafka://x".into()), ..Default::default() }
-            .resolve()
-            .unwrap_err()
-            .to_string();
+        let err = ServeArgs {
+            bus: Some("kafka://x".into()),
+            ..Default::default()
+        }
+        .resolve()
+        .unwrap_err()
+        .to_string();
         assert!(err.contains("`bus`"), "{err}");
-        let err = ServeArgs { listen: Some("nope".into()), ..Default::default() }
-            .resolve()
-            .unwrap_err()
-            .to_string();
+        let err = ServeArgs {
+            listen: Some("nope".into()),
+            ..Default::default()
+        }
+        .resolve()
+        .unwrap_err()
+        .to_string();
         assert!(err.contains("`listen`"), "{err}");
 
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("rewind.toml");
         std::fs::write(&path, "lisen = \"x\"\n").unwrap();
-        let err = ServeArgs { config: Some(path), ..Default::default() }
-            .resolve()
-            .unwrap_err()
-            .to_string();
+        let err = ServeArgs {
+            config: Some(path),
+            ..Default::default()
+        }
+        .resolve()
+        .unwrap_err()
+        .to_string();
         assert!(err.contains("lisen"), "{err}");
     }
 }

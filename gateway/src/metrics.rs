@@ -47,26 +47,64 @@ impl Metrics {
     pub fn new() -> Self {
         let mut registry = Registry::with_prefix("rewind");
         let requests = Family::<RequestLabels, Counter>::default();
-        registry.register("requests", "HTTP and gRPC requests by route and status", requests.clone());
+        registry.register(
+            "requests",
+            "HTTP and gRPC requests by route and status",
+            requests.clone(),
+        );
         let events_accepted = Family::<TransportLabel, Counter>::default();
-        registry.register("events_accepted", "Events acknowledged (durable on the bus)", events_accepted.clone());
+        registry.register(
+            "events_accepted",
+            "Events acknowledged (durable on the bus)",
+            events_accepted.clone(),
+        );
         let ingest_bytes = Counter::default();
-        registry.register("ingest_bytes", "Payload bytes acknowledged", ingest_bytes.clone());
+        registry.register(
+            "ingest_bytes",
+            "Payload bytes acknowledged",
+            ingest_bytes.clone(),
+        );
         let rate_limited = Counter::default();
-        registry.register("rate_limited", "Ingest requests refused by the per-token rate limit", rate_limited.clone());
+        registry.register(
+            "rate_limited",
+            "Ingest requests refused by the per-token rate limit",
+            rate_limited.clone(),
+        );
         let append_seconds = Histogram::new(exponential_buckets(0.0001, 2.0, 16));
-        registry.register("bus_append_seconds", "Time from append to durable on the bus", append_seconds.clone());
+        registry.register(
+            "bus_append_seconds",
+            "Time from append to durable on the bus",
+            append_seconds.clone(),
+        );
         let bus_lag = Family::<ConsumerLabel, Gauge>::default();
-        registry.register("bus_lag_messages", "Bus messages a consumer has not acknowledged yet", bus_lag.clone());
+        registry.register(
+            "bus_lag_messages",
+            "Bus messages a consumer has not acknowledged yet",
+            bus_lag.clone(),
+        );
         let bus_ready = Gauge::default();
-        registry.register("bus_ready", "1 when the bus takes writes", bus_ready.clone());
-        Self { registry, requests, events_accepted, ingest_bytes, rate_limited, append_seconds, bus_lag, bus_ready }
+        registry.register(
+            "bus_ready",
+            "1 when the bus takes writes",
+            bus_ready.clone(),
+        );
+        Self {
+            registry,
+            requests,
+            events_accepted,
+            ingest_bytes,
+            rate_limited,
+            append_seconds,
+            bus_lag,
+            bus_ready,
+        }
     }
 
     /// The Prometheus text exposition.
     pub fn render(&self) -> String {
         let mut out = String::new();
-        prometheus_client::encoding::text::encode(&mut out, &self.registry).expect("writing to a String");
+        prometheus_client::encoding::text::encode(&mut out, &self.registry)
+            .expect("writing to a String");
         out
     }
 }

@@ -23,16 +23,19 @@ use crate::metrics::Metrics;
 
 /// Opens the configured metastore, behind the token/collection cache (see `meta::cache`).
 pub async fn open_metastore(config: &Config) -> anyhow::Result<Arc<dyn Metastore>> {
-    let (store, token_ttl): (Arc<dyn Metastore>, _) = match &config.metastore {
-        // One gateway owns a SQLite file: its own revocations are the only ones.
-        MetastoreConfig::Sqlite { path } => (Arc::new(SqlMetastore::open_sqlite(path).await?), None),
-        MetastoreConfig::Postgres { url } => (
-            Arc::new(SqlMetastore::open_postgres(url).await.context(
-                "check --metastore / REWIND_METASTORE and that PostgreSQL is running",
-            )?),
-            Some(std::time::Duration::from_secs(1)),
-        ),
-    };
+    let (store, token_ttl): (Arc<dyn Metastore>, _) =
+        match &config.metastore {
+            // One gateway owns a SQLite file: its own revocations are the only ones.
+            MetastoreConfig::Sqlite { path } => {
+                (Arc::new(SqlMetastore::open_sqlite(path).await?), None)
+            }
+            MetastoreConfig::Postgres { url } => (
+                Arc::new(SqlMetastore::open_postgres(url).await.context(
+                    "check --metastore / REWIND_METASTORE and that PostgreSQL is running",
+                )?),
+                Some(std::time::Duration::from_secs(1)),
+            ),
+        };
     Ok(Arc::new(CachedMetastore::new(store, token_ttl)))
 }
 
@@ -40,7 +43,10 @@ pub async fn open_metastore(config: &Config) -> anyhow::Result<Arc<dyn Metastore
 /// NATS is down, and reports itself not ready until it connects).
 pub async fn open_bus(config: &Config) -> anyhow::Result<Arc<dyn Bus>> {
     Ok(match &config.bus {
-        BusConfig::Local => Arc::new(LocalBus::open(&config.data_dir.join("bus"), LocalBusOptions::default())?),
+        BusConfig::Local => Arc::new(LocalBus::open(
+            &config.data_dir.join("bus"),
+            LocalBusOptions::default(),
+        )?),
         BusConfig::Nats { url } => {
             let bus = NatsBus::start(url);
             if !bus.wait_ready(std::time::Duration::from_secs(3)).await {
@@ -55,23 +61,43 @@ pub async fn open_bus(config: &Config) -> anyhow::Result<Arc<dyn Bus>> {
 pub async fn serve(config: Config) -> anyhow::Result<()> {
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("cannot create the data dir {}", config.data_dir.display()))?;
-    let (root_token, created) = load_or_create_root_token(config.root_token.as_deref(), &config.data_dir)
-        .context("cannot read or create the root token file")?;
+    let (root_token, created) =
+        load_or_create_root_token(config.root_token.as_deref(), &config.data_dir)
+            .context("cannot read or create the root token file")?;
     if let Some(path) = created {
         // The path, never the token.
-        eprintln!("rewind: generated a root token in {} (mode 0600); use it to create teams", path.display());
+        eprintln!(
+            "rewind: generated a root token in {} (mode 0600); use it to create teams",
+            path.display()
+        );
     }
 
     let meta = open_metastore(&config).await?;
     let bus = open_bus(&config).await?;
     let metrics = Arc::new(Metrics::new());
-    let limiter = TokenRateLimiter::new(config.rate_limit.events_per_sec, config.rate_limit.burst, config.rate_limit.max_keys);
-    let dedupe = Arc::new(DedupeIndex::new(config.dedupe_window, config.dedupe_max_keys));
-    let ingest = Ingestor::new(bus.clone(), config.limits.clone(), limiter, dedupe, metrics.clone(), config.id_field.clone());
+    let limiter = TokenRateLimiter::new(
+        config.rate_limit.events_per_sec,
+        config.rate_limit.burst,
+        config.rate_limit.max_keys,
+    );
+    let dedupe = Arc::new(DedupeIndex::new(
+        config.dedupe_window,
+        config.dedupe_max_keys,
+    ));
+    let ingest = Ingestor::new(
+        bus.clone(),
+        config.limits.clone(),
+        limiter,
+        dedupe,
+        metrics.clone(),
+        config.id_field.clone(),
+    );
     match ingest.rebuild_dedupe(config.dedupe_window).await {
         Ok(n) if n > 0 => tracing::info!(keys = n, "restored client ids for de-duplication"),
         Ok(_) => {}
-        Err(e) => tracing::warn!(error = %e, "could not restore client ids; retries of events sent before the restart may be stored twice"),
+        Err(e) => {
+            tracing::warn!(error = %e, "could not restore client ids; retries of events sent before the restart may be stored twice")
+        }
     }
     let state = Arc::new(AppState {
         meta: meta.clone(),
@@ -85,7 +111,12 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
 
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
-        .with_context(|| format!("cannot listen on {} (is another gateway running? change --listen)", config.listen))?;
+        .with_context(|| {
+            format!(
+                "cannot listen on {} (is another gateway running? change --listen)",
+                config.listen
+            )
+        })?;
     let local = listener.local_addr()?;
     tracing::info!(listen = %local, bus = bus.kind(), metastore = meta.kind(), data_dir = %config.data_dir.display(), "rewind gateway listening (REST + gRPC)");
     eprintln!("rewind: listening on http://{local} (REST and gRPC)");
@@ -129,7 +160,9 @@ async fn shutdown_signal() {
 pub fn init_logging(format: crate::config::LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,sqlx=warn,async_nats=warn"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     match format {
         crate::config::LogFormat::Json => builder.json().init(),
         crate::config::LogFormat::Text => builder.init(),

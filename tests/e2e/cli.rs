@@ -21,7 +21,11 @@ fn rewind(gw: &Gateway, token: &str, args: &[&str], stdin: Option<&str>) -> (boo
     input.write_all(stdin.unwrap_or("").as_bytes()).unwrap();
     drop(input);
     let out = child.wait_with_output().unwrap();
-    (out.status.success(), String::from_utf8(out.stdout).unwrap(), String::from_utf8(out.stderr).unwrap())
+    (
+        out.status.success(),
+        String::from_utf8(out.stdout).unwrap(),
+        String::from_utf8(out.stderr).unwrap(),
+    )
 }
 
 #[tokio::test]
@@ -37,7 +41,12 @@ async fn cli_manages_teams_tokens_collections_and_sends() {
     let col: Value = serde_json::from_str(&out).unwrap();
     let (ok, out, _) = rewind(&gw, admin, &["collection", "list"], None);
     assert!(ok && out.contains("orders"));
-    let (ok, out, err) = rewind(&gw, admin, &["token", "create", "ci", "--scope", "ingest,read"], None);
+    let (ok, out, err) = rewind(
+        &gw,
+        admin,
+        &["token", "create", "ci", "--scope", "ingest,read"],
+        None,
+    );
     assert!(ok, "{err}");
     let tok: Value = serde_json::from_str(&out).unwrap();
     let ingest = tok["token"].as_str().unwrap();
@@ -46,7 +55,12 @@ async fn cli_manages_teams_tokens_collections_and_sends() {
 
     // send: 1,234 NDJSON lines from stdin in batches of 100.
     let input: String = (0..1234).map(|i| format!("{{\"i\":{i}}}\n")).collect();
-    let (ok, out, err) = rewind(&gw, ingest, &["send", "orders", "--batch", "100", "--print-ids"], Some(&input));
+    let (ok, out, err) = rewind(
+        &gw,
+        ingest,
+        &["send", "orders", "--batch", "100", "--print-ids"],
+        Some(&input),
+    );
     assert!(ok, "{err}");
     assert_eq!(out.lines().count(), 1234);
     assert!(err.contains("1234 events stored"), "{err}");
@@ -61,7 +75,12 @@ async fn cli_manages_teams_tokens_collections_and_sends() {
     let id = tok["id"].as_str().unwrap();
     let (ok, _, err) = rewind(&gw, admin, &["token", "revoke", id], None);
     assert!(ok, "{err}");
-    let (ok, _, err) = rewind(&gw, ingest, &["send", col["id"].as_str().unwrap()], Some("{}\n"));
+    let (ok, _, err) = rewind(
+        &gw,
+        ingest,
+        &["send", col["id"].as_str().unwrap()],
+        Some("{}\n"),
+    );
     assert!(!ok && err.contains("revoked"), "{err}");
 
     gw.terminate();
@@ -75,9 +94,22 @@ fn help_explains_every_command() {
     for cmd in ["serve", "team", "token", "collection", "send", "bus"] {
         assert!(text.contains(cmd), "{cmd} missing from --help:\n{text}");
     }
-    let out = Command::new(rewind_bin()).args(["serve", "--help"]).output().unwrap();
+    let out = Command::new(rewind_bin())
+        .args(["serve", "--help"])
+        .output()
+        .unwrap();
     let text = String::from_utf8(out.stdout).unwrap();
-    for flag in ["--listen", "--data-dir", "--bus", "--metastore", "--archive", "--search", "--archive-flush-secs", "--allow-private-destinations", "REWIND_LISTEN"] {
+    for flag in [
+        "--listen",
+        "--data-dir",
+        "--bus",
+        "--metastore",
+        "--archive",
+        "--search",
+        "--archive-flush-secs",
+        "--allow-private-destinations",
+        "REWIND_LISTEN",
+    ] {
         assert!(text.contains(flag), "{flag} missing from serve --help");
     }
 }

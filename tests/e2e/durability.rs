@@ -18,10 +18,20 @@ pub async fn sustained_load(
     stop: Arc<std::sync::atomic::AtomicBool>,
 ) -> Vec<String> {
     let acked = Arc::new(Mutex::new(Vec::new()));
-    let http = reqwest::Client::builder().timeout(Duration::from_secs(30)).build().unwrap();
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(30))
+        .build()
+        .unwrap();
     let mut tasks = Vec::new();
     for c in 0..clients {
-        let (http, url, token, collection, acked, stop) = (http.clone(), url.clone(), token.clone(), collection.clone(), acked.clone(), stop.clone());
+        let (http, url, token, collection, acked, stop) = (
+            http.clone(),
+            url.clone(),
+            token.clone(),
+            collection.clone(),
+            acked.clone(),
+            stop.clone(),
+        );
         tasks.push(tokio::spawn(async move {
             let mut n = 0usize;
             while !stop.load(std::sync::atomic::Ordering::Relaxed) {
@@ -43,7 +53,11 @@ pub async fn sustained_load(
                 match result {
                     Ok(resp) if resp.status() == 202 => {
                         let v: serde_json::Value = resp.json().await.unwrap();
-                        let ids = v["ids"].as_array().unwrap().iter().map(|i| i.as_str().unwrap().to_string());
+                        let ids = v["ids"]
+                            .as_array()
+                            .unwrap()
+                            .iter()
+                            .map(|i| i.as_str().unwrap().to_string());
                         acked.lock().unwrap().extend(ids);
                         n += 1;
                     }
@@ -70,19 +84,41 @@ async fn kill_9_during_sustained_ingest_loses_no_acknowledged_event() {
     let (admin, col) = gw.team_with_collection("acme", "orders").await;
     let tok = gw.token(&admin, &["ingest"]).await;
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let load = tokio::spawn(sustained_load(gw.url(""), tok.clone(), col.clone(), 6, 50, false, stop));
+    let load = tokio::spawn(sustained_load(
+        gw.url(""),
+        tok.clone(),
+        col.clone(),
+        6,
+        50,
+        false,
+        stop,
+    ));
     tokio::time::sleep(Duration::from_millis(2500)).await;
     gw.kill9();
     let acked = load.await.unwrap();
-    assert!(acked.len() > 1000, "the load should have been running: {} acked", acked.len());
+    assert!(
+        acked.len() > 1000,
+        "the load should have been running: {} acked",
+        acked.len()
+    );
 
     let on_bus: HashSet<String> = gw.bus_ids(&[]).into_iter().collect();
     let missing: Vec<&String> = acked.iter().filter(|id| !on_bus.contains(*id)).collect();
-    assert!(missing.is_empty(), "{} of {} acknowledged events are missing after kill -9", missing.len(), acked.len());
+    assert!(
+        missing.is_empty(),
+        "{} of {} acknowledged events are missing after kill -9",
+        missing.len(),
+        acked.len()
+    );
 
     // The gateway restarts on the recovered log and keeps going.
     gw.restart().await;
-    assert_eq!(gw.send(&tok, &col, "application/json", "{\"after\":true}").await.status(), 202);
+    assert_eq!(
+        gw.send(&tok, &col, "application/json", "{\"after\":true}")
+            .await
+            .status(),
+        202
+    );
     gw.terminate();
     assert_eq!(gw.bus_ids(&[]).len(), on_bus.len() + 1);
 }
@@ -100,7 +136,10 @@ async fn sigterm_under_load_finishes_in_flight_requests_and_exits_cleanly() {
     let acked = load.await.unwrap();
     assert!(!acked.is_empty());
     let on_bus: HashSet<String> = gw.bus_ids(&[]).into_iter().collect();
-    assert!(acked.iter().all(|id| on_bus.contains(id)), "an acknowledged event is missing after SIGTERM");
+    assert!(
+        acked.iter().all(|id| on_bus.contains(id)),
+        "an acknowledged event is missing after SIGTERM"
+    );
     assert!(gw.log().contains("stopped"), "{}", gw.log());
 }
 
@@ -110,7 +149,12 @@ async fn consumers_resume_where_their_acks_left_off() {
     let (admin, col) = gw.team_with_collection("acme", "orders").await;
     let tok = gw.token(&admin, &["ingest"]).await;
     let ten: String = (0..10).map(|i| format!("{{\"i\":{i}}}\n")).collect();
-    assert_eq!(gw.send(&tok, &col, "application/x-ndjson", ten.clone()).await.status(), 202);
+    assert_eq!(
+        gw.send(&tok, &col, "application/x-ndjson", ten.clone())
+            .await
+            .status(),
+        202
+    );
     gw.terminate();
     // First read acks all; a second read with the same consumer sees nothing new.
     assert_eq!(gw.bus_ids(&["--consumer", "indexer", "--ack"]).len(), 10);
@@ -119,13 +163,40 @@ async fn consumers_resume_where_their_acks_left_off() {
     assert_eq!(gw.bus_ids(&["--consumer", "tail"]).len(), 10);
     assert_eq!(gw.bus_ids(&["--consumer", "tail"]).len(), 10);
     gw.restart().await;
-    assert_eq!(gw.send(&tok, &col, "application/x-ndjson", ten).await.status(), 202);
+    assert_eq!(
+        gw.send(&tok, &col, "application/x-ndjson", ten)
+            .await
+            .status(),
+        202
+    );
     // Lag is visible while the gateway runs.
-    let ready: serde_json::Value = gw.http.get(gw.url("/readyz")).send().await.unwrap().json().await.unwrap();
+    let ready: serde_json::Value = gw
+        .http
+        .get(gw.url("/readyz"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     // Lag counts bus messages: the ten events went in one request, so one message.
-    assert_eq!(ready["backends"]["bus"]["consumer_lag"]["indexer"], 1, "{ready}");
-    let metrics = gw.http.get(gw.url("/metrics")).send().await.unwrap().text().await.unwrap();
-    assert!(metrics.contains("rewind_bus_lag_messages{consumer=\"indexer\"} 1"), "{metrics}");
+    assert_eq!(
+        ready["backends"]["bus"]["consumer_lag"]["indexer"], 1,
+        "{ready}"
+    );
+    let metrics = gw
+        .http
+        .get(gw.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("rewind_bus_lag_messages{consumer=\"indexer\"} 1"),
+        "{metrics}"
+    );
     gw.terminate();
     assert_eq!(gw.bus_ids(&["--consumer", "indexer", "--ack"]).len(), 10);
 }

@@ -13,32 +13,104 @@ async fn json_of(resp: reqwest::Response) -> (u16, Value) {
 
 #[tokio::test]
 async fn formats_limits_and_bad_input() {
-    let gw = Gateway::start(&["--max-event-bytes", "2048", "--max-request-bytes", "65536", "--max-batch-events", "20"]).await;
+    let gw = Gateway::start(&[
+        "--max-event-bytes",
+        "2048",
+        "--max-request-bytes",
+        "65536",
+        "--max-batch-events",
+        "20",
+    ])
+    .await;
     let (admin, col) = gw.team_with_collection("acme", "orders").await;
     let tok = gw.token(&admin, &["ingest"]).await;
 
     // One object, an array, NDJSON, raw bytes; by id and by name.
-    let (s, b) = json_of(gw.send(&tok, &col, "application/json", r#"{"type":"a","n":1}"#).await).await;
+    let (s, b) = json_of(
+        gw.send(&tok, &col, "application/json", r#"{"type":"a","n":1}"#)
+            .await,
+    )
+    .await;
     assert_eq!((s, b["accepted"].as_u64()), (202, Some(1)), "{b}");
-    let (s, b) = json_of(gw.send(&tok, "orders", "application/json; charset=utf-8", r#"[{"n":1},{"n":2},{"n":3}]"#).await).await;
+    let (s, b) = json_of(
+        gw.send(
+            &tok,
+            "orders",
+            "application/json; charset=utf-8",
+            r#"[{"n":1},{"n":2},{"n":3}]"#,
+        )
+        .await,
+    )
+    .await;
     assert_eq!((s, b["accepted"].as_u64()), (202, Some(3)), "{b}");
-    let ids: HashSet<&str> = b["ids"].as_array().unwrap().iter().map(|v| v.as_str().unwrap()).collect();
+    let ids: HashSet<&str> = b["ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap())
+        .collect();
     assert_eq!(ids.len(), 3, "ids are distinct");
     assert!(ids.iter().all(|id| id.len() == 26), "ULIDs: {ids:?}");
-    let (s, b) = json_of(gw.send(&tok, &col, "application/x-ndjson", "{\"n\":1}\n\n{\"n\":2}\n").await).await;
+    let (s, b) = json_of(
+        gw.send(
+            &tok,
+            &col,
+            "application/x-ndjson",
+            "{\"n\":1}\n\n{\"n\":2}\n",
+        )
+        .await,
+    )
+    .await;
     assert_eq!((s, b["accepted"].as_u64()), (202, Some(2)), "{b}");
-    let (s, b) = json_of(gw.send(&tok, &col, "application/octet-stream", vec![0u8, 159, 146, 150]).await).await;
+    let (s, b) = json_of(
+        gw.send(
+            &tok,
+            &col,
+            "application/octet-stream",
+            vec![0u8, 159, 146, 150],
+        )
+        .await,
+    )
+    .await;
     assert_eq!((s, b["accepted"].as_u64()), (202, Some(1)), "{b}");
 
     // Malformed JSON: 400 naming the line.
-    let (s, b) = json_of(gw.send(&tok, &col, "application/x-ndjson", "{\"n\":1}\n{\"n\":2}\n{\"n\":}\n").await).await;
+    let (s, b) = json_of(
+        gw.send(
+            &tok,
+            &col,
+            "application/x-ndjson",
+            "{\"n\":1}\n{\"n\":2}\n{\"n\":}\n",
+        )
+        .await,
+    )
+    .await;
     assert_eq!(s, 400);
     assert_eq!(b["error"]["code"], "malformed_json");
-    assert!(b["error"]["message"].as_str().unwrap().contains("line 3"), "{b}");
-    let (s, b) = json_of(gw.send(&tok, &col, "application/json", "[\n{\"a\":1},\n{\"a\" 2}\n]").await).await;
+    assert!(
+        b["error"]["message"].as_str().unwrap().contains("line 3"),
+        "{b}"
+    );
+    let (s, b) = json_of(
+        gw.send(
+            &tok,
+            &col,
+            "application/json",
+            "[\n{\"a\":1},\n{\"a\" 2}\n]",
+        )
+        .await,
+    )
+    .await;
     assert_eq!(s, 400);
-    assert!(b["error"]["message"].as_str().unwrap().contains("line 3"), "{b}");
-    let (s, b) = json_of(gw.send(&tok, &col, "application/json", "\"just a string\"").await).await;
+    assert!(
+        b["error"]["message"].as_str().unwrap().contains("line 3"),
+        "{b}"
+    );
+    let (s, b) = json_of(
+        gw.send(&tok, &col, "application/json", "\"just a string\"")
+            .await,
+    )
+    .await;
     assert_eq!(s, 400, "{b}");
     // Empty body: 400.
     let (s, b) = json_of(gw.send(&tok, &col, "application/json", "").await).await;
@@ -46,22 +118,44 @@ async fn formats_limits_and_bad_input() {
     // Wrong content type: 415 listing the accepted ones.
     let (s, b) = json_of(gw.send(&tok, &col, "text/plain", "{}").await).await;
     assert_eq!(s, 415);
-    assert!(b["error"]["message"].as_str().unwrap().contains("application/x-ndjson"), "{b}");
+    assert!(
+        b["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("application/x-ndjson"),
+        "{b}"
+    );
     // Oversized event: 413 naming it. Oversized body: 413. Too many events: 413.
     let big = format!("[{},{}]", event_of_size(0, 100), event_of_size(1, 4000));
     let (s, b) = json_of(gw.send(&tok, &col, "application/json", big).await).await;
     assert_eq!(s, 413);
-    assert!(b["error"]["message"].as_str().unwrap().contains("element 1"), "{b}");
+    assert!(
+        b["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("element 1"),
+        "{b}"
+    );
     let huge: String = (0..100).map(|i| event_of_size(i, 1000) + "\n").collect();
     let (s, b) = json_of(gw.send(&tok, &col, "application/x-ndjson", huge).await).await;
     assert_eq!(s, 413, "{b}");
-    assert!(b["error"]["message"].as_str().unwrap().contains("65536"), "{b}");
+    assert!(
+        b["error"]["message"].as_str().unwrap().contains("65536"),
+        "{b}"
+    );
     let many: String = (0..21).map(|i| format!("{{\"i\":{i}}}\n")).collect();
     let (s, b) = json_of(gw.send(&tok, &col, "application/x-ndjson", many).await).await;
     assert_eq!(s, 413);
-    assert!(b["error"]["message"].as_str().unwrap().contains("20-event"), "{b}");
+    assert!(
+        b["error"]["message"].as_str().unwrap().contains("20-event"),
+        "{b}"
+    );
     // Unknown collection: 404.
-    let (s, _) = json_of(gw.send(&tok, "no-such-collection", "application/json", "{}").await).await;
+    let (s, _) = json_of(
+        gw.send(&tok, "no-such-collection", "application/json", "{}")
+            .await,
+    )
+    .await;
     assert_eq!(s, 404);
     // A read-only token cannot ingest: 403.
     let reader = gw.token(&admin, &["read"]).await;
@@ -75,7 +169,10 @@ async fn client_ids_make_retries_idempotent() {
     let (admin, col) = gw.team_with_collection("acme", "orders").await;
     let tok = gw.token(&admin, &["ingest"]).await;
 
-    let (http, events_url) = (gw.http.clone(), gw.url(&format!("/v1/collections/{col}/events")));
+    let (http, events_url) = (
+        gw.http.clone(),
+        gw.url(&format!("/v1/collections/{col}/events")),
+    );
     let send_keyed = |key: &'static str| {
         http.post(&events_url)
             .bearer_auth(&tok)
@@ -121,12 +218,23 @@ async fn client_ids_make_retries_idempotent() {
 
 #[tokio::test]
 async fn rate_limit_answers_429_with_retry_after_and_ratelimit_headers() {
-    let gw = Gateway::start(&["--rate-limit-events-per-sec", "5", "--rate-limit-burst", "10"]).await;
+    let gw = Gateway::start(&[
+        "--rate-limit-events-per-sec",
+        "5",
+        "--rate-limit-burst",
+        "10",
+    ])
+    .await;
     let (admin, col) = gw.team_with_collection("acme", "orders").await;
     let tok = gw.token(&admin, &["ingest"]).await;
     let other = gw.token(&admin, &["ingest"]).await;
     let ten: String = (0..10).map(|i| format!("{{\"i\":{i}}}\n")).collect();
-    assert_eq!(gw.send(&tok, &col, "application/x-ndjson", ten.clone()).await.status(), 202);
+    assert_eq!(
+        gw.send(&tok, &col, "application/x-ndjson", ten.clone())
+            .await
+            .status(),
+        202
+    );
     let resp = gw.send(&tok, &col, "application/json", "{}").await;
     assert_eq!(resp.status(), 429);
     let h = resp.headers();
@@ -137,13 +245,34 @@ async fn rate_limit_answers_429_with_retry_after_and_ratelimit_headers() {
     let body: Value = resp.json().await.unwrap();
     assert_eq!(body["error"]["code"], "rate_limited");
     // Per token: another token is not limited.
-    assert_eq!(gw.send(&other, &col, "application/json", "{}").await.status(), 202);
+    assert_eq!(
+        gw.send(&other, &col, "application/json", "{}")
+            .await
+            .status(),
+        202
+    );
     // A batch larger than the burst can never pass: 413, not an endless 429.
     let eleven: String = (0..11).map(|i| format!("{{\"i\":{i}}}\n")).collect();
-    assert_eq!(gw.send(&other, &col, "application/x-ndjson", eleven).await.status(), 413);
+    assert_eq!(
+        gw.send(&other, &col, "application/x-ndjson", eleven)
+            .await
+            .status(),
+        413
+    );
     // After waiting, the token may send again.
     tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
-    assert_eq!(gw.send(&tok, &col, "application/json", "{}").await.status(), 202);
-    let metrics = gw.http.get(gw.url("/metrics")).send().await.unwrap().text().await.unwrap();
+    assert_eq!(
+        gw.send(&tok, &col, "application/json", "{}").await.status(),
+        202
+    );
+    let metrics = gw
+        .http
+        .get(gw.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
     assert!(metrics.contains("rewind_rate_limited_total 1"), "{metrics}");
 }

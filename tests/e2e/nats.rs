@@ -22,7 +22,13 @@ async fn nats_down_at_start_means_not_ready_and_503_until_it_comes_up() {
     let (s, body) = ready(&gw).await;
     assert_eq!(s, 503, "{body}");
     assert_eq!(body["backends"]["bus"]["ready"], false);
-    assert!(body["backends"]["bus"]["detail"].as_str().unwrap().contains("cannot connect to NATS"), "{body}");
+    assert!(
+        body["backends"]["bus"]["detail"]
+            .as_str()
+            .unwrap()
+            .contains("cannot connect to NATS"),
+        "{body}"
+    );
     assert!(gw.log().contains("NATS"), "the log says why: {}", gw.log());
 
     let (admin, col) = gw.team_with_collection("acme", "orders").await;
@@ -31,16 +37,25 @@ async fn nats_down_at_start_means_not_ready_and_503_until_it_comes_up() {
     assert_eq!(resp.status(), 503);
     assert!(resp.headers().contains_key("retry-after"));
     let body: Value = resp.json().await.unwrap();
-    assert!(body["error"]["message"].as_str().unwrap().contains("retry"), "{body}");
+    assert!(
+        body["error"]["message"].as_str().unwrap().contains("retry"),
+        "{body}"
+    );
 
     // NATS comes up: the gateway connects by itself.
     let _nats = Nats::start_on(port);
     let deadline = Instant::now() + Duration::from_secs(20);
     while ready(&gw).await.0 != 200 {
-        assert!(Instant::now() < deadline, "gateway did not become ready after NATS started");
+        assert!(
+            Instant::now() < deadline,
+            "gateway did not become ready after NATS started"
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    assert_eq!(gw.send(&tok, &col, "application/json", "{}").await.status(), 202);
+    assert_eq!(
+        gw.send(&tok, &col, "application/json", "{}").await.status(),
+        202
+    );
 }
 
 #[tokio::test]
@@ -50,7 +65,15 @@ async fn nats_restart_mid_load_loses_nothing_acknowledged() {
     let (admin, col) = gw.team_with_collection("acme", "orders").await;
     let tok = gw.token(&admin, &["ingest"]).await;
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let load = tokio::spawn(sustained_load(gw.url(""), tok.clone(), col.clone(), 4, 50, true, stop.clone()));
+    let load = tokio::spawn(sustained_load(
+        gw.url(""),
+        tok.clone(),
+        col.clone(),
+        4,
+        50,
+        true,
+        stop.clone(),
+    ));
     tokio::time::sleep(Duration::from_millis(1500)).await;
     nats.stop();
     tokio::time::sleep(Duration::from_millis(1000)).await;
@@ -68,7 +91,12 @@ async fn nats_restart_mid_load_loses_nothing_acknowledged() {
     // Read the stream back through a durable consumer: every acknowledged id is there.
     let on_bus: HashSet<String> = gw.bus_ids(&["--consumer", "verify"]).into_iter().collect();
     let missing = acked.iter().filter(|id| !on_bus.contains(*id)).count();
-    assert_eq!(missing, 0, "{missing} of {} acknowledged events missing after a NATS restart", acked.len());
+    assert_eq!(
+        missing,
+        0,
+        "{missing} of {} acknowledged events missing after a NATS restart",
+        acked.len()
+    );
 }
 
 #[tokio::test]
@@ -94,7 +122,9 @@ async fn nats_bus_publishes_per_collection_subjects_and_dedupes_retries() {
         assert_eq!(resp.status(), 202);
     }
     // A batch bigger than NATS's default max_payload (1 MiB) is split and stored whole.
-    let big: String = (0..3000).map(|i| crate::support::event_of_size(i, 1000) + "\n").collect();
+    let big: String = (0..3000)
+        .map(|i| crate::support::event_of_size(i, 1000) + "\n")
+        .collect();
     let resp = gw.send(&tok, &col, "application/x-ndjson", big).await;
     assert_eq!(resp.status(), 202);
     let lines = crate::support::bus_read(&gw.data_dir, &gw.args, &["--consumer", "check"]);
@@ -108,6 +138,9 @@ async fn nats_bus_publishes_per_collection_subjects_and_dedupes_retries() {
     let mut stream = js.get_stream("REWIND_EVENTS").await.unwrap();
     let info = stream.info().await.unwrap();
     assert!(info.state.messages >= 2);
-    let msg = stream.get_last_raw_message_by_subject(&format!("rewind.events.{team}.{col}")).await.unwrap();
+    let msg = stream
+        .get_last_raw_message_by_subject(&format!("rewind.events.{team}.{col}"))
+        .await
+        .unwrap();
     assert!(msg.sequence >= 2);
 }

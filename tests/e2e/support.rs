@@ -11,7 +11,11 @@ use serde_json::{Value, json};
 pub const ROOT: &str = "test-root-token-0123456789";
 
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 pub fn rewind_bin() -> &'static str {
@@ -38,7 +42,10 @@ impl Gateway {
             port: free_port(),
             data_dir,
             args: args.iter().map(|s| s.to_string()).collect(),
-            http: reqwest::Client::builder().timeout(Duration::from_secs(30)).build().unwrap(),
+            http: reqwest::Client::builder()
+                .timeout(Duration::from_secs(30))
+                .build()
+                .unwrap(),
             _tmp: Some(tmp),
         };
         gw.spawn();
@@ -47,7 +54,11 @@ impl Gateway {
     }
 
     fn spawn(&mut self) {
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.data_dir.join("gateway.log")).unwrap();
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.data_dir.join("gateway.log"))
+            .unwrap();
         let child = Command::new(rewind_bin())
             .arg("serve")
             .arg("--listen")
@@ -81,9 +92,16 @@ impl Gateway {
                 return;
             }
             if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
-                panic!("gateway exited with {status} before it was healthy:\n{}", self.log());
+                panic!(
+                    "gateway exited with {status} before it was healthy:\n{}",
+                    self.log()
+                );
             }
-            assert!(Instant::now() < deadline, "gateway not healthy in 30s:\n{}", self.log());
+            assert!(
+                Instant::now() < deadline,
+                "gateway not healthy in 30s:\n{}",
+                self.log()
+            );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
@@ -99,7 +117,11 @@ impl Gateway {
     /// SIGTERM, then wait for the exit status.
     pub fn terminate(&mut self) -> std::process::ExitStatus {
         let mut child = self.child.take().expect("running");
-        Command::new("kill").arg("-TERM").arg(child.id().to_string()).status().unwrap();
+        Command::new("kill")
+            .arg("-TERM")
+            .arg(child.id().to_string())
+            .status()
+            .unwrap();
         child.wait().unwrap()
     }
 
@@ -118,7 +140,13 @@ impl Gateway {
             .collect()
     }
 
-    pub async fn call(&self, method: reqwest::Method, path: &str, token: &str, body: Option<Value>) -> (u16, Value) {
+    pub async fn call(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        token: &str,
+        body: Option<Value>,
+    ) -> (u16, Value) {
         let mut req = self.http.request(method, self.url(path)).bearer_auth(token);
         if let Some(body) = body {
             req = req.json(&body);
@@ -126,27 +154,57 @@ impl Gateway {
         let resp = req.send().await.unwrap();
         let status = resp.status().as_u16();
         let text = resp.text().await.unwrap();
-        (status, serde_json::from_str(&text).unwrap_or(Value::String(text)))
+        (
+            status,
+            serde_json::from_str(&text).unwrap_or(Value::String(text)),
+        )
     }
 
     /// Creates a team, a collection in it and returns (admin token, collection id).
     pub async fn team_with_collection(&self, team: &str, collection: &str) -> (String, String) {
-        let (s, t) = self.call(reqwest::Method::POST, "/v1/teams", ROOT, Some(json!({"name": team}))).await;
+        let (s, t) = self
+            .call(
+                reqwest::Method::POST,
+                "/v1/teams",
+                ROOT,
+                Some(json!({"name": team})),
+            )
+            .await;
         assert_eq!(s, 201, "{t}");
         let admin = t["admin_token"].as_str().unwrap().to_string();
-        let (s, c) = self.call(reqwest::Method::POST, "/v1/collections", &admin, Some(json!({"name": collection}))).await;
+        let (s, c) = self
+            .call(
+                reqwest::Method::POST,
+                "/v1/collections",
+                &admin,
+                Some(json!({"name": collection})),
+            )
+            .await;
         assert_eq!(s, 201, "{c}");
         (admin, c["id"].as_str().unwrap().to_string())
     }
 
     pub async fn token(&self, admin: &str, scopes: &[&str]) -> String {
-        let (s, t) = self.call(reqwest::Method::POST, "/v1/tokens", admin, Some(json!({"name": "t", "scopes": scopes}))).await;
+        let (s, t) = self
+            .call(
+                reqwest::Method::POST,
+                "/v1/tokens",
+                admin,
+                Some(json!({"name": "t", "scopes": scopes})),
+            )
+            .await;
         assert_eq!(s, 201, "{t}");
         t["token"].as_str().unwrap().to_string()
     }
 
     /// POSTs a raw body to a collection's events.
-    pub async fn send(&self, token: &str, collection: &str, content_type: &str, body: impl Into<reqwest::Body>) -> reqwest::Response {
+    pub async fn send(
+        &self,
+        token: &str,
+        collection: &str,
+        content_type: &str,
+        body: impl Into<reqwest::Body>,
+    ) -> reqwest::Response {
         self.http
             .post(self.url(&format!("/v1/collections/{collection}/events")))
             .bearer_auth(token)
@@ -177,8 +235,16 @@ pub fn bus_read(data_dir: &Path, serve_args: &[String], extra: &[&str]) -> Vec<V
         .env("REWIND_ROOT_TOKEN", ROOT)
         .output()
         .unwrap();
-    assert!(out.status.success(), "bus read failed: {}", String::from_utf8_lossy(&out.stderr));
-    String::from_utf8(out.stdout).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+    assert!(
+        out.status.success(),
+        "bus read failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
 }
 
 /// A NATS server of the test's own, with JetStream, that the test can stop and restart.
@@ -194,7 +260,11 @@ impl Nats {
     }
 
     pub fn start_on(port: u16) -> Nats {
-        let mut nats = Nats { port, child: None, store: tempfile::tempdir().unwrap() };
+        let mut nats = Nats {
+            port,
+            child: None,
+            store: tempfile::tempdir().unwrap(),
+        };
         nats.spawn();
         nats
     }
@@ -205,7 +275,14 @@ impl Nats {
 
     fn spawn(&mut self) {
         let child = Command::new("/usr/sbin/nats-server")
-            .args(["-a", "127.0.0.1", "-p", &self.port.to_string(), "-js", "-sd"])
+            .args([
+                "-a",
+                "127.0.0.1",
+                "-p",
+                &self.port.to_string(),
+                "-js",
+                "-sd",
+            ])
             .arg(self.store.path())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -222,7 +299,11 @@ impl Nats {
     /// Graceful stop (SIGTERM): JetStream flushes its store.
     pub fn stop(&mut self) {
         if let Some(mut child) = self.child.take() {
-            Command::new("kill").arg("-TERM").arg(child.id().to_string()).status().unwrap();
+            Command::new("kill")
+                .arg("-TERM")
+                .arg(child.id().to_string())
+                .status()
+                .unwrap();
             child.wait().unwrap();
         }
     }

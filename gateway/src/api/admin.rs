@@ -30,10 +30,18 @@ fn new_token(team_id: &str, name: &str, scopes: Scopes) -> CreatedToken {
     }
 }
 
-pub async fn create_team(meta: &dyn Metastore, who: &Principal, name: &str) -> Result<(Team, CreatedToken), ApiError> {
+pub async fn create_team(
+    meta: &dyn Metastore,
+    who: &Principal,
+    name: &str,
+) -> Result<(Team, CreatedToken), ApiError> {
     who.require_root()?;
     validate_name("team", name).map_err(ApiError::bad_request)?;
-    let team = Team { id: new_id("tm"), name: name.into(), created_at: now_micros() };
+    let team = Team {
+        id: new_id("tm"),
+        name: name.into(),
+        created_at: now_micros(),
+    };
     let token = new_token(&team.id, "admin", [Scope::Admin].into_iter().collect());
     meta.create_team(&team, &token.record).await?;
     tracing::info!(team = %team.id, name = %team.name, "team created");
@@ -44,19 +52,30 @@ pub fn parse_scopes<'a>(names: impl IntoIterator<Item = &'a str>) -> Result<Scop
     let mut scopes = Vec::new();
     for name in names {
         scopes.push(Scope::parse(name).ok_or_else(|| {
-            ApiError::bad_request(format!("unknown scope {name:?}: use admin, ingest, read or replay"))
+            ApiError::bad_request(format!(
+                "unknown scope {name:?}: use admin, ingest, read or replay"
+            ))
         })?);
     }
     if scopes.is_empty() {
-        return Err(ApiError::bad_request("a token needs at least one scope: admin, ingest, read or replay"));
+        return Err(ApiError::bad_request(
+            "a token needs at least one scope: admin, ingest, read or replay",
+        ));
     }
     Ok(scopes.into_iter().collect())
 }
 
-pub async fn create_token(meta: &dyn Metastore, who: &Principal, name: &str, scopes: Scopes) -> Result<CreatedToken, ApiError> {
+pub async fn create_token(
+    meta: &dyn Metastore,
+    who: &Principal,
+    name: &str,
+    scopes: Scopes,
+) -> Result<CreatedToken, ApiError> {
     let caller = who.require(Scope::Admin)?;
     if name.is_empty() || name.len() > 128 {
-        return Err(ApiError::bad_request("a token name must be 1 to 128 characters"));
+        return Err(ApiError::bad_request(
+            "a token name must be 1 to 128 characters",
+        ));
     }
     let token = new_token(&caller.team_id, name, scopes);
     meta.create_token(&token.record).await?;
@@ -64,7 +83,10 @@ pub async fn create_token(meta: &dyn Metastore, who: &Principal, name: &str, sco
     Ok(token)
 }
 
-pub async fn list_tokens(meta: &dyn Metastore, who: &Principal) -> Result<Vec<TokenRecord>, ApiError> {
+pub async fn list_tokens(
+    meta: &dyn Metastore,
+    who: &Principal,
+) -> Result<Vec<TokenRecord>, ApiError> {
     let caller = who.require(Scope::Admin)?;
     Ok(meta.list_tokens(&caller.team_id).await?)
 }
@@ -75,24 +97,44 @@ pub async fn revoke_token(meta: &dyn Metastore, who: &Principal, id: &str) -> Re
         tracing::info!(team = %caller.team_id, token = %id, "token revoked");
         Ok(())
     } else {
-        Err(ApiError::not_found(&format!("token {id:?} (or it is already revoked)")))
+        Err(ApiError::not_found(&format!(
+            "token {id:?} (or it is already revoked)"
+        )))
     }
 }
 
-pub async fn create_collection(meta: &dyn Metastore, who: &Principal, name: &str) -> Result<Collection, ApiError> {
+pub async fn create_collection(
+    meta: &dyn Metastore,
+    who: &Principal,
+    name: &str,
+) -> Result<Collection, ApiError> {
     let caller = who.require(Scope::Admin)?;
     validate_name("collection", name).map_err(ApiError::bad_request)?;
-    let collection = Collection { id: new_id("col"), team_id: caller.team_id.clone(), name: name.into(), created_at: now_micros() };
+    let collection = Collection {
+        id: new_id("col"),
+        team_id: caller.team_id.clone(),
+        name: name.into(),
+        created_at: now_micros(),
+    };
     meta.create_collection(&collection).await?;
     Ok(collection)
 }
 
 /// A collection of the caller's team, or 404 (also for another team's collection).
-pub async fn get_collection(meta: &dyn Metastore, team_id: &str, id_or_name: &str) -> Result<Collection, ApiError> {
-    meta.get_collection(team_id, id_or_name).await?.ok_or_else(|| ApiError::collection_not_found(id_or_name))
+pub async fn get_collection(
+    meta: &dyn Metastore,
+    team_id: &str,
+    id_or_name: &str,
+) -> Result<Collection, ApiError> {
+    meta.get_collection(team_id, id_or_name)
+        .await?
+        .ok_or_else(|| ApiError::collection_not_found(id_or_name))
 }
 
-pub async fn list_collections(meta: &dyn Metastore, who: &Principal) -> Result<Vec<Collection>, ApiError> {
+pub async fn list_collections(
+    meta: &dyn Metastore,
+    who: &Principal,
+) -> Result<Vec<Collection>, ApiError> {
     let caller = who.team()?;
     Ok(meta.list_collections(&caller.team_id).await?)
 }

@@ -25,7 +25,13 @@ pub struct ApiError {
 
 impl ApiError {
     pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
-        Self { status, code, message: message.into(), retry_after: None, rate_limit_burst: None }
+        Self {
+            status,
+            code,
+            message: message.into(),
+            retry_after: None,
+            rate_limit_burst: None,
+        }
     }
 
     pub fn bad_request(message: impl Into<String>) -> Self {
@@ -33,7 +39,11 @@ impl ApiError {
     }
 
     pub fn not_found(what: &str) -> Self {
-        Self::new(StatusCode::NOT_FOUND, "not_found", format!("{what} not found"))
+        Self::new(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            format!("{what} not found"),
+        )
     }
 
     pub fn collection_not_found(id: &str) -> Self {
@@ -45,7 +55,8 @@ impl ApiError {
     }
 
     fn retry_secs(&self) -> Option<u64> {
-        self.retry_after.map(|d| d.as_secs_f64().ceil().max(1.0) as u64)
+        self.retry_after
+            .map(|d| d.as_secs_f64().ceil().max(1.0) as u64)
     }
 }
 
@@ -67,7 +78,10 @@ impl IntoResponse for ApiError {
                 // three-header form that many clients still read.
                 let policy = format!("\"per-token\";q={burst};w=1");
                 let state = format!("\"per-token\";r=0;t={secs}");
-                headers.insert("ratelimit-policy", HeaderValue::from_str(&policy).expect("ascii"));
+                headers.insert(
+                    "ratelimit-policy",
+                    HeaderValue::from_str(&policy).expect("ascii"),
+                );
                 headers.insert("ratelimit", HeaderValue::from_str(&state).expect("ascii"));
                 headers.insert("ratelimit-limit", HeaderValue::from(burst));
                 headers.insert("ratelimit-remaining", HeaderValue::from(0));
@@ -81,7 +95,9 @@ impl IntoResponse for ApiError {
 impl From<ApiError> for tonic::Status {
     fn from(e: ApiError) -> Self {
         let code = match e.status {
-            StatusCode::BAD_REQUEST | StatusCode::UNSUPPORTED_MEDIA_TYPE => tonic::Code::InvalidArgument,
+            StatusCode::BAD_REQUEST | StatusCode::UNSUPPORTED_MEDIA_TYPE => {
+                tonic::Code::InvalidArgument
+            }
             StatusCode::UNAUTHORIZED => tonic::Code::Unauthenticated,
             StatusCode::FORBIDDEN => tonic::Code::PermissionDenied,
             StatusCode::NOT_FOUND => tonic::Code::NotFound,
@@ -105,8 +121,14 @@ impl From<ApiError> for tonic::Status {
 impl From<AuthError> for ApiError {
     fn from(e: AuthError) -> Self {
         match &e {
-            AuthError::Backend(_) => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", e.to_string()),
-            _ if e.is_unauthenticated() => ApiError::new(StatusCode::UNAUTHORIZED, "unauthenticated", e.to_string()),
+            AuthError::Backend(_) => ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "unavailable",
+                e.to_string(),
+            ),
+            _ if e.is_unauthenticated() => {
+                ApiError::new(StatusCode::UNAUTHORIZED, "unauthenticated", e.to_string())
+            }
             _ => ApiError::new(StatusCode::FORBIDDEN, "forbidden", e.to_string()),
         }
     }
@@ -115,10 +137,16 @@ impl From<AuthError> for ApiError {
 impl From<MetaError> for ApiError {
     fn from(e: MetaError) -> Self {
         match e {
-            MetaError::AlreadyExists { .. } => ApiError::new(StatusCode::CONFLICT, "already_exists", e.to_string()),
+            MetaError::AlreadyExists { .. } => {
+                ApiError::new(StatusCode::CONFLICT, "already_exists", e.to_string())
+            }
             other => {
                 tracing::error!(error = %other, "metastore error");
-                let mut err = ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", format!("{other}; retry shortly"));
+                let mut err = ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "unavailable",
+                    format!("{other}; retry shortly"),
+                );
                 err.retry_after = Some(Duration::from_secs(1));
                 err
             }
@@ -132,7 +160,9 @@ impl From<ParseError> for ApiError {
             ParseError::EventTooLarge { .. } | ParseError::BatchTooLarge { .. } => {
                 ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "too_large", e.to_string())
             }
-            ParseError::Empty => ApiError::new(StatusCode::BAD_REQUEST, "empty_body", e.to_string()),
+            ParseError::Empty => {
+                ApiError::new(StatusCode::BAD_REQUEST, "empty_body", e.to_string())
+            }
             _ => ApiError::new(StatusCode::BAD_REQUEST, "malformed_json", e.to_string()),
         }
     }
@@ -142,7 +172,8 @@ impl From<IngestError> for ApiError {
     fn from(e: IngestError) -> Self {
         match e {
             IngestError::RateLimited(wait) => {
-                let mut err = ApiError::new(StatusCode::TOO_MANY_REQUESTS, "rate_limited", e.to_string());
+                let mut err =
+                    ApiError::new(StatusCode::TOO_MANY_REQUESTS, "rate_limited", e.to_string());
                 err.retry_after = Some(wait);
                 err
             }
@@ -150,13 +181,17 @@ impl From<IngestError> for ApiError {
                 ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "too_large", e.to_string())
             }
             IngestError::Invalid(m) => ApiError::bad_request(m),
-            IngestError::Bus(BusError::Rejected(m)) => ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "rejected", m),
+            IngestError::Bus(BusError::Rejected(m)) => {
+                ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "rejected", m)
+            }
             IngestError::Bus(bus) => {
                 tracing::warn!(error = %bus, "ingest not acknowledged: bus unavailable");
                 let mut err = ApiError::new(
                     StatusCode::SERVICE_UNAVAILABLE,
                     "bus_unavailable",
-                    format!("{bus}. Nothing from this request was acknowledged; retry it (with the same idempotency keys)"),
+                    format!(
+                        "{bus}. Nothing from this request was acknowledged; retry it (with the same idempotency keys)"
+                    ),
                 );
                 err.retry_after = Some(Duration::from_secs(1));
                 err

@@ -45,8 +45,15 @@ pub struct Grpc(Arc<AppState>);
 
 impl Grpc {
     async fn principal<T>(&self, request: &Request<T>) -> Result<Principal, Status> {
-        let header = request.metadata().get("authorization").and_then(|v| v.to_str().ok());
-        self.0.auth.authenticate_header(header).await.map_err(|e| ApiError::from(e).into())
+        let header = request
+            .metadata()
+            .get("authorization")
+            .and_then(|v| v.to_str().ok());
+        self.0
+            .auth
+            .authenticate_header(header)
+            .await
+            .map_err(|e| ApiError::from(e).into())
     }
 }
 
@@ -56,7 +63,9 @@ fn scope_from_pb(s: i32) -> Result<Scope, Status> {
         Ok(pb::Scope::Ingest) => Ok(Scope::Ingest),
         Ok(pb::Scope::Read) => Ok(Scope::Read),
         Ok(pb::Scope::Replay) => Ok(Scope::Replay),
-        _ => Err(Status::invalid_argument(format!("unknown scope {s}: use ADMIN, INGEST, READ or REPLAY"))),
+        _ => Err(Status::invalid_argument(format!(
+            "unknown scope {s}: use ADMIN, INGEST, READ or REPLAY"
+        ))),
     }
 }
 
@@ -74,7 +83,11 @@ fn scopes_to_pb(scopes: Scopes) -> Vec<i32> {
 }
 
 fn collection_pb(c: Collection) -> pb::Collection {
-    pb::Collection { id: c.id, name: c.name, created_at_micros: c.created_at }
+    pb::Collection {
+        id: c.id,
+        name: c.name,
+        created_at_micros: c.created_at,
+    }
 }
 
 fn token_pb(t: TokenRecord) -> pb::TokenInfo {
@@ -90,19 +103,36 @@ fn token_pb(t: TokenRecord) -> pb::TokenInfo {
 
 #[tonic::async_trait]
 impl TeamService for Grpc {
-    async fn create_team(&self, request: Request<pb::CreateTeamRequest>) -> Result<Response<pb::CreateTeamResponse>, Status> {
+    async fn create_team(
+        &self,
+        request: Request<pb::CreateTeamRequest>,
+    ) -> Result<Response<pb::CreateTeamResponse>, Status> {
         let who = self.principal(&request).await?;
-        let (team, token) = admin::create_team(self.0.meta.as_ref(), &who, &request.get_ref().name).await?;
-        Ok(Response::new(pb::CreateTeamResponse { id: team.id, name: team.name, admin_token: token.secret }))
+        let (team, token) =
+            admin::create_team(self.0.meta.as_ref(), &who, &request.get_ref().name).await?;
+        Ok(Response::new(pb::CreateTeamResponse {
+            id: team.id,
+            name: team.name,
+            admin_token: token.secret,
+        }))
     }
 }
 
 #[tonic::async_trait]
 impl TokenService for Grpc {
-    async fn create_token(&self, request: Request<pb::CreateTokenRequest>) -> Result<Response<pb::CreateTokenResponse>, Status> {
+    async fn create_token(
+        &self,
+        request: Request<pb::CreateTokenRequest>,
+    ) -> Result<Response<pb::CreateTokenResponse>, Status> {
         let who = self.principal(&request).await?;
         let req = request.get_ref();
-        let scopes: Scopes = req.scopes.iter().map(|s| scope_from_pb(*s)).collect::<Result<Vec<_>, _>>()?.into_iter().collect();
+        let scopes: Scopes = req
+            .scopes
+            .iter()
+            .map(|s| scope_from_pb(*s))
+            .collect::<Result<Vec<_>, _>>()?
+            .into_iter()
+            .collect();
         if scopes.bits() == 0 {
             return Err(Status::invalid_argument("a token needs at least one scope"));
         }
@@ -114,13 +144,21 @@ impl TokenService for Grpc {
         }))
     }
 
-    async fn list_tokens(&self, request: Request<pb::ListTokensRequest>) -> Result<Response<pb::ListTokensResponse>, Status> {
+    async fn list_tokens(
+        &self,
+        request: Request<pb::ListTokensRequest>,
+    ) -> Result<Response<pb::ListTokensResponse>, Status> {
         let who = self.principal(&request).await?;
         let tokens = admin::list_tokens(self.0.meta.as_ref(), &who).await?;
-        Ok(Response::new(pb::ListTokensResponse { tokens: tokens.into_iter().map(token_pb).collect() }))
+        Ok(Response::new(pb::ListTokensResponse {
+            tokens: tokens.into_iter().map(token_pb).collect(),
+        }))
     }
 
-    async fn revoke_token(&self, request: Request<pb::RevokeTokenRequest>) -> Result<Response<pb::RevokeTokenResponse>, Status> {
+    async fn revoke_token(
+        &self,
+        request: Request<pb::RevokeTokenRequest>,
+    ) -> Result<Response<pb::RevokeTokenResponse>, Status> {
         let who = self.principal(&request).await?;
         admin::revoke_token(self.0.meta.as_ref(), &who, &request.get_ref().id).await?;
         Ok(Response::new(pb::RevokeTokenResponse {}))
@@ -129,33 +167,55 @@ impl TokenService for Grpc {
 
 #[tonic::async_trait]
 impl CollectionService for Grpc {
-    async fn create_collection(&self, request: Request<pb::CreateCollectionRequest>) -> Result<Response<pb::Collection>, Status> {
+    async fn create_collection(
+        &self,
+        request: Request<pb::CreateCollectionRequest>,
+    ) -> Result<Response<pb::Collection>, Status> {
         let who = self.principal(&request).await?;
-        let c = admin::create_collection(self.0.meta.as_ref(), &who, &request.get_ref().name).await?;
+        let c =
+            admin::create_collection(self.0.meta.as_ref(), &who, &request.get_ref().name).await?;
         Ok(Response::new(collection_pb(c)))
     }
 
-    async fn get_collection(&self, request: Request<pb::GetCollectionRequest>) -> Result<Response<pb::Collection>, Status> {
+    async fn get_collection(
+        &self,
+        request: Request<pb::GetCollectionRequest>,
+    ) -> Result<Response<pb::Collection>, Status> {
         let who = self.principal(&request).await?;
         let caller = who.team().map_err(ApiError::from)?;
-        let c = admin::get_collection(self.0.meta.as_ref(), &caller.team_id, &request.get_ref().id).await?;
+        let c = admin::get_collection(self.0.meta.as_ref(), &caller.team_id, &request.get_ref().id)
+            .await?;
         Ok(Response::new(collection_pb(c)))
     }
 
-    async fn list_collections(&self, request: Request<pb::ListCollectionsRequest>) -> Result<Response<pb::ListCollectionsResponse>, Status> {
+    async fn list_collections(
+        &self,
+        request: Request<pb::ListCollectionsRequest>,
+    ) -> Result<Response<pb::ListCollectionsResponse>, Status> {
         let who = self.principal(&request).await?;
         let list = admin::list_collections(self.0.meta.as_ref(), &who).await?;
-        Ok(Response::new(pb::ListCollectionsResponse { collections: list.into_iter().map(collection_pb).collect() }))
+        Ok(Response::new(pb::ListCollectionsResponse {
+            collections: list.into_iter().map(collection_pb).collect(),
+        }))
     }
 }
 
 /// Validates and stores one publish request for an authenticated caller.
-async fn publish(state: &AppState, who: &Principal, req: pb::PublishRequest) -> Result<pb::PublishResponse, Status> {
+async fn publish(
+    state: &AppState,
+    who: &Principal,
+    req: pb::PublishRequest,
+) -> Result<pb::PublishResponse, Status> {
     let caller = who.require(Scope::Ingest).map_err(ApiError::from)?;
-    let collection = admin::get_collection(state.meta.as_ref(), &caller.team_id, &req.collection).await?;
+    let collection =
+        admin::get_collection(state.meta.as_ref(), &caller.team_id, &req.collection).await?;
     let mut events = Vec::with_capacity(req.events.len());
     for (i, e) in req.events.into_iter().enumerate() {
-        let content_type = if e.content_type.is_empty() { "application/json".to_string() } else { e.content_type };
+        let content_type = if e.content_type.is_empty() {
+            "application/json".to_string()
+        } else {
+            e.content_type
+        };
         if content_type == "application/json"
             && let Err(err) = serde_json::from_slice::<serde::de::IgnoredAny>(&e.payload)
         {
@@ -174,19 +234,34 @@ async fn publish(state: &AppState, who: &Principal, req: pb::PublishRequest) -> 
     }
     let ids = state
         .ingest
-        .ingest(&caller.token_id, &caller.team_id, &collection.id, events, "grpc")
+        .ingest(
+            &caller.token_id,
+            &caller.team_id,
+            &collection.id,
+            events,
+            "grpc",
+        )
         .await
         .map_err(ApiError::from)?;
-    Ok(pb::PublishResponse { sequence: req.sequence, accepted: ids.len() as u32, ids })
+    Ok(pb::PublishResponse {
+        sequence: req.sequence,
+        accepted: ids.len() as u32,
+        ids,
+    })
 }
 
 type PublishStreamOut = Pin<Box<dyn Stream<Item = Result<pb::PublishResponse, Status>> + Send>>;
 
 #[tonic::async_trait]
 impl IngestService for Grpc {
-    async fn publish(&self, request: Request<pb::PublishRequest>) -> Result<Response<pb::PublishResponse>, Status> {
+    async fn publish(
+        &self,
+        request: Request<pb::PublishRequest>,
+    ) -> Result<Response<pb::PublishResponse>, Status> {
         let who = self.principal(&request).await?;
-        Ok(Response::new(publish(&self.0, &who, request.into_inner()).await?))
+        Ok(Response::new(
+            publish(&self.0, &who, request.into_inner()).await?,
+        ))
     }
 
     type PublishStreamStream = PublishStreamOut;

@@ -39,5 +39,8 @@ pub fn router(state: Arc<AppState>) -> Router {
     for service in grpc::SERVICES {
         router = router.route_service(&format!("/{service}/{{method}}"), grpc.clone());
     }
-    router.layer(axum::middleware::from_fn_with_state(state, rest::track_requests))
+    router.layer(axum::middleware::from_fn_with_state(
+        state,
+        rest::track_requests,
+    ))
 }

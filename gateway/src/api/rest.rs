@@ -32,7 +32,10 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/teams", post(create_team))
         .route("/v1/tokens", post(create_token).get(list_tokens))
         .route("/v1/tokens/{id}", delete(revoke_token))
-        .route("/v1/collections", post(create_collection).get(list_collections))
+        .route(
+            "/v1/collections",
+            post(create_collection).get(list_collections),
+        )
         .route("/v1/collections/{id}", get(get_collection))
         .route("/v1/collections/{id}/events", post(ingest_events))
         // Bodies are read by the handlers with their own limit and error message.
@@ -49,8 +52,14 @@ pub struct Auth(pub Principal);
 impl FromRequestParts<(Arc<AppState>, usize)> for Auth {
     type Rejection = ApiError;
 
-    async fn from_request_parts(parts: &mut Parts, (state, _): &(Arc<AppState>, usize)) -> Result<Self, ApiError> {
-        let header = parts.headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok());
+    async fn from_request_parts(
+        parts: &mut Parts,
+        (state, _): &(Arc<AppState>, usize),
+    ) -> Result<Self, ApiError> {
+        let header = parts
+            .headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok());
         Ok(Auth(state.auth.authenticate_header(header).await?))
     }
 }
@@ -64,26 +73,56 @@ impl<T: serde::de::DeserializeOwned, S: Send + Sync> axum::extract::FromRequest<
     async fn from_request(req: Request, _: &S) -> Result<Self, ApiError> {
         let bytes = axum::body::to_bytes(req.into_body(), 1 << 20)
             .await
-            .map_err(|_| ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "too_large", "admin request bodies are limited to 1 MiB"))?;
-        serde_json::from_slice(&bytes).map(JsonBody).map_err(|e| ApiError::bad_request(format!("invalid request body: {e}")))
+            .map_err(|_| {
+                ApiError::new(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "too_large",
+                    "admin request bodies are limited to 1 MiB",
+                )
+            })?;
+        serde_json::from_slice(&bytes)
+            .map(JsonBody)
+            .map_err(|e| ApiError::bad_request(format!("invalid request body: {e}")))
     }
 }
 
 /// Counts every request (REST and gRPC) by route and status.
-pub async fn track_requests(State(state): State<Arc<AppState>>, request: Request, next: Next) -> Response {
+pub async fn track_requests(
+    State(state): State<Arc<AppState>>,
+    request: Request,
+    next: Next,
+) -> Response {
     let method = request.method().to_string();
     let route = request
         .extensions()
         .get::<MatchedPath>()
         .map(|p| p.as_str().to_string())
-        .unwrap_or_else(|| if request.uri().path().starts_with("/rewind.v1.") { request.uri().path().to_string() } else { "unmatched".into() });
+        .unwrap_or_else(|| {
+            if request.uri().path().starts_with("/rewind.v1.") {
+                request.uri().path().to_string()
+            } else {
+                "unmatched".into()
+            }
+        });
     let response = next.run(request).await;
-    state.metrics.requests.get_or_create(&RequestLabels { method, route, status: response.status().as_u16() }).inc();
+    state
+        .metrics
+        .requests
+        .get_or_create(&RequestLabels {
+            method,
+            route,
+            status: response.status().as_u16(),
+        })
+        .inc();
     response
 }
 
 async fn not_found() -> ApiError {
-    ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such endpoint: see the API in docs/api.md")
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        "not_found",
+        "no such endpoint: see the API in docs/api.md",
+    )
 }
 
 async fn healthz() -> Json<Value> {
@@ -97,7 +136,11 @@ async fn readyz(State((state, _)): St) -> Response {
     };
     let bus = state.bus.health().await;
     let ready = meta["ready"] == true && bus.ready;
-    let lag: serde_json::Map<String, Value> = bus.consumer_lag.iter().map(|(n, l)| (n.clone(), json!(l))).collect();
+    let lag: serde_json::Map<String, Value> = bus
+        .consumer_lag
+        .iter()
+        .map(|(n, l)| (n.clone(), json!(l)))
+        .collect();
     let body = json!({
         "ready": ready,
         "backends": {
@@ -105,7 +148,11 @@ async fn readyz(State((state, _)): St) -> Response {
             "bus": {"ready": bus.ready, "kind": bus.kind, "detail": bus.detail, "consumer_lag": lag},
         }
     });
-    let status = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    let status = if ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
     (status, Json(body)).into_response()
 }
 
@@ -113,9 +160,20 @@ async fn metrics(State((state, _)): St) -> Response {
     let health = state.bus.health().await;
     state.metrics.bus_ready.set(health.ready as i64);
     for (consumer, lag) in health.consumer_lag {
-        state.metrics.bus_lag.get_or_create(&crate::metrics::ConsumerLabel { consumer }).set(lag as i64);
+        state
+            .metrics
+            .bus_lag
+            .get_or_create(&crate::metrics::ConsumerLabel { consumer })
+            .set(lag as i64);
     }
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], state.metrics.render()).into_response()
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        state.metrics.render(),
+    )
+        .into_response()
 }
 
 #[derive(Deserialize)]
@@ -123,9 +181,16 @@ struct NameBody {
     name: String,
 }
 
-async fn create_team(State((state, _)): St, Auth(who): Auth, JsonBody(body): JsonBody<NameBody>) -> Result<impl IntoResponse, ApiError> {
+async fn create_team(
+    State((state, _)): St,
+    Auth(who): Auth,
+    JsonBody(body): JsonBody<NameBody>,
+) -> Result<impl IntoResponse, ApiError> {
     let (team, token) = admin::create_team(state.meta.as_ref(), &who, &body.name).await?;
-    Ok((StatusCode::CREATED, Json(json!({"id": team.id, "name": team.name, "admin_token": token.secret}))))
+    Ok((
+        StatusCode::CREATED,
+        Json(json!({"id": team.id, "name": team.name, "admin_token": token.secret})),
+    ))
 }
 
 #[derive(Deserialize)]
@@ -145,7 +210,11 @@ fn token_json(t: &TokenRecord) -> Value {
     })
 }
 
-async fn create_token(State((state, _)): St, Auth(who): Auth, JsonBody(body): JsonBody<CreateTokenBody>) -> Result<impl IntoResponse, ApiError> {
+async fn create_token(
+    State((state, _)): St,
+    Auth(who): Auth,
+    JsonBody(body): JsonBody<CreateTokenBody>,
+) -> Result<impl IntoResponse, ApiError> {
     let scopes = admin::parse_scopes(body.scopes.iter().map(String::as_str))?;
     let created = admin::create_token(state.meta.as_ref(), &who, &body.name, scopes).await?;
     let mut out = token_json(&created.record);
@@ -155,10 +224,16 @@ async fn create_token(State((state, _)): St, Auth(who): Auth, JsonBody(body): Js
 
 async fn list_tokens(State((state, _)): St, Auth(who): Auth) -> Result<Json<Value>, ApiError> {
     let tokens = admin::list_tokens(state.meta.as_ref(), &who).await?;
-    Ok(Json(json!({"tokens": tokens.iter().map(token_json).collect::<Vec<_>>()})))
+    Ok(Json(
+        json!({"tokens": tokens.iter().map(token_json).collect::<Vec<_>>()}),
+    ))
 }
 
-async fn revoke_token(State((state, _)): St, Auth(who): Auth, Path(id): Path<String>) -> Result<StatusCode, ApiError> {
+async fn revoke_token(
+    State((state, _)): St,
+    Auth(who): Auth,
+    Path(id): Path<String>,
+) -> Result<StatusCode, ApiError> {
     admin::revoke_token(state.meta.as_ref(), &who, &id).await?;
     Ok(StatusCode::NO_CONTENT)
 }
@@ -167,17 +242,27 @@ fn collection_json(c: &Collection) -> Value {
     json!({"id": c.id, "name": c.name, "created_at": micros_to_rfc3339(c.created_at)})
 }
 
-async fn create_collection(State((state, _)): St, Auth(who): Auth, JsonBody(body): JsonBody<NameBody>) -> Result<impl IntoResponse, ApiError> {
+async fn create_collection(
+    State((state, _)): St,
+    Auth(who): Auth,
+    JsonBody(body): JsonBody<NameBody>,
+) -> Result<impl IntoResponse, ApiError> {
     let c = admin::create_collection(state.meta.as_ref(), &who, &body.name).await?;
     Ok((StatusCode::CREATED, Json(collection_json(&c))))
 }
 
 async fn list_collections(State((state, _)): St, Auth(who): Auth) -> Result<Json<Value>, ApiError> {
     let list = admin::list_collections(state.meta.as_ref(), &who).await?;
-    Ok(Json(json!({"collections": list.iter().map(collection_json).collect::<Vec<_>>()})))
+    Ok(Json(
+        json!({"collections": list.iter().map(collection_json).collect::<Vec<_>>()}),
+    ))
 }
 
-async fn get_collection(State((state, _)): St, Auth(who): Auth, Path(id): Path<String>) -> Result<Json<Value>, ApiError> {
+async fn get_collection(
+    State((state, _)): St,
+    Auth(who): Auth,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
     let caller = who.team()?;
     let c = admin::get_collection(state.meta.as_ref(), &caller.team_id, &id).await?;
     Ok(Json(collection_json(&c)))
@@ -192,28 +277,43 @@ async fn ingest_events(
     let caller = who.require(Scope::Ingest)?;
     let collection = admin::get_collection(state.meta.as_ref(), &caller.team_id, &id).await?;
     let headers = request.headers();
-    let content_type = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).map(str::to_string);
+    let content_type = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
     let format = BodyFormat::from_content_type(content_type.as_deref()).ok_or_else(|| {
         ApiError::new(
             StatusCode::UNSUPPORTED_MEDIA_TYPE,
             "unsupported_content_type",
-            format!("Content-Type {:?} is not accepted: send {ACCEPTED_CONTENT_TYPES}", content_type.as_deref().unwrap_or("(none)")),
+            format!(
+                "Content-Type {:?} is not accepted: send {ACCEPTED_CONTENT_TYPES}",
+                content_type.as_deref().unwrap_or("(none)")
+            ),
         )
     })?;
-    let idempotency_key = headers.get("idempotency-key").and_then(|v| v.to_str().ok()).map(str::to_string);
+    let idempotency_key = headers
+        .get("idempotency-key")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
     let too_large = || {
         ApiError::new(
             StatusCode::PAYLOAD_TOO_LARGE,
             "too_large",
-            format!("the request body is over the {body_limit}-byte limit: split it into smaller requests"),
+            format!(
+                "the request body is over the {body_limit}-byte limit: split it into smaller requests"
+            ),
         )
     };
-    if let Some(len) = headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<usize>().ok())
+    if let Some(len) = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok()?.parse::<usize>().ok())
         && len > body_limit
     {
         return Err(too_large());
     }
-    let body = axum::body::to_bytes(request.into_body(), body_limit).await.map_err(|_| too_large())?;
+    let body = axum::body::to_bytes(request.into_body(), body_limit)
+        .await
+        .map_err(|_| too_large())?;
     let parsed = parse_body(&body, format, state.ingest.limits())?;
     if idempotency_key.is_some() && parsed.len() > 1 {
         return Err(ApiError::bad_request(
@@ -224,14 +324,24 @@ async fn ingest_events(
         .into_iter()
         .map(|p| IncomingEvent {
             payload: p.payload,
-            content_type: if p.is_json { "application/json".into() } else { "application/octet-stream".into() },
+            content_type: if p.is_json {
+                "application/json".into()
+            } else {
+                "application/octet-stream".into()
+            },
             headers: Default::default(),
             client_id: idempotency_key.clone(),
         })
         .collect();
     let ids = state
         .ingest
-        .ingest(&caller.token_id, &caller.team_id, &collection.id, events, "http")
+        .ingest(
+            &caller.token_id,
+            &caller.team_id,
+            &collection.id,
+            events,
+            "http",
+        )
         .await
         .map_err(|e| {
             let mut err = ApiError::from(e);
@@ -240,5 +350,8 @@ async fn ingest_events(
             }
             err
         })?;
-    Ok((StatusCode::ACCEPTED, Json(json!({"accepted": ids.len(), "ids": ids}))))
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(json!({"accepted": ids.len(), "ids": ids})),
+    ))
 }

@@ -101,36 +101,60 @@ mod tests {
 
         let mut expired = good.clone();
         expired["exp"] = json!(now - 3600);
-        assert!(jwt.verify(&sign(Header::new(Algorithm::HS256), expired)).is_err());
+        assert!(
+            jwt.verify(&sign(Header::new(Algorithm::HS256), expired))
+                .is_err()
+        );
 
         let mut other_aud = good.clone();
         other_aud["aud"] = json!("someone-else");
-        assert!(jwt.verify(&sign(Header::new(Algorithm::HS256), other_aud)).is_err());
+        assert!(
+            jwt.verify(&sign(Header::new(Algorithm::HS256), other_aud))
+                .is_err()
+        );
 
         let mut other_iss = good.clone();
         other_iss["iss"] = json!("evil");
-        assert!(jwt.verify(&sign(Header::new(Algorithm::HS256), other_iss)).is_err());
+        assert!(
+            jwt.verify(&sign(Header::new(Algorithm::HS256), other_iss))
+                .is_err()
+        );
 
         for claim in ["exp", "iss", "aud", "sub"] {
             let mut missing = good.clone();
             missing.as_object_mut().unwrap().remove(claim);
             // `team` and `iat` are ours; a token without a spec claim must fail either way.
-            assert!(jwt.verify(&sign(Header::new(Algorithm::HS256), missing)).is_err(), "{claim}");
+            assert!(
+                jwt.verify(&sign(Header::new(Algorithm::HS256), missing))
+                    .is_err(),
+                "{claim}"
+            );
         }
 
-        assert!(jwt.verify(&sign(Header::new(Algorithm::HS384), good.clone())).is_err());
+        assert!(
+            jwt.verify(&sign(Header::new(Algorithm::HS384), good.clone()))
+                .is_err()
+        );
         // alg=none: header {"alg":"none"} with an empty signature.
         let b64 = |v: &serde_json::Value| base64url(&serde_json::to_vec(v).unwrap());
-        let none = format!("{}.{}.", b64(&json!({"alg":"none","typ":"JWT"})), b64(&good));
+        let none = format!(
+            "{}.{}.",
+            b64(&json!({"alg":"none","typ":"JWT"})),
+            b64(&good)
+        );
         assert!(jwt.verify(&none).is_err());
-        assert!(jwt.verify(&sign(Header::new(Algorithm::HS256), good)).is_ok());
+        assert!(
+            jwt.verify(&sign(Header::new(Algorithm::HS256), good))
+                .is_ok()
+        );
     }
 
     fn base64url(bytes: &[u8]) -> String {
         const A: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
         let mut out = String::new();
         for chunk in bytes.chunks(3) {
-            let n = chunk.iter().fold(0u32, |acc, b| (acc << 8) | *b as u32) << (8 * (3 - chunk.len()));
+            let n =
+                chunk.iter().fold(0u32, |acc, b| (acc << 8) | *b as u32) << (8 * (3 - chunk.len()));
             for i in 0..=chunk.len() {
                 out.push(A[((n >> (18 - 6 * i)) & 63) as usize] as char);
             }

@@ -59,7 +59,10 @@ impl Scopes {
         self.0 & scope.bit() != 0
     }
     pub fn list(self) -> Vec<Scope> {
-        Scope::ALL.into_iter().filter(|s| self.contains(*s)).collect()
+        Scope::ALL
+            .into_iter()
+            .filter(|s| self.contains(*s))
+            .collect()
     }
     pub fn names(self) -> Vec<&'static str> {
         self.list().into_iter().map(Scope::as_str).collect()
@@ -113,7 +116,10 @@ impl AuthError {
     pub fn is_unauthenticated(&self) -> bool {
         matches!(
             self,
-            AuthError::Missing | AuthError::NotBearer | AuthError::BadFormat(_) | AuthError::Unknown
+            AuthError::Missing
+                | AuthError::NotBearer
+                | AuthError::BadFormat(_)
+                | AuthError::Unknown
         )
     }
 }
@@ -146,7 +152,11 @@ impl Authenticator {
         }
         tokens::check_format(token)?;
         let hash = tokens::hash(token);
-        let record = self.meta.token_by_hash(&hash).await?.ok_or(AuthError::Unknown)?;
+        let record = self
+            .meta
+            .token_by_hash(&hash)
+            .await?
+            .ok_or(AuthError::Unknown)?;
         // The look-up was by hash; compare again in constant time so no code path depends on
         // a byte-by-byte comparison of secrets.
         if !tokens::secrets_equal(&record.hash, &hash) || record.revoked_at.is_some() {
@@ -239,7 +249,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (a, created) = load_or_create_root_token(None, dir.path()).unwrap();
         assert!(created.is_some());
-        let mode = std::fs::metadata(dir.path().join("root-token")).unwrap().permissions().mode();
+        let mode = std::fs::metadata(dir.path().join("root-token"))
+            .unwrap()
+            .permissions()
+            .mode();
         assert_eq!(mode & 0o777, 0o600);
         let (b, created) = load_or_create_root_token(None, dir.path()).unwrap();
         assert_eq!(a, b);

@@ -58,7 +58,11 @@ pub fn check_format(token: &str) -> Result<(), TokenFormatError> {
     if !token.starts_with(TOKEN_PREFIX) {
         return Err(TokenFormatError::NotRewindToken);
     }
-    if token.len() != TOKEN_LEN || !token[TOKEN_PREFIX.len()..].bytes().all(|b| b.is_ascii_alphanumeric()) {
+    if token.len() != TOKEN_LEN
+        || !token[TOKEN_PREFIX.len()..]
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric())
+    {
         return Err(TokenFormatError::Malformed);
     }
     let (body, sum) = token.split_at(TOKEN_LEN - CHECKSUM_CHARS);
@@ -102,9 +106,18 @@ mod tests {
         chars[5] = if chars[5] == 'a' { 'b' } else { 'a' };
         let typo: String = chars.into_iter().collect();
         assert_eq!(check_format(&typo), Err(TokenFormatError::BadChecksum));
-        assert_eq!(check_format(&token[..TOKEN_LEN - 1]), Err(TokenFormatError::Malformed));
-        assert_eq!(check_format("ghp_abc"), Err(TokenFormatError::NotRewindToken));
-        assert_eq!(check_format(&format!("{}!", &token[..TOKEN_LEN - 1])), Err(TokenFormatError::Malformed));
+        assert_eq!(
+            check_format(&token[..TOKEN_LEN - 1]),
+            Err(TokenFormatError::Malformed)
+        );
+        assert_eq!(
+            check_format("ghp_abc"),
+            Err(TokenFormatError::NotRewindToken)
+        );
+        assert_eq!(
+            check_format(&format!("{}!", &token[..TOKEN_LEN - 1])),
+            Err(TokenFormatError::Malformed)
+        );
     }
 
     #[test]

@@ -51,7 +51,10 @@ const BATCH: usize = 500;
 const ROOT: &str = "bench-root-token";
 
 fn event(i: usize, size: usize) -> String {
-    let head = format!("{{\"type\":\"account_created\",\"account\":{i},\"amount\":{},\"region\":\"eu-west-1\",\"pad\":\"", i % 1000);
+    let head = format!(
+        "{{\"type\":\"account_created\",\"account\":{i},\"amount\":{},\"region\":\"eu-west-1\",\"pad\":\"",
+        i % 1000
+    );
     let pad = size.saturating_sub(head.len() + 2);
     format!("{head}{}\"}}", "x".repeat(pad))
 }
@@ -66,12 +69,23 @@ impl Gateway {
     async fn start(extra: &[&str]) -> anyhow::Result<Gateway> {
         let exe = std::env::current_exe()?.with_file_name("rewind");
         if !exe.exists() {
-            bail!("{} not found: run `cargo build --release` first", exe.display());
+            bail!(
+                "{} not found: run `cargo build --release` first",
+                exe.display()
+            );
         }
         let dir = tempfile::tempdir()?;
-        let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port();
         let child = Command::new(&exe)
-            .args(["serve", "--listen", &format!("127.0.0.1:{port}"), "--rate-limit-events-per-sec", "0"])
+            .args([
+                "serve",
+                "--listen",
+                &format!("127.0.0.1:{port}"),
+                "--rate-limit-events-per-sec",
+                "0",
+            ])
             .arg("--data-dir")
             .arg(dir.path())
             .args(extra)
@@ -80,7 +94,11 @@ impl Gateway {
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
             .spawn()?;
-        let gw = Gateway { child, port, _dir: dir };
+        let gw = Gateway {
+            child,
+            port,
+            _dir: dir,
+        };
         let http = reqwest::Client::new();
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
@@ -103,15 +121,40 @@ impl Gateway {
     /// Team, collection and an ingest token.
     async fn setup(&self) -> anyhow::Result<(String, String)> {
         let http = reqwest::Client::new();
-        let team: serde_json::Value = http.post(self.url("/v1/teams")).bearer_auth(ROOT).json(&serde_json::json!({"name":"bench"})).send().await?.json().await?;
+        let team: serde_json::Value = http
+            .post(self.url("/v1/teams"))
+            .bearer_auth(ROOT)
+            .json(&serde_json::json!({"name":"bench"}))
+            .send()
+            .await?
+            .json()
+            .await?;
         let admin = team["admin_token"].as_str().context("team")?.to_string();
-        let col: serde_json::Value = http.post(self.url("/v1/collections")).bearer_auth(&admin).json(&serde_json::json!({"name":"events"})).send().await?.json().await?;
-        let tok: serde_json::Value = http.post(self.url("/v1/tokens")).bearer_auth(&admin).json(&serde_json::json!({"name":"bench","scopes":["ingest"]})).send().await?.json().await?;
-        Ok((tok["token"].as_str().context("token")?.to_string(), col["id"].as_str().context("collection")?.to_string()))
+        let col: serde_json::Value = http
+            .post(self.url("/v1/collections"))
+            .bearer_auth(&admin)
+            .json(&serde_json::json!({"name":"events"}))
+            .send()
+            .await?
+            .json()
+            .await?;
+        let tok: serde_json::Value = http
+            .post(self.url("/v1/tokens"))
+            .bearer_auth(&admin)
+            .json(&serde_json::json!({"name":"bench","scopes":["ingest"]}))
+            .send()
+            .await?
+            .json()
+            .await?;
+        Ok((
+            tok["token"].as_str().context("token")?.to_string(),
+            col["id"].as_str().context("collection")?.to_string(),
+        ))
     }
 
     fn rss_mib(&self) -> f64 {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap_or_default();
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
+            .unwrap_or_default();
         status
             .lines()
             .find(|l| l.starts_with("VmRSS:"))
@@ -133,7 +176,11 @@ fn watch_rss(pid: u32, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<f64> {
         let mut peak: f64 = 0.0;
         while !stop.load(Ordering::Relaxed) {
             let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-            if let Some(kb) = status.lines().find(|l| l.starts_with("VmRSS:")).and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok()) {
+            if let Some(kb) = status
+                .lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
+            {
                 peak = peak.max(kb / 1024.0);
             }
             std::thread::sleep(Duration::from_millis(100));
@@ -144,7 +191,13 @@ fn watch_rss(pid: u32, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<f64> {
 
 type HttpClient = Client<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>>;
 
-async fn post(client: &HttpClient, url: &str, token: &str, content_type: &str, body: Bytes) -> anyhow::Result<()> {
+async fn post(
+    client: &HttpClient,
+    url: &str,
+    token: &str,
+    content_type: &str,
+    body: Bytes,
+) -> anyhow::Result<()> {
     let req = hyper::Request::post(url)
         .header("authorization", format!("Bearer {token}"))
         .header("content-type", content_type)
@@ -159,14 +212,30 @@ async fn post(client: &HttpClient, url: &str, token: &str, content_type: &str, b
 }
 
 /// Runs `conns` loops posting `body` for `secs`; returns requests completed per second.
-async fn http_load(url: &str, token: &str, content_type: &str, body: Bytes, conns: usize, secs: u64) -> anyhow::Result<f64> {
-    let client: HttpClient = Client::builder(TokioExecutor::new()).pool_max_idle_per_host(conns).build_http();
+async fn http_load(
+    url: &str,
+    token: &str,
+    content_type: &str,
+    body: Bytes,
+    conns: usize,
+    secs: u64,
+) -> anyhow::Result<f64> {
+    let client: HttpClient = Client::builder(TokioExecutor::new())
+        .pool_max_idle_per_host(conns)
+        .build_http();
     let done = Arc::new(AtomicU64::new(0));
     let deadline = Instant::now() + Duration::from_secs(secs);
     let started = Instant::now();
     let mut tasks = Vec::new();
     for _ in 0..conns {
-        let (client, url, token, ct, body, done) = (client.clone(), url.to_string(), token.to_string(), content_type.to_string(), body.clone(), done.clone());
+        let (client, url, token, ct, body, done) = (
+            client.clone(),
+            url.to_string(),
+            token.to_string(),
+            content_type.to_string(),
+            body.clone(),
+            done.clone(),
+        );
         tasks.push(tokio::spawn(async move {
             while Instant::now() < deadline {
                 post(&client, &url, &token, &ct, body.clone()).await?;
@@ -182,9 +251,19 @@ async fn http_load(url: &str, token: &str, content_type: &str, body: Bytes, conn
 }
 
 /// Posts batches at a fixed rate (open loop) and records each ack's latency.
-async fn paced_latency(url: &str, token: &str, body: Bytes, batches_per_sec: f64, secs: u64) -> anyhow::Result<(f64, f64, f64)> {
-    let client: HttpClient = Client::builder(TokioExecutor::new()).pool_max_idle_per_host(64).build_http();
-    let hist = Arc::new(std::sync::Mutex::new(hdrhistogram::Histogram::<u64>::new(3)?));
+async fn paced_latency(
+    url: &str,
+    token: &str,
+    body: Bytes,
+    batches_per_sec: f64,
+    secs: u64,
+) -> anyhow::Result<(f64, f64, f64)> {
+    let client: HttpClient = Client::builder(TokioExecutor::new())
+        .pool_max_idle_per_host(64)
+        .build_http();
+    let hist = Arc::new(std::sync::Mutex::new(hdrhistogram::Histogram::<u64>::new(
+        3,
+    )?));
     let interval = Duration::from_secs_f64(1.0 / batches_per_sec);
     let mut ticker = tokio::time::interval(interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
@@ -192,11 +271,19 @@ async fn paced_latency(url: &str, token: &str, body: Bytes, batches_per_sec: f64
     let mut tasks = Vec::new();
     while Instant::now() < deadline {
         ticker.tick().await;
-        let (client, url, token, body, hist) = (client.clone(), url.to_string(), token.to_string(), body.clone(), hist.clone());
+        let (client, url, token, body, hist) = (
+            client.clone(),
+            url.to_string(),
+            token.to_string(),
+            body.clone(),
+            hist.clone(),
+        );
         tasks.push(tokio::spawn(async move {
             let t0 = Instant::now();
             post(&client, &url, &token, "application/x-ndjson", body).await?;
-            hist.lock().expect("lock").record(t0.elapsed().as_micros() as u64)?;
+            hist.lock()
+                .expect("lock")
+                .record(t0.elapsed().as_micros() as u64)?;
             anyhow::Ok(())
         }));
     }
@@ -204,23 +291,49 @@ async fn paced_latency(url: &str, token: &str, body: Bytes, batches_per_sec: f64
         t.await??;
     }
     let h = hist.lock().expect("lock");
-    Ok((h.value_at_quantile(0.5) as f64 / 1000.0, h.value_at_quantile(0.99) as f64 / 1000.0, h.len() as f64 / secs as f64))
+    Ok((
+        h.value_at_quantile(0.5) as f64 / 1000.0,
+        h.value_at_quantile(0.99) as f64 / 1000.0,
+        h.len() as f64 / secs as f64,
+    ))
 }
 
-async fn grpc_load(gw: &Gateway, token: &str, collection: &str, streams: usize, secs: u64, event_bytes: usize) -> anyhow::Result<f64> {
-    let channel = tonic::transport::Channel::from_shared(gw.url(""))?.connect().await?;
-    let events: Vec<pb::PublishEvent> = (0..BATCH).map(|i| pb::PublishEvent { payload: event(i, event_bytes).into(), ..Default::default() }).collect();
+async fn grpc_load(
+    gw: &Gateway,
+    token: &str,
+    collection: &str,
+    streams: usize,
+    secs: u64,
+    event_bytes: usize,
+) -> anyhow::Result<f64> {
+    let channel = tonic::transport::Channel::from_shared(gw.url(""))?
+        .connect()
+        .await?;
+    let events: Vec<pb::PublishEvent> = (0..BATCH)
+        .map(|i| pb::PublishEvent {
+            payload: event(i, event_bytes).into(),
+            ..Default::default()
+        })
+        .collect();
     let done = Arc::new(AtomicU64::new(0));
     let deadline = Instant::now() + Duration::from_secs(secs);
     let started = Instant::now();
     let mut tasks = Vec::new();
     for _ in 0..streams {
-        let mut client = pb::ingest_service_client::IngestServiceClient::new(channel.clone()).max_decoding_message_size(64 << 20).max_encoding_message_size(64 << 20);
+        let mut client = pb::ingest_service_client::IngestServiceClient::new(channel.clone())
+            .max_decoding_message_size(64 << 20)
+            .max_encoding_message_size(64 << 20);
         let (events, collection, done) = (events.clone(), collection.to_string(), done.clone());
         let header: tonic::metadata::MetadataValue<_> = format!("Bearer {token}").parse()?;
         tasks.push(tokio::spawn(async move {
-            let requests = futures::stream::iter(0u64..).map(move |seq| pb::PublishRequest { collection: collection.clone(), events: events.clone(), sequence: seq });
-            let requests = futures::StreamExt::take_while(requests, move |_| futures::future::ready(Instant::now() < deadline));
+            let requests = futures::stream::iter(0u64..).map(move |seq| pb::PublishRequest {
+                collection: collection.clone(),
+                events: events.clone(),
+                sequence: seq,
+            });
+            let requests = futures::StreamExt::take_while(requests, move |_| {
+                futures::future::ready(Instant::now() < deadline)
+            });
             let mut req = tonic::Request::new(requests);
             req.metadata_mut().insert("authorization", header);
             let mut acks = client.publish_stream(req).await?.into_inner();
@@ -258,7 +371,9 @@ async fn raw_jetstream(url: &str, secs: u64, event_bytes: usize) -> anyhow::Resu
     let mut done = 0u64;
     while Instant::now() < deadline {
         while in_flight.len() < 256 {
-            in_flight.push(std::future::IntoFuture::into_future(js.publish("bench.raw", payload.clone()).await?));
+            in_flight.push(std::future::IntoFuture::into_future(
+                js.publish("bench.raw", payload.clone()).await?,
+            ));
         }
         if let Some(ack) = in_flight.next().await {
             ack?;
@@ -278,10 +393,31 @@ async fn raw_jetstream(url: &str, secs: u64, event_bytes: usize) -> anyhow::Resu
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let secs = args.secs;
-    let batch_body = Bytes::from((0..BATCH).map(|i| event(i, args.event_bytes) + "\n").collect::<String>());
+    let batch_body = Bytes::from(
+        (0..BATCH)
+            .map(|i| event(i, args.event_bytes) + "\n")
+            .collect::<String>(),
+    );
     let single_body = Bytes::from(event(0, args.event_bytes));
-    println!("rewind-bench: {} s per scenario, {}-byte JSON events, batches of {BATCH}", secs, args.event_bytes);
-    println!("machine: {} cores, {}", std::thread::available_parallelism().map_or(0, |n| n.get()), std::fs::read_to_string("/proc/cpuinfo").ok().and_then(|c| c.lines().find(|l| l.starts_with("model name")).map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())).unwrap_or_default());
+    println!(
+        "rewind-bench: {} s per scenario, {}-byte JSON events, batches of {BATCH}",
+        secs, args.event_bytes
+    );
+    println!(
+        "machine: {} cores, {}",
+        std::thread::available_parallelism().map_or(0, |n| n.get()),
+        std::fs::read_to_string("/proc/cpuinfo")
+            .ok()
+            .and_then(
+                |c| c.lines().find(|l| l.starts_with("model name")).map(|l| l
+                    .split(':')
+                    .nth(1)
+                    .unwrap_or("")
+                    .trim()
+                    .to_string())
+            )
+            .unwrap_or_default()
+    );
 
     let gw = Gateway::start(&[]).await?;
     let (token, col) = gw.setup().await?;
@@ -289,17 +425,44 @@ async fn main() -> anyhow::Result<()> {
     let rss = watch_rss(gw.child.id(), stop.clone());
     let url = gw.url(&format!("/v1/collections/{col}/events"));
 
-    let batch_rps = http_load(&url, &token, "application/x-ndjson", batch_body.clone(), args.http_conns, secs).await?;
+    let batch_rps = http_load(
+        &url,
+        &token,
+        "application/x-ndjson",
+        batch_body.clone(),
+        args.http_conns,
+        secs,
+    )
+    .await?;
     let http_events = batch_rps * BATCH as f64;
-    println!("| HTTP batches of {BATCH}, local bus | {:.0} events/s ({:.0} requests/s, {} connections) |", http_events, batch_rps, args.http_conns);
+    println!(
+        "| HTTP batches of {BATCH}, local bus | {:.0} events/s ({:.0} requests/s, {} connections) |",
+        http_events, batch_rps, args.http_conns
+    );
 
-    let grpc_events = grpc_load(&gw, &token, &col, args.grpc_streams, secs, args.event_bytes).await?;
-    println!("| gRPC PublishStream, batches of {BATCH}, local bus | {:.0} events/s ({} streams) |", grpc_events, args.grpc_streams);
+    let grpc_events =
+        grpc_load(&gw, &token, &col, args.grpc_streams, secs, args.event_bytes).await?;
+    println!(
+        "| gRPC PublishStream, batches of {BATCH}, local bus | {:.0} events/s ({} streams) |",
+        grpc_events, args.grpc_streams
+    );
 
-    let single = http_load(&url, &token, "application/json", single_body, args.single_conns, secs).await?;
-    println!("| HTTP single-event requests, local bus | {:.0} requests/s ({} connections) |", single, args.single_conns);
+    let single = http_load(
+        &url,
+        &token,
+        "application/json",
+        single_body,
+        args.single_conns,
+        secs,
+    )
+    .await?;
+    println!(
+        "| HTTP single-event requests, local bus | {:.0} requests/s ({} connections) |",
+        single, args.single_conns
+    );
 
-    let (p50, p99, achieved) = paced_latency(&url, &token, batch_body.clone(), batch_rps / 2.0, secs).await?;
+    let (p50, p99, achieved) =
+        paced_latency(&url, &token, batch_body.clone(), batch_rps / 2.0, secs).await?;
     println!(
         "| ack latency at half the peak batch rate ({:.0} events/s offered, {:.0} achieved) | p50 {:.2} ms, p99 {:.2} ms |",
         batch_rps / 2.0 * BATCH as f64,
@@ -315,18 +478,37 @@ async fn main() -> anyhow::Result<()> {
     }
     stop.store(true, Ordering::Relaxed);
     let peak = rss.join().expect("rss thread");
-    println!("| gateway peak RSS (all scenarios above) | {:.0} MiB (now {:.0} MiB) |", peak, gw.rss_mib());
+    println!(
+        "| gateway peak RSS (all scenarios above) | {:.0} MiB (now {:.0} MiB) |",
+        peak,
+        gw.rss_mib()
+    );
     drop(gw);
 
     if let Some(nats) = &args.nats {
         let raw = raw_jetstream(nats, secs, args.event_bytes).await?;
-        println!("| raw JetStream publish, single {}-byte messages (baseline) | {:.0} messages/s |", args.event_bytes, raw);
+        println!(
+            "| raw JetStream publish, single {}-byte messages (baseline) | {:.0} messages/s |",
+            args.event_bytes, raw
+        );
         let gw = Gateway::start(&["--bus", nats]).await?;
         let (token, col) = gw.setup().await?;
         let url = gw.url(&format!("/v1/collections/{col}/events"));
-        let rps = http_load(&url, &token, "application/x-ndjson", batch_body, args.http_conns, secs).await?;
+        let rps = http_load(
+            &url,
+            &token,
+            "application/x-ndjson",
+            batch_body,
+            args.http_conns,
+            secs,
+        )
+        .await?;
         let events = rps * BATCH as f64;
-        println!("| HTTP batches of {BATCH}, NATS bus | {:.0} events/s ({:.1}x the raw baseline) |", events, events / raw);
+        println!(
+            "| HTTP batches of {BATCH}, NATS bus | {:.0} events/s ({:.1}x the raw baseline) |",
+            events,
+            events / raw
+        );
     }
     Ok(())
 }

@@ -98,7 +98,10 @@ fn list_segments(dir: &Path) -> Result<Vec<Segment>, BusError> {
         let entry = entry.map_err(|e| io_err("cannot list", dir, e))?;
         let name = entry.file_name();
         let name = name.to_string_lossy();
-        if let Some(base) = name.strip_suffix(".log").and_then(|b| b.parse::<u64>().ok()) {
+        if let Some(base) = name
+            .strip_suffix(".log")
+            .and_then(|b| b.parse::<u64>().ok())
+        {
             segments.push(Segment {
                 base,
                 path: entry.path(),
@@ -168,7 +171,10 @@ fn recover_tail(segment: &Segment) -> Result<(Position, u64), BusError> {
         .write(true)
         .open(&segment.path)
         .map_err(|e| io_err("cannot open", &segment.path, e))?;
-    let total = file.metadata().map_err(|e| io_err("cannot stat", &segment.path, e))?.len();
+    let total = file
+        .metadata()
+        .map_err(|e| io_err("cannot stat", &segment.path, e))?
+        .len();
     let mut reader = BufReader::with_capacity(1 << 20, &file);
     let mut next = segment.base;
     let mut good_len = 0u64;
@@ -194,8 +200,10 @@ fn recover_tail(segment: &Segment) -> Result<(Position, u64), BusError> {
     drop(reader);
     if good_len < total {
         tracing::warn!(segment = %segment.path.display(), dropped_bytes = total - good_len, "truncating bus log");
-        file.set_len(good_len).map_err(|e| io_err("cannot truncate", &segment.path, e))?;
-        file.sync_all().map_err(|e| io_err("cannot sync", &segment.path, e))?;
+        file.set_len(good_len)
+            .map_err(|e| io_err("cannot truncate", &segment.path, e))?;
+        file.sync_all()
+            .map_err(|e| io_err("cannot sync", &segment.path, e))?;
     }
     Ok((next, good_len))
 }
@@ -203,7 +211,8 @@ fn recover_tail(segment: &Segment) -> Result<(Position, u64), BusError> {
 impl LocalBus {
     /// Opens (creating if needed) the log in `dir`, recovering from a crash.
     pub fn open(dir: &Path, options: LocalBusOptions) -> Result<Self, BusError> {
-        std::fs::create_dir_all(dir.join("consumers")).map_err(|e| io_err("cannot create", dir, e))?;
+        std::fs::create_dir_all(dir.join("consumers"))
+            .map_err(|e| io_err("cannot create", dir, e))?;
         let lock_path = dir.join("LOCK");
         let lock = OpenOptions::new()
             .create(true)
@@ -268,14 +277,20 @@ impl LocalBus {
     }
 
     fn consumer_offset_path(&self, name: &str) -> PathBuf {
-        self.shared.dir.join("consumers").join(format!("{name}.offset"))
+        self.shared
+            .dir
+            .join("consumers")
+            .join(format!("{name}.offset"))
     }
 
     fn read_committed(&self, name: &str) -> Result<Position, BusError> {
         let path = self.consumer_offset_path(name);
         match std::fs::read_to_string(&path) {
             Ok(text) => text.trim().parse().map_err(|_| {
-                BusError::Unavailable(format!("consumer offset file {} is corrupt", path.display()))
+                BusError::Unavailable(format!(
+                    "consumer offset file {} is corrupt",
+                    path.display()
+                ))
             }),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(0),
             Err(e) => Err(io_err("cannot read", &path, e)),
@@ -336,9 +351,14 @@ impl Writer {
         }
     }
 
-    fn write_group(&mut self, buf: &mut Vec<u8>, group: &[AppendRequest]) -> Result<Position, String> {
+    fn write_group(
+        &mut self,
+        buf: &mut Vec<u8>,
+        group: &[AppendRequest],
+    ) -> Result<Position, String> {
         if self.file_len >= self.segment_bytes {
-            self.roll().map_err(|e| format!("cannot start a new segment: {e}"))?;
+            self.roll()
+                .map_err(|e| format!("cannot start a new segment: {e}"))?;
         }
         buf.clear();
         let first = self.next;
@@ -357,7 +377,10 @@ impl Writer {
 
     fn roll(&mut self) -> std::io::Result<()> {
         let path = segment_path(&self.shared.dir, self.next);
-        let file = OpenOptions::new().create_new(true).append(true).open(&path)?;
+        let file = OpenOptions::new()
+            .create_new(true)
+            .append(true)
+            .open(&path)?;
         sync_dir(&self.shared.dir)?;
         self.file.sync_all()?;
         self.file = file;
@@ -406,7 +429,11 @@ impl LogReader {
                 Ok(None) | Err(_) => {
                     return Err(BusError::Corrupt {
                         position: at,
-                        detail: format!("cannot skip to offset {} in {}", self.next, seg.path.display()),
+                        detail: format!(
+                            "cannot skip to offset {} in {}",
+                            self.next,
+                            seg.path.display()
+                        ),
                     });
                 }
             }
@@ -428,7 +455,10 @@ impl LogReader {
                     if offset != self.next {
                         return Err(BusError::Corrupt {
                             position: self.next,
-                            detail: format!("found offset {offset} where {} was expected", self.next),
+                            detail: format!(
+                                "found offset {offset} where {} was expected",
+                                self.next
+                            ),
                         });
                     }
                     self.next += 1;
@@ -447,7 +477,12 @@ impl LogReader {
                         }
                     }
                 }
-                Err(detail) => return Err(BusError::Corrupt { position: self.next, detail }),
+                Err(detail) => {
+                    return Err(BusError::Corrupt {
+                        position: self.next,
+                        detail,
+                    });
+                }
             }
         }
         Ok(out)
@@ -478,12 +513,22 @@ impl Bus for LocalBus {
     }
 
     async fn consumer(&self, name: &str) -> Result<Box<dyn Consumer>, BusError> {
-        if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') {
+        if name.is_empty()
+            || !name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        {
             return Err(BusError::Rejected(format!(
                 "consumer name {name:?}: use letters, digits, '-' and '_'"
             )));
         }
-        if !self.shared.open_consumers.lock().expect("lock").insert(name.to_string()) {
+        if !self
+            .shared
+            .open_consumers
+            .lock()
+            .expect("lock")
+            .insert(name.to_string())
+        {
             return Err(BusError::ConsumerBusy(name.into()));
         }
         let committed = self.read_committed(name)?;
@@ -519,7 +564,8 @@ impl Bus for LocalBus {
         BusHealth {
             kind: "local",
             ready: poisoned.is_none() && self.sender.lock().expect("lock").is_some(),
-            detail: poisoned.unwrap_or_else(|| format!("{} messages in {}", head, self.shared.dir.display())),
+            detail: poisoned
+                .unwrap_or_else(|| format!("{} messages in {}", head, self.shared.dir.display())),
             consumer_lag,
         }
     }
@@ -530,9 +576,15 @@ impl Bus for LocalBus {
         let segments = self.shared.segments.read().expect("lock").clone();
         let start = segments
             .iter()
-            .find(|s| std::fs::metadata(&s.path).and_then(|m| m.modified()).is_ok_and(|t| t >= since))
+            .find(|s| {
+                std::fs::metadata(&s.path)
+                    .and_then(|m| m.modified())
+                    .is_ok_and(|t| t >= since)
+            })
             .map(|s| s.base);
-        let Some(start) = start else { return Ok(Vec::new()) };
+        let Some(start) = start else {
+            return Ok(Vec::new());
+        };
         let shared = self.shared.clone();
         let limit = self.durable_head();
         tokio::task::spawn_blocking(move || {
@@ -621,7 +673,11 @@ impl Consumer for LocalConsumer {
                     ack: AckHandle::Local(position),
                 });
             }
-            let read_from = self.reader.as_ref().map(|r| r.next).ok_or(BusError::Closed)?;
+            let read_from = self
+                .reader
+                .as_ref()
+                .map(|r| r.next)
+                .ok_or(BusError::Closed)?;
             let head = *self.durable.borrow_and_update();
             if head <= read_from {
                 self.durable.changed().await.map_err(|_| BusError::Closed)?;
@@ -641,7 +697,9 @@ impl Consumer for LocalConsumer {
 
     async fn ack(&mut self, delivery: Delivery) -> Result<(), BusError> {
         let AckHandle::Local(position) = delivery.ack else {
-            return Err(BusError::Rejected("delivery is not from the local bus".into()));
+            return Err(BusError::Rejected(
+                "delivery is not from the local bus".into(),
+            ));
         };
         if position >= self.committed {
             self.acked.insert(position);
@@ -669,7 +727,11 @@ impl Drop for LocalConsumer {
         if let Err(e) = self.save() {
             tracing::warn!(consumer = %self.name, error = %e, "could not save consumer offset on close");
         }
-        self.shared.open_consumers.lock().expect("lock").remove(&self.name);
+        self.shared
+            .open_consumers
+            .lock()
+            .expect("lock")
+            .remove(&self.name);
     }
 }
 
@@ -698,7 +760,12 @@ mod tests {
     async fn drain(consumer: &mut Box<dyn Consumer>, n: usize) -> Vec<Delivery> {
         let mut out = Vec::new();
         while out.len() < n {
-            out.push(tokio::time::timeout(Duration::from_secs(5), consumer.next()).await.unwrap().unwrap());
+            out.push(
+                tokio::time::timeout(Duration::from_secs(5), consumer.next())
+                    .await
+                    .unwrap()
+                    .unwrap(),
+            );
         }
         out
     }
@@ -706,30 +773,64 @@ mod tests {
     #[tokio::test]
     async fn appends_are_read_back_in_order_across_segments() {
         let dir = tempfile::tempdir().unwrap();
-        let bus = LocalBus::open(dir.path(), LocalBusOptions { segment_bytes: 4096 }).unwrap();
+        let bus = LocalBus::open(
+            dir.path(),
+            LocalBusOptions {
+                segment_bytes: 4096,
+            },
+        )
+        .unwrap();
         let mut handles = Vec::new();
         let bus = Arc::new(bus);
         // Half one at a time (each its own group commit, rolling segments), half at once.
         for i in 0..100 {
-            assert_eq!(bus.append(&batch(3, &i.to_string()), "").await.unwrap().position, i);
+            assert_eq!(
+                bus.append(&batch(3, &i.to_string()), "")
+                    .await
+                    .unwrap()
+                    .position,
+                i
+            );
         }
         for i in 100..200 {
             let bus = bus.clone();
-            handles.push(tokio::spawn(async move { bus.append(&batch(3, &i.to_string()), "").await.unwrap().position }));
+            handles.push(tokio::spawn(async move {
+                bus.append(&batch(3, &i.to_string()), "")
+                    .await
+                    .unwrap()
+                    .position
+            }));
         }
-        let mut positions: Vec<u64> = futures::future::join_all(handles).await.into_iter().map(|r| r.unwrap()).collect();
+        let mut positions: Vec<u64> = futures::future::join_all(handles)
+            .await
+            .into_iter()
+            .map(|r| r.unwrap())
+            .collect();
         positions.sort();
         assert_eq!(positions, (100..200).collect::<Vec<_>>());
-        assert!(list_segments(dir.path()).unwrap().len() >= 3, "segments rolled");
+        assert!(
+            list_segments(dir.path()).unwrap().len() >= 3,
+            "segments rolled"
+        );
 
         let mut consumer = bus.consumer("archiver").await.unwrap();
         let got = drain(&mut consumer, 200).await;
-        assert_eq!(got.iter().map(|d| d.position).collect::<Vec<_>>(), (0..200).collect::<Vec<_>>());
-        assert!(matches!(bus.consumer("archiver").await, Err(BusError::ConsumerBusy(_))));
+        assert_eq!(
+            got.iter().map(|d| d.position).collect::<Vec<_>>(),
+            (0..200).collect::<Vec<_>>()
+        );
+        assert!(matches!(
+            bus.consumer("archiver").await,
+            Err(BusError::ConsumerBusy(_))
+        ));
         // Ack the first 150 out of order; the committed offset is the contiguous prefix.
         let mut rest = Vec::new();
         for d in got.into_iter().rev() {
-            if d.position < 150 { consumer.ack(d).await.unwrap() } else { rest.push(d) }
+            if d.position < 150 {
+                consumer.ack(d).await.unwrap()
+            } else {
+                rest.push(d)
+            }
         }
         assert_eq!(consumer.lag().await.unwrap(), 50);
         drop(consumer);
@@ -737,7 +838,13 @@ mod tests {
         drop(bus);
 
         // Reopen: the consumer resumes at 150 (the unacked are delivered again).
-        let bus = LocalBus::open(dir.path(), LocalBusOptions { segment_bytes: 4096 }).unwrap();
+        let bus = LocalBus::open(
+            dir.path(),
+            LocalBusOptions {
+                segment_bytes: 4096,
+            },
+        )
+        .unwrap();
         assert_eq!(bus.durable_head(), 200);
         let mut consumer = bus.consumer("archiver").await.unwrap();
         let again = drain(&mut consumer, 50).await;
@@ -786,7 +893,9 @@ mod tests {
     async fn a_second_process_cannot_open_the_same_log() {
         let dir = tempfile::tempdir().unwrap();
         let _bus = LocalBus::open(dir.path(), LocalBusOptions::default()).unwrap();
-        let err = LocalBus::open(dir.path(), LocalBusOptions::default()).err().unwrap();
+        let err = LocalBus::open(dir.path(), LocalBusOptions::default())
+            .err()
+            .unwrap();
         assert!(err.to_string().contains("in use"), "{err}");
     }
 }

@@ -21,7 +21,10 @@ use futures::StreamExt;
 use prost::Message as _;
 use tokio::sync::watch;
 
-use super::{AckHandle, Appended, Bus, BusBatch, BusError, BusHealth, Consumer, Delivery, SeenClientId, decode_batch};
+use super::{
+    AckHandle, Appended, Bus, BusBatch, BusError, BusHealth, Consumer, Delivery, SeenClientId,
+    decode_batch,
+};
 
 pub const STREAM: &str = "REWIND_EVENTS";
 pub const SUBJECT_PREFIX: &str = "rewind.events";
@@ -112,25 +115,42 @@ impl NatsBus {
     /// Waits up to `timeout` for the first connection.
     pub async fn wait_ready(&self, timeout: Duration) -> bool {
         let mut rx = self.state.clone();
-        tokio::time::timeout(timeout, rx.wait_for(|s| s.is_some())).await.is_ok()
+        tokio::time::timeout(timeout, rx.wait_for(|s| s.is_some()))
+            .await
+            .is_ok()
     }
 
     fn connected(&self) -> Result<Connected, BusError> {
         self.state.borrow().clone().ok_or_else(|| {
-            BusError::Unavailable(format!("not connected to NATS: {}", self.last_error.lock().expect("lock")))
+            BusError::Unavailable(format!(
+                "not connected to NATS: {}",
+                self.last_error.lock().expect("lock")
+            ))
         })
     }
 
-    async fn publish(&self, c: &Connected, subject: &str, body: Vec<u8>, id: &str) -> Result<Appended, BusError> {
-        let publish = jetstream::message::PublishMessage::build().payload(body.into()).message_id(id);
-        let ack = c
-            .js
-            .send_publish(subject.to_string(), publish)
-            .await
-            .map_err(|e| BusError::Unavailable(format!("NATS publish failed: {e}")))?
-            .await
-            .map_err(|e| BusError::Unavailable(format!("NATS did not acknowledge the publish: {e}")))?;
-        Ok(Appended { position: ack.sequence, duplicate: ack.duplicate })
+    async fn publish(
+        &self,
+        c: &Connected,
+        subject: &str,
+        body: Vec<u8>,
+        id: &str,
+    ) -> Result<Appended, BusError> {
+        let publish = jetstream::message::PublishMessage::build()
+            .payload(body.into())
+            .message_id(id);
+        let ack =
+            c.js.send_publish(subject.to_string(), publish)
+                .await
+                .map_err(|e| BusError::Unavailable(format!("NATS publish failed: {e}")))?
+                .await
+                .map_err(|e| {
+                    BusError::Unavailable(format!("NATS did not acknowledge the publish: {e}"))
+                })?;
+        Ok(Appended {
+            position: ack.sequence,
+            duplicate: ack.duplicate,
+        })
     }
 }
 
@@ -141,7 +161,11 @@ fn split_batch(batch: &BusBatch, max_payload: usize) -> Result<Vec<Vec<u8>>, Bus
         return Ok(vec![whole]);
     }
     let mut pieces = Vec::new();
-    let mut current = BusBatch { team_id: batch.team_id.clone(), collection_id: batch.collection_id.clone(), events: Vec::new() };
+    let mut current = BusBatch {
+        team_id: batch.team_id.clone(),
+        collection_id: batch.collection_id.clone(),
+        events: Vec::new(),
+    };
     let base = current.encoded_len();
     let mut size = base;
     for event in &batch.events {
@@ -186,12 +210,13 @@ impl Bus for NatsBus {
             return self.publish(&c, &subject, body, message_id).await;
         }
         // Pieces are published concurrently; each has its own id so each is deduplicated.
-        let acks = futures::future::try_join_all(pieces.into_iter().enumerate().map(|(i, body)| {
-            let id = format!("{message_id}.{i}");
-            let (c, subject) = (c.clone(), subject.clone());
-            async move { self.publish(&c, &subject, body, &id).await }
-        }))
-        .await?;
+        let acks =
+            futures::future::try_join_all(pieces.into_iter().enumerate().map(|(i, body)| {
+                let id = format!("{message_id}.{i}");
+                let (c, subject) = (c.clone(), subject.clone());
+                async move { self.publish(&c, &subject, body, &id).await }
+            }))
+            .await?;
         Ok(Appended {
             position: acks.iter().map(|a| a.position).max().unwrap_or(0),
             duplicate: acks.iter().all(|a| a.duplicate),
@@ -221,11 +246,12 @@ impl Bus for NatsBus {
                 },
             )
             .await
-            .map_err(|e| BusError::Unavailable(format!("cannot open NATS consumer {durable}: {e}")))?;
-        let messages = consumer
-            .messages()
-            .await
-            .map_err(|e| BusError::Unavailable(format!("cannot read NATS consumer {durable}: {e}")))?;
+            .map_err(|e| {
+                BusError::Unavailable(format!("cannot open NATS consumer {durable}: {e}"))
+            })?;
+        let messages = consumer.messages().await.map_err(|e| {
+            BusError::Unavailable(format!("cannot read NATS consumer {durable}: {e}"))
+        })?;
         self.consumers.lock().expect("lock").push(durable);
         Ok(Box::new(NatsConsumer { consumer, messages }))
     }
@@ -235,8 +261,13 @@ impl Bus for NatsBus {
         let (ready, detail) = match &state {
             None => (false, self.last_error.lock().expect("lock").clone()),
             Some(c) => match c.client.connection_state() {
-                async_nats::connection::State::Connected => (true, format!("connected to {}", self.url)),
-                other => (false, format!("NATS connection is {other:?}; the client is reconnecting")),
+                async_nats::connection::State::Connected => {
+                    (true, format!("connected to {}", self.url))
+                }
+                other => (
+                    false,
+                    format!("NATS connection is {other:?}; the client is reconnecting"),
+                ),
             },
         };
         let mut consumer_lag = Vec::new();
@@ -250,7 +281,12 @@ impl Bus for NatsBus {
                 }
             }
         }
-        BusHealth { kind: "nats", ready, detail, consumer_lag }
+        BusHealth {
+            kind: "nats",
+            ready,
+            detail,
+            consumer_lag,
+        }
     }
 
     async fn recent_client_ids(&self, _since_micros: i64) -> Result<Vec<SeenClientId>, BusError> {
@@ -258,7 +294,8 @@ impl Bus for NatsBus {
     }
 
     async fn close(&self) {
-        self.closed.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.closed
+            .store(true, std::sync::atomic::Ordering::Relaxed);
         let state = self.state.borrow().clone();
         if let Some(c) = state {
             let _ = c.client.flush().await;
@@ -289,7 +326,11 @@ impl Consumer for NatsConsumer {
                 .map_err(|e| BusError::Unavailable(format!("bad JetStream message metadata: {e}")))?
                 .stream_sequence;
             let batch = decode_batch(position, &message.payload)?;
-            return Ok(Delivery { position, batch, ack: AckHandle::Nats(Box::new(message)) });
+            return Ok(Delivery {
+                position,
+                batch,
+                ack: AckHandle::Nats(Box::new(message)),
+            });
         }
     }
 
@@ -309,11 +350,10 @@ impl Consumer for NatsConsumer {
     }
 
     async fn lag(&mut self) -> Result<u64, BusError> {
-        let info = self
-            .consumer
-            .info()
-            .await
-            .map_err(|e| BusError::Unavailable(format!("cannot read NATS consumer info: {e}")))?;
+        let info =
+            self.consumer.info().await.map_err(|e| {
+                BusError::Unavailable(format!("cannot read NATS consumer info: {e}"))
+            })?;
         Ok(info.num_pending + info.num_ack_pending as u64)
     }
 }
@@ -325,14 +365,31 @@ mod tests {
 
     #[test]
     fn big_batches_split_under_max_payload_and_huge_events_are_refused() {
-        let event = |i: usize, n: usize| Event { id: format!("e{i}"), payload: vec![b'x'; n].into(), ..Default::default() };
-        let batch = BusBatch { team_id: "t".into(), collection_id: "c".into(), events: (0..100).map(|i| event(i, 1000)).collect() };
+        let event = |i: usize, n: usize| Event {
+            id: format!("e{i}"),
+            payload: vec![b'x'; n].into(),
+            ..Default::default()
+        };
+        let batch = BusBatch {
+            team_id: "t".into(),
+            collection_id: "c".into(),
+            events: (0..100).map(|i| event(i, 1000)).collect(),
+        };
         let pieces = split_batch(&batch, 10_000).unwrap();
         assert!(pieces.len() >= 10);
         assert!(pieces.iter().all(|p| p.len() <= 10_000));
-        let total: usize = pieces.iter().map(|p| decode_batch(0, p).unwrap().events.len()).sum();
+        let total: usize = pieces
+            .iter()
+            .map(|p| decode_batch(0, p).unwrap().events.len())
+            .sum();
         assert_eq!(total, 100);
-        let huge = BusBatch { events: vec![event(0, 20_000)], ..batch };
-        assert!(matches!(split_batch(&huge, 10_000), Err(BusError::Rejected(_))));
+        let huge = BusBatch {
+            events: vec![event(0, 20_000)],
+            ..batch
+        };
+        assert!(matches!(
+            split_batch(&huge, 10_000),
+            Err(BusError::Rejected(_))
+        ));
     }
 }

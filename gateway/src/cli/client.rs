@@ -21,18 +21,31 @@ impl Client {
             anyhow!("no token: set REWIND_TOKEN (or pass --token) to a team token")
         })?;
         Ok(Self {
-            http: reqwest::Client::builder().timeout(Duration::from_secs(120)).build()?,
+            http: reqwest::Client::builder()
+                .timeout(Duration::from_secs(120))
+                .build()?,
             url: remote.url.trim_end_matches('/').to_string(),
             token,
         })
     }
 
-    async fn call(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> anyhow::Result<Value> {
-        let mut req = self.http.request(method, format!("{}{path}", self.url)).bearer_auth(&self.token);
+    async fn call(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> anyhow::Result<Value> {
+        let mut req = self
+            .http
+            .request(method, format!("{}{path}", self.url))
+            .bearer_auth(&self.token);
         if let Some(body) = body {
             req = req.json(&body);
         }
-        let resp = req.send().await.with_context(|| format!("cannot reach the gateway at {}", self.url))?;
+        let resp = req
+            .send()
+            .await
+            .with_context(|| format!("cannot reach the gateway at {}", self.url))?;
         let status = resp.status();
         let text = resp.text().await?;
         if !status.is_success() {
@@ -42,22 +55,35 @@ impl Client {
                 .unwrap_or(text);
             bail!("{status}: {message}");
         }
-        Ok(if text.is_empty() { Value::Null } else { serde_json::from_str(&text)? })
+        Ok(if text.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_str(&text)?
+        })
     }
 }
 
 fn print(value: &Value) {
-    println!("{}", serde_json::to_string_pretty(value).unwrap_or_default());
+    println!(
+        "{}",
+        serde_json::to_string_pretty(value).unwrap_or_default()
+    );
 }
 
 fn root_token(remote: &Remote) -> Option<String> {
     remote
         .token
         .clone()
-        .or_else(|| std::env::var("REWIND_ROOT_TOKEN").ok().filter(|t| !t.is_empty()))
+        .or_else(|| {
+            std::env::var("REWIND_ROOT_TOKEN")
+                .ok()
+                .filter(|t| !t.is_empty())
+        })
         .or_else(|| {
             let dir = std::env::var("REWIND_DATA_DIR").unwrap_or_else(|_| "./rewind-data".into());
-            std::fs::read_to_string(std::path::Path::new(&dir).join("root-token")).ok().map(|t| t.trim().to_string())
+            std::fs::read_to_string(std::path::Path::new(&dir).join("root-token"))
+                .ok()
+                .map(|t| t.trim().to_string())
         })
 }
 
@@ -65,7 +91,13 @@ pub async fn team(remote: Remote, command: TeamCommand) -> anyhow::Result<()> {
     let client = Client::new(&remote, root_token(&remote))?;
     match command {
         TeamCommand::Create { name } => {
-            let team = client.call(reqwest::Method::POST, "/v1/teams", Some(json!({"name": name}))).await?;
+            let team = client
+                .call(
+                    reqwest::Method::POST,
+                    "/v1/teams",
+                    Some(json!({"name": name})),
+                )
+                .await?;
             print(&team);
             eprintln!("Keep admin_token safe: it is shown only once.");
         }
@@ -77,12 +109,26 @@ pub async fn token(remote: Remote, command: TokenCommand) -> anyhow::Result<()> 
     let client = Client::new(&remote, None)?;
     match command {
         TokenCommand::Create { name, scopes } => {
-            print(&client.call(reqwest::Method::POST, "/v1/tokens", Some(json!({"name": name, "scopes": scopes}))).await?);
+            print(
+                &client
+                    .call(
+                        reqwest::Method::POST,
+                        "/v1/tokens",
+                        Some(json!({"name": name, "scopes": scopes})),
+                    )
+                    .await?,
+            );
             eprintln!("Keep the token safe: it is shown only once.");
         }
-        TokenCommand::List => print(&client.call(reqwest::Method::GET, "/v1/tokens", None).await?),
+        TokenCommand::List => print(
+            &client
+                .call(reqwest::Method::GET, "/v1/tokens", None)
+                .await?,
+        ),
         TokenCommand::Revoke { id } => {
-            client.call(reqwest::Method::DELETE, &format!("/v1/tokens/{id}"), None).await?;
+            client
+                .call(reqwest::Method::DELETE, &format!("/v1/tokens/{id}"), None)
+                .await?;
             eprintln!("revoked {id}");
         }
     }
@@ -92,16 +138,37 @@ pub async fn token(remote: Remote, command: TokenCommand) -> anyhow::Result<()> 
 pub async fn collection(remote: Remote, command: CollectionCommand) -> anyhow::Result<()> {
     let client = Client::new(&remote, None)?;
     let value = match command {
-        CollectionCommand::Create { name } => client.call(reqwest::Method::POST, "/v1/collections", Some(json!({"name": name}))).await?,
-        CollectionCommand::List => client.call(reqwest::Method::GET, "/v1/collections", None).await?,
-        CollectionCommand::Get { id } => client.call(reqwest::Method::GET, &format!("/v1/collections/{id}"), None).await?,
+        CollectionCommand::Create { name } => {
+            client
+                .call(
+                    reqwest::Method::POST,
+                    "/v1/collections",
+                    Some(json!({"name": name})),
+                )
+                .await?
+        }
+        CollectionCommand::List => {
+            client
+                .call(reqwest::Method::GET, "/v1/collections", None)
+                .await?
+        }
+        CollectionCommand::Get { id } => {
+            client
+                .call(reqwest::Method::GET, &format!("/v1/collections/{id}"), None)
+                .await?
+        }
     };
     print(&value);
     Ok(())
 }
 
 /// Posts one NDJSON batch, retrying 429/503 (honouring Retry-After) and connection errors.
-async fn post_batch(client: &Client, path: &str, body: String, retries: u32) -> anyhow::Result<Vec<String>> {
+async fn post_batch(
+    client: &Client,
+    path: &str,
+    body: String,
+    retries: u32,
+) -> anyhow::Result<Vec<String>> {
     let mut attempt = 0;
     loop {
         let result = client
@@ -115,10 +182,21 @@ async fn post_batch(client: &Client, path: &str, body: String, retries: u32) -> 
         let wait = match result {
             Ok(resp) if resp.status().is_success() => {
                 let v: Value = resp.json().await?;
-                return Ok(v["ids"].as_array().map(|a| a.iter().filter_map(|v| v.as_str().map(str::to_string)).collect()).unwrap_or_default());
+                return Ok(v["ids"]
+                    .as_array()
+                    .map(|a| {
+                        a.iter()
+                            .filter_map(|v| v.as_str().map(str::to_string))
+                            .collect()
+                    })
+                    .unwrap_or_default());
             }
             Ok(resp) if matches!(resp.status().as_u16(), 429 | 503) => {
-                let secs = resp.headers().get("retry-after").and_then(|v| v.to_str().ok()?.parse::<u64>().ok()).unwrap_or(1);
+                let secs = resp
+                    .headers()
+                    .get("retry-after")
+                    .and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
+                    .unwrap_or(1);
                 let status = resp.status();
                 let text = resp.text().await.unwrap_or_default();
                 eprintln!("rewind send: {status}, retrying in {secs}s: {text}");
@@ -127,7 +205,10 @@ async fn post_batch(client: &Client, path: &str, body: String, retries: u32) -> 
             Ok(resp) => {
                 let status = resp.status();
                 let text = resp.text().await.unwrap_or_default();
-                let message = serde_json::from_str::<Value>(&text).ok().and_then(|v| v["error"]["message"].as_str().map(str::to_string)).unwrap_or(text);
+                let message = serde_json::from_str::<Value>(&text)
+                    .ok()
+                    .and_then(|v| v["error"]["message"].as_str().map(str::to_string))
+                    .unwrap_or(text);
                 bail!("{status}: {message}");
             }
             Err(e) => {
@@ -151,7 +232,9 @@ pub async fn send(args: SendArgs) -> anyhow::Result<()> {
         readers.push(Box::new(std::io::BufReader::new(std::io::stdin())));
     }
     for f in args.files.iter().filter(|f| f.as_os_str() != "-") {
-        readers.push(Box::new(std::io::BufReader::new(std::fs::File::open(f).with_context(|| format!("cannot open {}", f.display()))?)));
+        readers.push(Box::new(std::io::BufReader::new(
+            std::fs::File::open(f).with_context(|| format!("cannot open {}", f.display()))?,
+        )));
     }
     let batch_size = args.batch.max(1);
     let mut sent = 0usize;

@@ -10,7 +10,11 @@ use clap::{Args, Parser, Subcommand};
 use crate::config::ServeArgs;
 
 #[derive(Debug, Parser)]
-#[command(name = "rewind", version, about = "Rewind: a multi-tenant event gateway — ingest, archive, search and replay events")]
+#[command(
+    name = "rewind",
+    version,
+    about = "Rewind: a multi-tenant event gateway — ingest, archive, search and replay events"
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
@@ -20,7 +24,12 @@ pub struct Cli {
 #[derive(Debug, Clone, Args)]
 pub struct Remote {
     /// Gateway URL.
-    #[arg(long, env = "REWIND_URL", default_value = "http://127.0.0.1:8080", global = true)]
+    #[arg(
+        long,
+        env = "REWIND_URL",
+        default_value = "http://127.0.0.1:8080",
+        global = true
+    )]
     pub url: String,
     /// A team token (`rw_…`), or the root token for `team create`.
     #[arg(long, env = "REWIND_TOKEN", global = true, hide_env_values = true)]
@@ -85,10 +94,14 @@ pub enum TokenCommand {
 
 #[derive(Debug, Subcommand)]
 pub enum CollectionCommand {
-    Create { name: String },
+    Create {
+        name: String,
+    },
     List,
     /// Show one collection (by id or name).
-    Get { id: String },
+    Get {
+        id: String,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -143,6 +156,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Token { remote, command } => client::token(remote, command).await,
         Command::Collection { remote, command } => client::collection(remote, command).await,
         Command::Send(args) => client::send(args).await,
-        Command::Bus { command: BusCommand::Read(args) } => client::bus_read(args).await,
+        Command::Bus {
+            command: BusCommand::Read(args),
+        } => client::bus_read(args).await,
     }
 }

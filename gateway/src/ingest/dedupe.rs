@@ -14,8 +14,14 @@ use std::time::Duration;
 use tokio::sync::watch;
 
 enum Slot {
-    Pending { id: String, done: watch::Receiver<Option<bool>> },
-    Stored { id: String, at: i64 },
+    Pending {
+        id: String,
+        done: watch::Receiver<Option<bool>>,
+    },
+    Stored {
+        id: String,
+        at: i64,
+    },
 }
 
 struct Inner {
@@ -54,7 +60,10 @@ pub fn key(team_id: &str, collection_id: &str, client_id: &str) -> String {
 impl DedupeIndex {
     pub fn new(window: Duration, max_keys: usize) -> Self {
         Self {
-            inner: Mutex::new(Inner { map: HashMap::new(), order: VecDeque::new() }),
+            inner: Mutex::new(Inner {
+                map: HashMap::new(),
+                order: VecDeque::new(),
+            }),
             window_micros: window.as_micros().min(i64::MAX as u128) as i64,
             max_keys,
         }
@@ -80,13 +89,26 @@ impl DedupeIndex {
                 Some(Slot::Stored { id, .. }) => Lookup::Stored(id.clone()),
                 Some(Slot::Pending { done, .. }) => Lookup::InFlight(done.clone()),
                 None => {
-                    inner.map.insert(key.clone(), Slot::Pending { id: id.clone(), done: rx.clone() });
+                    inner.map.insert(
+                        key.clone(),
+                        Slot::Pending {
+                            id: id.clone(),
+                            done: rx.clone(),
+                        },
+                    );
                     reserved.push(key.clone());
                     Lookup::Reserved
                 }
             })
             .collect();
-        (results, Reservation { index: self, keys: reserved, done: Some(tx) })
+        (
+            results,
+            Reservation {
+                index: self,
+                keys: reserved,
+                done: Some(tx),
+            },
+        )
     }
 
     /// Records keys already on the bus (rebuilding after a restart).
@@ -105,7 +127,8 @@ impl DedupeIndex {
             }
             let (at, key) = inner.order.pop_front().expect("front");
             // Only drop the slot this order entry stands for (a key can be stored again later).
-            if matches!(inner.map.get(&key), Some(Slot::Stored { at: stored_at, .. }) if *stored_at == at) {
+            if matches!(inner.map.get(&key), Some(Slot::Stored { at: stored_at, .. }) if *stored_at == at)
+            {
                 inner.map.remove(&key);
             }
         }
@@ -169,7 +192,9 @@ mod tests {
         let index = DedupeIndex::new(Duration::from_secs(60), 100);
         let (_, first) = one(&index, "k", "id1");
         let (l, _) = one(&index, "k", "id2");
-        let Lookup::InFlight(mut rx) = l else { panic!("expected in flight") };
+        let Lookup::InFlight(mut rx) = l else {
+            panic!("expected in flight")
+        };
         drop(first); // the first attempt failed (or its task was dropped)
         assert_eq!(*rx.wait_for(|v| v.is_some()).await.unwrap(), Some(false));
         let (l, _) = one(&index, "k", "id3");

@@ -33,7 +33,9 @@ pub struct IncomingEvent {
 pub enum IngestError {
     #[error("rate limit exceeded: retry in {:.1}s", .0.as_secs_f64())]
     RateLimited(Duration),
-    #[error("a request of {events} events can never pass the rate limit (burst {burst}): send smaller batches")]
+    #[error(
+        "a request of {events} events can never pass the rate limit (burst {burst}): send smaller batches"
+    )]
     LargerThanBurst { events: usize, burst: u32 },
     #[error("{0}")]
     Invalid(String),
@@ -62,7 +64,14 @@ impl Ingestor {
         metrics: Arc<Metrics>,
         id_field: Option<String>,
     ) -> Self {
-        Self { bus, limits, limiter, dedupe, metrics, id_field }
+        Self {
+            bus,
+            limits,
+            limiter,
+            dedupe,
+            metrics,
+            id_field,
+        }
     }
 
     pub fn limits(&self) -> &Limits {
@@ -79,7 +88,11 @@ impl Ingestor {
         let seen = self.bus.recent_client_ids(since).await?;
         let n = seen.len();
         for s in seen {
-            self.dedupe.insert_stored(dedupe::key(&s.team_id, &s.collection_id, &s.client_id), s.event_id, s.received_at_micros);
+            self.dedupe.insert_stored(
+                dedupe::key(&s.team_id, &s.collection_id, &s.client_id),
+                s.event_id,
+                s.received_at_micros,
+            );
         }
         Ok(n)
     }
@@ -107,7 +120,9 @@ impl Ingestor {
     /// Checks limits that the transport may not have checked (gRPC gets here unparsed).
     fn check_limits(&self, events: &[IncomingEvent]) -> Result<(), IngestError> {
         if events.is_empty() {
-            return Err(IngestError::Invalid("the batch is empty: send at least one event".into()));
+            return Err(IngestError::Invalid(
+                "the batch is empty: send at least one event".into(),
+            ));
         }
         if events.len() > self.limits.max_batch_events {
             return Err(IngestError::TooLarge(format!(
@@ -145,7 +160,12 @@ impl Ingestor {
                 self.metrics.rate_limited.inc();
                 return Err(IngestError::RateLimited(wait));
             }
-            Err(Limited::TooLarge { burst }) => return Err(IngestError::LargerThanBurst { events: events.len(), burst }),
+            Err(Limited::TooLarge { burst }) => {
+                return Err(IngestError::LargerThanBurst {
+                    events: events.len(),
+                    burst,
+                });
+            }
         }
 
         let received_at = now_micros();
@@ -153,7 +173,12 @@ impl Ingestor {
         let client_ids: Vec<Option<String>> = events.iter().map(|e| self.client_id_of(e)).collect();
         let mut ids: Vec<String> = Vec::with_capacity(events.len());
         for _ in 0..events.len() {
-            ids.push(idgen.generate().unwrap_or_else(|_| ulid::Ulid::new()).to_string());
+            ids.push(
+                idgen
+                    .generate()
+                    .unwrap_or_else(|_| ulid::Ulid::new())
+                    .to_string(),
+            );
         }
 
         loop {
@@ -161,7 +186,10 @@ impl Ingestor {
             let keyed: Vec<(usize, String)> = client_ids
                 .iter()
                 .enumerate()
-                .filter_map(|(i, c)| c.as_ref().map(|c| (i, dedupe::key(team_id, collection_id, c))))
+                .filter_map(|(i, c)| {
+                    c.as_ref()
+                        .map(|c| (i, dedupe::key(team_id, collection_id, c)))
+                })
                 .collect();
             let mut store = vec![true; events.len()];
             let mut first_of_key: HashMap<&str, usize> = HashMap::new();
@@ -179,7 +207,10 @@ impl Ingestor {
                     }
                 }
             }
-            let query: Vec<(String, String)> = lookups_for.iter().map(|(i, k)| (k.clone(), ids[*i].clone())).collect();
+            let query: Vec<(String, String)> = lookups_for
+                .iter()
+                .map(|(i, k)| (k.clone(), ids[*i].clone()))
+                .collect();
             let (results, reservation) = self.dedupe.lookup(&query);
             let mut wait = None;
             for ((i, _), lookup) in lookups_for.iter().zip(results) {
@@ -226,19 +257,30 @@ impl Ingestor {
             let bytes: usize = new_events.iter().map(|e| e.payload.len()).sum();
             let count = new_events.len();
             let message_id = new_events[0].id.clone();
-            let batch = BusBatch { team_id: team_id.to_string(), collection_id: collection_id.to_string(), events: new_events };
+            let batch = BusBatch {
+                team_id: team_id.to_string(),
+                collection_id: collection_id.to_string(),
+                events: new_events,
+            };
             // The append runs to completion even if the client goes away, so the dedupe
             // index always learns the outcome.
             let bus = self.bus.clone();
             let started = std::time::Instant::now();
             let outcome = tokio::spawn(async move { bus.append(&batch, &message_id).await })
                 .await
-                .map_err(|e| IngestError::Bus(BusError::Unavailable(format!("append task failed: {e}"))))
+                .map_err(|e| {
+                    IngestError::Bus(BusError::Unavailable(format!("append task failed: {e}")))
+                })
                 .and_then(|r| r.map_err(IngestError::Bus));
-            self.metrics.append_seconds.observe(started.elapsed().as_secs_f64());
+            self.metrics
+                .append_seconds
+                .observe(started.elapsed().as_secs_f64());
             reservation.complete(outcome.is_ok(), received_at);
             outcome?;
-            self.metrics.events_accepted.get_or_create(&crate::metrics::TransportLabel { transport }).inc_by(count as u64);
+            self.metrics
+                .events_accepted
+                .get_or_create(&crate::metrics::TransportLabel { transport })
+                .inc_by(count as u64);
             self.metrics.ingest_bytes.inc_by(bytes as u64);
             return Ok(ids);
         }

@@ -22,17 +22,17 @@ impl BodyFormat {
         let essence = content_type?.split(';').next()?.trim().to_ascii_lowercase();
         match essence.as_str() {
             "application/json" => Some(BodyFormat::Json),
-            "application/x-ndjson" | "application/ndjson" | "application/jsonl" | "application/x-jsonlines" => {
-                Some(BodyFormat::Ndjson)
-            }
+            "application/x-ndjson"
+            | "application/ndjson"
+            | "application/jsonl"
+            | "application/x-jsonlines" => Some(BodyFormat::Ndjson),
             "application/octet-stream" => Some(BodyFormat::Raw),
             _ => None,
         }
     }
 }
 
-pub const ACCEPTED_CONTENT_TYPES: &str =
-    "application/json (an object or an array of events), application/x-ndjson (one event per line) or application/octet-stream (one raw event)";
+pub const ACCEPTED_CONTENT_TYPES: &str = "application/json (an object or an array of events), application/x-ndjson (one event per line) or application/octet-stream (one raw event)";
 
 /// One event as parsed from a request, before it gets an id.
 #[derive(Debug, Clone)]
@@ -48,11 +48,19 @@ pub enum ParseError {
     #[error("the request body is empty: send at least one event")]
     Empty,
     #[error("malformed JSON at line {line}, column {column}: {message}")]
-    Json { line: usize, column: usize, message: String },
+    Json {
+        line: usize,
+        column: usize,
+        message: String,
+    },
     #[error("the JSON body must be an object (one event) or an array of events, not {0}")]
     NotObjectOrArray(&'static str),
     #[error("{origin} is {size} bytes, over the {limit}-byte event limit")]
-    EventTooLarge { origin: String, size: usize, limit: usize },
+    EventTooLarge {
+        origin: String,
+        size: usize,
+        limit: usize,
+    },
     #[error("the request holds {count} events, over the {limit}-event batch limit: split it")]
     BatchTooLarge { count: usize, limit: usize },
 }
@@ -67,17 +75,30 @@ fn kind_of(raw: &str) -> &'static str {
 }
 
 /// Parses a body into events, checking the event and batch limits.
-pub fn parse_body(body: &Bytes, format: BodyFormat, limits: &Limits) -> Result<Vec<ParsedEvent>, ParseError> {
-    if body.iter().all(|b| b.is_ascii_whitespace()) && (format != BodyFormat::Raw || body.is_empty()) {
+pub fn parse_body(
+    body: &Bytes,
+    format: BodyFormat,
+    limits: &Limits,
+) -> Result<Vec<ParsedEvent>, ParseError> {
+    if body.iter().all(|b| b.is_ascii_whitespace())
+        && (format != BodyFormat::Raw || body.is_empty())
+    {
         return Err(ParseError::Empty);
     }
     let events = match format {
-        BodyFormat::Raw => vec![ParsedEvent { payload: body.clone(), is_json: false, origin: "the body".into() }],
+        BodyFormat::Raw => vec![ParsedEvent {
+            payload: body.clone(),
+            is_json: false,
+            origin: "the body".into(),
+        }],
         BodyFormat::Json => parse_json(body, limits)?,
         BodyFormat::Ndjson => parse_ndjson(body, limits)?,
     };
     if events.len() > limits.max_batch_events {
-        return Err(ParseError::BatchTooLarge { count: events.len(), limit: limits.max_batch_events });
+        return Err(ParseError::BatchTooLarge {
+            count: events.len(),
+            limit: limits.max_batch_events,
+        });
     }
     for event in &events {
         if event.payload.len() > limits.max_event_bytes {
@@ -92,7 +113,11 @@ pub fn parse_body(body: &Bytes, format: BodyFormat, limits: &Limits) -> Result<V
 }
 
 fn json_error(e: serde_json::Error, line_offset: usize) -> ParseError {
-    ParseError::Json { line: e.line() + line_offset, column: e.column(), message: strip_position(&e.to_string()) }
+    ParseError::Json {
+        line: e.line() + line_offset,
+        column: e.column(),
+        message: strip_position(&e.to_string()),
+    }
 }
 
 /// serde_json appends " at line L column C"; we report those as fields.
@@ -107,8 +132,17 @@ fn parse_json(body: &Bytes, limits: &Limits) -> Result<Vec<ParsedEvent>, ParseEr
     let text = std::str::from_utf8(body).map_err(|e| {
         let before = &body[..e.valid_up_to()];
         let line = before.iter().filter(|b| **b == b'\n').count() + 1;
-        let column = before.len() - before.iter().rposition(|b| *b == b'\n').map_or(0, |p| p + 1) + 1;
-        ParseError::Json { line, column, message: "invalid UTF-8".into() }
+        let column = before.len()
+            - before
+                .iter()
+                .rposition(|b| *b == b'\n')
+                .map_or(0, |p| p + 1)
+            + 1;
+        ParseError::Json {
+            line,
+            column,
+            message: "invalid UTF-8".into(),
+        }
     })?;
     let trimmed = text.trim_start();
     if trimmed.starts_with('[') {
@@ -117,19 +151,30 @@ fn parse_json(body: &Bytes, limits: &Limits) -> Result<Vec<ParsedEvent>, ParseEr
             return Err(ParseError::Empty);
         }
         if elements.len() > limits.max_batch_events {
-            return Err(ParseError::BatchTooLarge { count: elements.len(), limit: limits.max_batch_events });
+            return Err(ParseError::BatchTooLarge {
+                count: elements.len(),
+                limit: limits.max_batch_events,
+            });
         }
         Ok(elements
             .into_iter()
             .enumerate()
-            .map(|(i, raw)| ParsedEvent { payload: body.slice_ref(raw.get().as_bytes()), is_json: true, origin: format!("element {i}") })
+            .map(|(i, raw)| ParsedEvent {
+                payload: body.slice_ref(raw.get().as_bytes()),
+                is_json: true,
+                origin: format!("element {i}"),
+            })
             .collect())
     } else {
         let raw: &RawValue = serde_json::from_str(text).map_err(|e| json_error(e, 0))?;
         if !raw.get().starts_with('{') {
             return Err(ParseError::NotObjectOrArray(kind_of(raw.get())));
         }
-        Ok(vec![ParsedEvent { payload: body.slice_ref(raw.get().as_bytes()), is_json: true, origin: "the event".into() }])
+        Ok(vec![ParsedEvent {
+            payload: body.slice_ref(raw.get().as_bytes()),
+            is_json: true,
+            origin: "the event".into(),
+        }])
     }
 }
 
@@ -148,13 +193,26 @@ fn parse_ndjson(body: &Bytes, limits: &Limits) -> Result<Vec<ParsedEvent>, Parse
         }
         if events.len() == limits.max_batch_events {
             // Count the rest only to report the size of the refused batch.
-            let rest = body[start.min(body.len())..].split(|b| *b == b'\n').filter(|l| !l.iter().all(|b| b.is_ascii_whitespace())).count();
-            return Err(ParseError::BatchTooLarge { count: events.len() + 1 + rest, limit: limits.max_batch_events });
+            let rest = body[start.min(body.len())..]
+                .split(|b| *b == b'\n')
+                .filter(|l| !l.iter().all(|b| b.is_ascii_whitespace()))
+                .count();
+            return Err(ParseError::BatchTooLarge {
+                count: events.len() + 1 + rest,
+                limit: limits.max_batch_events,
+            });
         }
-        let text = std::str::from_utf8(line)
-            .map_err(|_| ParseError::Json { line: line_no, column: 1, message: "invalid UTF-8".into() })?;
+        let text = std::str::from_utf8(line).map_err(|_| ParseError::Json {
+            line: line_no,
+            column: 1,
+            message: "invalid UTF-8".into(),
+        })?;
         let raw: &RawValue = serde_json::from_str(text).map_err(|e| json_error(e, line_no - 1))?;
-        events.push(ParsedEvent { payload: body.slice_ref(raw.get().as_bytes()), is_json: true, origin: format!("line {line_no}") });
+        events.push(ParsedEvent {
+            payload: body.slice_ref(raw.get().as_bytes()),
+            is_json: true,
+            origin: format!("line {line_no}"),
+        });
     }
     if events.is_empty() {
         return Err(ParseError::Empty);
@@ -171,20 +229,39 @@ mod tests {
     use super::*;
 
     fn limits() -> Limits {
-        Limits { max_event_bytes: 64, max_request_bytes: 1 << 20, max_batch_events: 3 }
+        Limits {
+            max_event_bytes: 64,
+            max_request_bytes: 1 << 20,
+            max_batch_events: 3,
+        }
     }
 
     fn parse(body: &str, format: BodyFormat) -> Result<Vec<String>, ParseError> {
-        parse_body(&Bytes::copy_from_slice(body.as_bytes()), format, &limits())
-            .map(|evs| evs.into_iter().map(|e| String::from_utf8(e.payload.to_vec()).unwrap()).collect())
+        parse_body(&Bytes::copy_from_slice(body.as_bytes()), format, &limits()).map(|evs| {
+            evs.into_iter()
+                .map(|e| String::from_utf8(e.payload.to_vec()).unwrap())
+                .collect()
+        })
     }
 
     #[test]
     fn objects_arrays_and_ndjson_keep_their_exact_bytes() {
-        assert_eq!(parse(" {\"a\": 1} ", BodyFormat::Json).unwrap(), vec!["{\"a\": 1}"]);
-        assert_eq!(parse("[{\"a\":1}, {\"b\" :2}]", BodyFormat::Json).unwrap(), vec!["{\"a\":1}", "{\"b\" :2}"]);
-        assert_eq!(parse("{\"a\":1}\n\n{\"b\":2}\r\n", BodyFormat::Ndjson).unwrap(), vec!["{\"a\":1}", "{\"b\":2}"]);
-        assert_eq!(parse("not json at all", BodyFormat::Raw).unwrap(), vec!["not json at all"]);
+        assert_eq!(
+            parse(" {\"a\": 1} ", BodyFormat::Json).unwrap(),
+            vec!["{\"a\": 1}"]
+        );
+        assert_eq!(
+            parse("[{\"a\":1}, {\"b\" :2}]", BodyFormat::Json).unwrap(),
+            vec!["{\"a\":1}", "{\"b\" :2}"]
+        );
+        assert_eq!(
+            parse("{\"a\":1}\n\n{\"b\":2}\r\n", BodyFormat::Ndjson).unwrap(),
+            vec!["{\"a\":1}", "{\"b\":2}"]
+        );
+        assert_eq!(
+            parse("not json at all", BodyFormat::Raw).unwrap(),
+            vec!["not json at all"]
+        );
     }
 
     #[test]
@@ -193,7 +270,11 @@ mod tests {
         assert!(matches!(err, ParseError::Json { line: 3, .. }), "{err:?}");
         let err = parse("[\n{\"a\":1},\n{\"b\" 2}\n]", BodyFormat::Json).unwrap_err();
         assert!(matches!(err, ParseError::Json { line: 3, .. }), "{err:?}");
-        assert!(err.to_string().starts_with("malformed JSON at line 3, column"), "{err}");
+        assert!(
+            err.to_string()
+                .starts_with("malformed JSON at line 3, column"),
+            "{err}"
+        );
     }
 
     #[test]
@@ -202,19 +283,40 @@ mod tests {
         assert_eq!(parse("  \n", BodyFormat::Ndjson), Err(ParseError::Empty));
         assert_eq!(parse("[]", BodyFormat::Json), Err(ParseError::Empty));
         assert_eq!(parse("", BodyFormat::Raw), Err(ParseError::Empty));
-        assert_eq!(parse("42", BodyFormat::Json), Err(ParseError::NotObjectOrArray("a number")));
-        assert!(matches!(parse("[1,2,3,4]", BodyFormat::Json), Err(ParseError::BatchTooLarge { count: 4, limit: 3 })));
-        assert!(matches!(parse("1\n2\n3\n4\n5", BodyFormat::Ndjson), Err(ParseError::BatchTooLarge { count: 5, limit: 3 })));
+        assert_eq!(
+            parse("42", BodyFormat::Json),
+            Err(ParseError::NotObjectOrArray("a number"))
+        );
+        assert!(matches!(
+            parse("[1,2,3,4]", BodyFormat::Json),
+            Err(ParseError::BatchTooLarge { count: 4, limit: 3 })
+        ));
+        assert!(matches!(
+            parse("1\n2\n3\n4\n5", BodyFormat::Ndjson),
+            Err(ParseError::BatchTooLarge { count: 5, limit: 3 })
+        ));
         let big = format!("{{\"x\":\"{}\"}}", "y".repeat(80));
         let err = parse(&format!("[{{}}, {big}]"), BodyFormat::Json).unwrap_err();
-        assert!(matches!(err, ParseError::EventTooLarge { ref origin, .. } if origin == "element 1"), "{err:?}");
+        assert!(
+            matches!(err, ParseError::EventTooLarge { ref origin, .. } if origin == "element 1"),
+            "{err:?}"
+        );
     }
 
     #[test]
     fn content_types() {
-        assert_eq!(BodyFormat::from_content_type(Some("application/json; charset=utf-8")), Some(BodyFormat::Json));
-        assert_eq!(BodyFormat::from_content_type(Some("application/x-ndjson")), Some(BodyFormat::Ndjson));
-        assert_eq!(BodyFormat::from_content_type(Some("application/octet-stream")), Some(BodyFormat::Raw));
+        assert_eq!(
+            BodyFormat::from_content_type(Some("application/json; charset=utf-8")),
+            Some(BodyFormat::Json)
+        );
+        assert_eq!(
+            BodyFormat::from_content_type(Some("application/x-ndjson")),
+            Some(BodyFormat::Ndjson)
+        );
+        assert_eq!(
+            BodyFormat::from_content_type(Some("application/octet-stream")),
+            Some(BodyFormat::Raw)
+        );
         assert_eq!(BodyFormat::from_content_type(Some("text/plain")), None);
         assert_eq!(BodyFormat::from_content_type(None), None);
     }

@@ -36,7 +36,10 @@ impl BoundedStore {
     }
 
     pub fn len(&self) -> usize {
-        self.shards.iter().map(|s| s.lock().expect("lock").len()).sum()
+        self.shards
+            .iter()
+            .map(|s| s.lock().expect("lock").len())
+            .sum()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -51,9 +54,7 @@ impl StateStore for BoundedStore {
     where
         F: Fn(Option<Nanos>) -> Result<(T, Nanos), E>,
     {
-        let mut h = self.hasher.build_hasher();
-        key.hash(&mut h);
-        let shard = &self.shards[(h.finish() as usize) % SHARDS];
+        let shard = &self.shards[(self.hasher.hash_one(key) as usize) % SHARDS];
         let mut map = shard.lock().expect("lock");
         let (value, new) = f(map.get(key).copied())?;
         if !map.contains_key(key) && map.len() >= self.per_shard {
@@ -70,7 +71,10 @@ impl StateStore for BoundedStore {
 impl governor::state::keyed::ShrinkableKeyedStateStore<u64> for BoundedStore {
     fn retain_recent(&self, drop_below: Nanos) {
         for shard in &self.shards {
-            shard.lock().expect("lock").retain(|_, tat| *tat >= drop_below);
+            shard
+                .lock()
+                .expect("lock")
+                .retain(|_, tat| *tat >= drop_below);
         }
     }
 
@@ -112,9 +116,18 @@ impl TokenRateLimiter {
         let clock = DefaultClock::default();
         let limiter = NonZeroU32::new(events_per_sec).map(|rate| {
             let burst = NonZeroU32::new(burst).unwrap_or(rate);
-            RateLimiter::new(Quota::per_second(rate).allow_burst(burst), BoundedStore::new(max_keys), clock.clone())
+            RateLimiter::new(
+                Quota::per_second(rate).allow_burst(burst),
+                BoundedStore::new(max_keys),
+                clock.clone(),
+            )
         });
-        Self { limiter, clock, events_per_sec, burst }
+        Self {
+            limiter,
+            clock,
+            events_per_sec,
+            burst,
+        }
     }
 
     pub fn enabled(&self) -> bool {
@@ -123,13 +136,19 @@ impl TokenRateLimiter {
 
     /// Takes `events` cells from the token's bucket.
     pub fn check(&self, token_id: &str, events: u32) -> Result<(), Limited> {
-        let Some(limiter) = &self.limiter else { return Ok(()) };
-        let Some(n) = NonZeroU32::new(events) else { return Ok(()) };
+        let Some(limiter) = &self.limiter else {
+            return Ok(());
+        };
+        let Some(n) = NonZeroU32::new(events) else {
+            return Ok(());
+        };
         let mut h = std::collections::hash_map::DefaultHasher::new();
         token_id.hash(&mut h);
         match limiter.check_key_n(&h.finish(), n) {
             Ok(Ok(())) => Ok(()),
-            Ok(Err(not_until)) => Err(Limited::RetryAfter(not_until.wait_time_from(self.clock.now()))),
+            Ok(Err(not_until)) => Err(Limited::RetryAfter(
+                not_until.wait_time_from(self.clock.now()),
+            )),
             Err(_) => Err(Limited::TooLarge { burst: self.burst }),
         }
     }
@@ -149,13 +168,23 @@ mod tests {
         let limiter = TokenRateLimiter::new(10, 10, 1000);
         assert!(limiter.check("a", 10).is_ok());
         match limiter.check("a", 1) {
-            Err(Limited::RetryAfter(d)) => assert!(d > Duration::ZERO && d <= Duration::from_millis(100), "{d:?}"),
+            Err(Limited::RetryAfter(d)) => assert!(
+                d > Duration::ZERO && d <= Duration::from_millis(100),
+                "{d:?}"
+            ),
             other => panic!("expected RetryAfter, got {other:?}"),
         }
         // Another token has its own bucket.
         assert!(limiter.check("b", 10).is_ok());
-        assert!(matches!(limiter.check("c", 11), Err(Limited::TooLarge { burst: 10 })));
-        assert!(TokenRateLimiter::new(0, 0, 10).check("a", 1_000_000).is_ok());
+        assert!(matches!(
+            limiter.check("c", 11),
+            Err(Limited::TooLarge { burst: 10 })
+        ));
+        assert!(
+            TokenRateLimiter::new(0, 0, 10)
+                .check("a", 1_000_000)
+                .is_ok()
+        );
     }
 
     #[test]

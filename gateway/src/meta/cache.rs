@@ -28,7 +28,12 @@ pub struct CachedMetastore {
 impl CachedMetastore {
     /// `token_ttl: None` caches tokens until revoked through this instance.
     pub fn new(inner: Arc<dyn Metastore>, token_ttl: Option<Duration>) -> Self {
-        Self { inner, token_ttl, tokens: RwLock::default(), collections: RwLock::default() }
+        Self {
+            inner,
+            token_ttl,
+            tokens: RwLock::default(),
+            collections: RwLock::default(),
+        }
     }
 }
 
@@ -68,7 +73,11 @@ impl Metastore for CachedMetastore {
         if let Some(record) = &found
             && record.revoked_at.is_none()
         {
-            insert_bounded(&self.tokens, hash.to_string(), (record.clone(), Instant::now()));
+            insert_bounded(
+                &self.tokens,
+                hash.to_string(),
+                (record.clone(), Instant::now()),
+            );
         }
         Ok(found)
     }
@@ -77,12 +86,23 @@ impl Metastore for CachedMetastore {
         self.inner.list_tokens(team_id).await
     }
 
-    async fn revoke_token(&self, team_id: &str, token_id: &str, at: i64) -> Result<bool, MetaError> {
+    async fn revoke_token(
+        &self,
+        team_id: &str,
+        token_id: &str,
+        at: i64,
+    ) -> Result<bool, MetaError> {
         // Drop the cached entry first and again after: a look-up racing with the revocation
         // cannot leave a stale entry behind.
-        self.tokens.write().expect("lock").retain(|_, (r, _)| r.id != token_id);
+        self.tokens
+            .write()
+            .expect("lock")
+            .retain(|_, (r, _)| r.id != token_id);
         let revoked = self.inner.revoke_token(team_id, token_id, at).await;
-        self.tokens.write().expect("lock").retain(|_, (r, _)| r.id != token_id);
+        self.tokens
+            .write()
+            .expect("lock")
+            .retain(|_, (r, _)| r.id != token_id);
         revoked
     }
 
@@ -90,7 +110,11 @@ impl Metastore for CachedMetastore {
         self.inner.create_collection(collection).await
     }
 
-    async fn get_collection(&self, team_id: &str, id_or_name: &str) -> Result<Option<Collection>, MetaError> {
+    async fn get_collection(
+        &self,
+        team_id: &str,
+        id_or_name: &str,
+    ) -> Result<Option<Collection>, MetaError> {
         let key = (team_id.to_string(), id_or_name.to_string());
         if let Some(c) = self.collections.read().expect("lock").get(&key) {
             return Ok(Some(c.clone()));

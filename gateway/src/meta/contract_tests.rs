@@ -46,7 +46,13 @@ async fn contract_suite(store: &dyn Metastore) {
         store.create_team(&dup, &dup_token).await,
         Err(MetaError::AlreadyExists { what: "team", .. })
     ));
-    assert!(store.token_by_hash(&dup_token.hash).await.unwrap().is_none());
+    assert!(
+        store
+            .token_by_hash(&dup_token.hash)
+            .await
+            .unwrap()
+            .is_none()
+    );
 
     // Tokens: found by hash, listed per team only, revoked once.
     let ingest = token(&a.id, "ci", &[Scope::Ingest, Scope::Read]);
@@ -54,35 +60,111 @@ async fn contract_suite(store: &dyn Metastore) {
     let found = store.token_by_hash(&ingest.hash).await.unwrap().unwrap();
     assert_eq!(found, ingest);
     assert!(found.scopes.contains(Scope::Read) && !found.scopes.contains(Scope::Admin));
-    let listed: Vec<String> = store.list_tokens(&a.id).await.unwrap().into_iter().map(|t| t.id).collect();
+    let listed: Vec<String> = store
+        .list_tokens(&a.id)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|t| t.id)
+        .collect();
     assert_eq!(listed.len(), 2);
     assert!(listed.contains(&ingest.id) && listed.contains(&a_admin.id));
     assert!(!listed.contains(&b_admin.id));
 
     // Team B cannot revoke team A's token.
-    assert!(!store.revoke_token(&b.id, &ingest.id, now_micros()).await.unwrap());
-    assert!(store.token_by_hash(&ingest.hash).await.unwrap().unwrap().revoked_at.is_none());
-    assert!(store.revoke_token(&a.id, &ingest.id, now_micros()).await.unwrap());
-    assert!(!store.revoke_token(&a.id, &ingest.id, now_micros()).await.unwrap());
-    assert!(store.token_by_hash(&ingest.hash).await.unwrap().unwrap().revoked_at.is_some());
+    assert!(
+        !store
+            .revoke_token(&b.id, &ingest.id, now_micros())
+            .await
+            .unwrap()
+    );
+    assert!(
+        store
+            .token_by_hash(&ingest.hash)
+            .await
+            .unwrap()
+            .unwrap()
+            .revoked_at
+            .is_none()
+    );
+    assert!(
+        store
+            .revoke_token(&a.id, &ingest.id, now_micros())
+            .await
+            .unwrap()
+    );
+    assert!(
+        !store
+            .revoke_token(&a.id, &ingest.id, now_micros())
+            .await
+            .unwrap()
+    );
+    assert!(
+        store
+            .token_by_hash(&ingest.hash)
+            .await
+            .unwrap()
+            .unwrap()
+            .revoked_at
+            .is_some()
+    );
 
     // Collections: names unique per team, not across teams; lookups never cross teams.
-    let orders_a = Collection { id: new_id("col"), team_id: a.id.clone(), name: "orders".into(), created_at: now_micros() };
+    let orders_a = Collection {
+        id: new_id("col"),
+        team_id: a.id.clone(),
+        name: "orders".into(),
+        created_at: now_micros(),
+    };
     store.create_collection(&orders_a).await.unwrap();
-    let orders_b = Collection { id: new_id("col"), team_id: b.id.clone(), name: "orders".into(), created_at: now_micros() };
+    let orders_b = Collection {
+        id: new_id("col"),
+        team_id: b.id.clone(),
+        name: "orders".into(),
+        created_at: now_micros(),
+    };
     store.create_collection(&orders_b).await.unwrap();
-    let again = Collection { id: new_id("col"), ..orders_a.clone() };
+    let again = Collection {
+        id: new_id("col"),
+        ..orders_a.clone()
+    };
     assert!(matches!(
         store.create_collection(&again).await,
-        Err(MetaError::AlreadyExists { what: "collection", .. })
+        Err(MetaError::AlreadyExists {
+            what: "collection",
+            ..
+        })
     ));
-    assert_eq!(store.get_collection(&a.id, &orders_a.id).await.unwrap(), Some(orders_a.clone()));
-    assert_eq!(store.get_collection(&a.id, "orders").await.unwrap(), Some(orders_a.clone()));
-    assert_eq!(store.get_collection(&b.id, "orders").await.unwrap(), Some(orders_b.clone()));
-    assert_eq!(store.get_collection(&b.id, &orders_a.id).await.unwrap(), None);
-    let users = Collection { id: new_id("col"), team_id: a.id.clone(), name: "users".into(), created_at: now_micros() };
+    assert_eq!(
+        store.get_collection(&a.id, &orders_a.id).await.unwrap(),
+        Some(orders_a.clone())
+    );
+    assert_eq!(
+        store.get_collection(&a.id, "orders").await.unwrap(),
+        Some(orders_a.clone())
+    );
+    assert_eq!(
+        store.get_collection(&b.id, "orders").await.unwrap(),
+        Some(orders_b.clone())
+    );
+    assert_eq!(
+        store.get_collection(&b.id, &orders_a.id).await.unwrap(),
+        None
+    );
+    let users = Collection {
+        id: new_id("col"),
+        team_id: a.id.clone(),
+        name: "users".into(),
+        created_at: now_micros(),
+    };
     store.create_collection(&users).await.unwrap();
-    let names: Vec<String> = store.list_collections(&a.id).await.unwrap().into_iter().map(|c| c.name).collect();
+    let names: Vec<String> = store
+        .list_collections(&a.id)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|c| c.name)
+        .collect();
     assert_eq!(names, vec!["orders", "users"]);
     assert_eq!(store.list_collections(&b.id).await.unwrap(), vec![orders_b]);
 }
@@ -97,21 +179,44 @@ async fn sqlite_passes_the_contract() {
     // Reopening runs migrations again without error and keeps the data.
     let store = SqlMetastore::open_sqlite(&path).await.unwrap();
     assert_eq!(store.kind(), "sqlite");
-    assert!(store.get_collection("nope", "orders").await.unwrap().is_none());
+    assert!(
+        store
+            .get_collection("nope", "orders")
+            .await
+            .unwrap()
+            .is_none()
+    );
 }
 
 #[tokio::test]
 async fn the_cache_passes_the_contract_and_forgets_revoked_tokens_at_once() {
     let dir = tempfile::tempdir().unwrap();
-    let inner: std::sync::Arc<dyn Metastore> = std::sync::Arc::new(SqlMetastore::open_sqlite(&dir.path().join("m.db")).await.unwrap());
+    let inner: std::sync::Arc<dyn Metastore> = std::sync::Arc::new(
+        SqlMetastore::open_sqlite(&dir.path().join("m.db"))
+            .await
+            .unwrap(),
+    );
     let store = CachedMetastore::new(inner, None);
     contract_suite(&store).await;
     let t = team("cached");
     let tok = token(&t.id, "admin", &[Scope::Admin]);
     store.create_team(&t, &tok).await.unwrap();
     assert!(store.token_by_hash(&tok.hash).await.unwrap().is_some());
-    assert!(store.revoke_token(&t.id, &tok.id, now_micros()).await.unwrap());
-    assert!(store.token_by_hash(&tok.hash).await.unwrap().unwrap().revoked_at.is_some());
+    assert!(
+        store
+            .revoke_token(&t.id, &tok.id, now_micros())
+            .await
+            .unwrap()
+    );
+    assert!(
+        store
+            .token_by_hash(&tok.hash)
+            .await
+            .unwrap()
+            .unwrap()
+            .revoked_at
+            .is_some()
+    );
 }
 
 #[tokio::test]
@@ -119,11 +224,17 @@ async fn postgres_passes_the_contract() {
     let base = std::env::var("REWIND_TEST_POSTGRES_URL")
         .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into());
     sqlx::any::install_default_drivers();
-    let db = format!("rewind_contract_{}", new_id("t").to_lowercase().replace('_', ""));
+    let db = format!(
+        "rewind_contract_{}",
+        new_id("t").to_lowercase().replace('_', "")
+    );
     let mut admin = <sqlx::AnyConnection as sqlx::Connection>::connect(&base)
         .await
         .expect("PostgreSQL must be reachable for this test (set REWIND_TEST_POSTGRES_URL)");
-    sqlx::query(&format!("CREATE DATABASE {db}")).execute(&mut admin).await.unwrap();
+    sqlx::query(&format!("CREATE DATABASE {db}"))
+        .execute(&mut admin)
+        .await
+        .unwrap();
     let url = match base.rfind('/') {
         Some(i) => format!("{}/{db}", &base[..i]),
         None => unreachable!("a PostgreSQL URL has a path"),
@@ -132,5 +243,7 @@ async fn postgres_passes_the_contract() {
     assert_eq!(store.kind(), "postgres");
     contract_suite(&store).await;
     drop(store);
-    let _ = sqlx::query(&format!("DROP DATABASE {db} WITH (FORCE)")).execute(&mut admin).await;
+    let _ = sqlx::query(&format!("DROP DATABASE {db} WITH (FORCE)"))
+        .execute(&mut admin)
+        .await;
 }

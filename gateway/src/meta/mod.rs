@@ -4,9 +4,9 @@
 //! contract suite (`contract_tests`) runs against both.
 
 mod cache;
-mod sql;
 #[cfg(test)]
 mod contract_tests;
+mod sql;
 
 pub use cache::CachedMetastore;
 pub use sql::SqlMetastore;
@@ -73,10 +73,15 @@ pub trait Metastore: Send + Sync {
     async fn token_by_hash(&self, hash: &str) -> Result<Option<TokenRecord>, MetaError>;
     async fn list_tokens(&self, team_id: &str) -> Result<Vec<TokenRecord>, MetaError>;
     /// Marks the token revoked; false if the team has no such (unrevoked) token.
-    async fn revoke_token(&self, team_id: &str, token_id: &str, at: i64) -> Result<bool, MetaError>;
+    async fn revoke_token(&self, team_id: &str, token_id: &str, at: i64)
+    -> Result<bool, MetaError>;
 
     async fn create_collection(&self, collection: &Collection) -> Result<(), MetaError>;
     /// By id, or by name when no id matches; only within `team_id`.
-    async fn get_collection(&self, team_id: &str, id_or_name: &str) -> Result<Option<Collection>, MetaError>;
+    async fn get_collection(
+        &self,
+        team_id: &str,
+        id_or_name: &str,
+    ) -> Result<Option<Collection>, MetaError>;
     async fn list_collections(&self, team_id: &str) -> Result<Vec<Collection>, MetaError>;
 }

@@ -48,7 +48,9 @@ impl SqlMetastore {
             })
             .connect(&url)
             .await
-            .map_err(|e| MetaError::Unavailable(format!("cannot open SQLite at {}: {e}", path.display())))?;
+            .map_err(|e| {
+                MetaError::Unavailable(format!("cannot open SQLite at {}: {e}", path.display()))
+            })?;
         Self::migrate(pool, "sqlite").await
     }
 
@@ -163,10 +165,12 @@ impl Metastore for SqlMetastore {
     }
 
     async fn token_by_hash(&self, hash: &str) -> Result<Option<TokenRecord>, MetaError> {
-        let row = sqlx::query(&format!("SELECT {TOKEN_COLUMNS} FROM tokens WHERE hash = $1"))
-            .bind(hash)
-            .fetch_optional(&self.pool)
-            .await?;
+        let row = sqlx::query(&format!(
+            "SELECT {TOKEN_COLUMNS} FROM tokens WHERE hash = $1"
+        ))
+        .bind(hash)
+        .fetch_optional(&self.pool)
+        .await?;
         Ok(row.as_ref().map(token_from_row).transpose()?)
     }
 
@@ -180,7 +184,12 @@ impl Metastore for SqlMetastore {
         Ok(rows.iter().map(token_from_row).collect::<Result<_, _>>()?)
     }
 
-    async fn revoke_token(&self, team_id: &str, token_id: &str, at: i64) -> Result<bool, MetaError> {
+    async fn revoke_token(
+        &self,
+        team_id: &str,
+        token_id: &str,
+        at: i64,
+    ) -> Result<bool, MetaError> {
         let done = sqlx::query(
             "UPDATE tokens SET revoked_at = $1 WHERE team_id = $2 AND id = $3 AND revoked_at IS NULL",
         )
@@ -193,18 +202,24 @@ impl Metastore for SqlMetastore {
     }
 
     async fn create_collection(&self, c: &Collection) -> Result<(), MetaError> {
-        sqlx::query("INSERT INTO collections (id, team_id, name, created_at) VALUES ($1, $2, $3, $4)")
-            .bind(&c.id)
-            .bind(&c.team_id)
-            .bind(&c.name)
-            .bind(c.created_at)
-            .execute(&self.pool)
-            .await
-            .map_err(|e| map_insert_error(e, "collection", &c.name))?;
+        sqlx::query(
+            "INSERT INTO collections (id, team_id, name, created_at) VALUES ($1, $2, $3, $4)",
+        )
+        .bind(&c.id)
+        .bind(&c.team_id)
+        .bind(&c.name)
+        .bind(c.created_at)
+        .execute(&self.pool)
+        .await
+        .map_err(|e| map_insert_error(e, "collection", &c.name))?;
         Ok(())
     }
 
-    async fn get_collection(&self, team_id: &str, id_or_name: &str) -> Result<Option<Collection>, MetaError> {
+    async fn get_collection(
+        &self,
+        team_id: &str,
+        id_or_name: &str,
+    ) -> Result<Option<Collection>, MetaError> {
         let row = sqlx::query(
             "SELECT id, team_id, name, created_at FROM collections \
              WHERE team_id = $1 AND (id = $2 OR name = $2) ORDER BY (id = $2) DESC LIMIT 1",
@@ -223,6 +238,9 @@ impl Metastore for SqlMetastore {
         .bind(team_id)
         .fetch_all(&self.pool)
         .await?;
-        Ok(rows.iter().map(collection_from_row).collect::<Result<_, _>>()?)
+        Ok(rows
+            .iter()
+            .map(collection_from_row)
+            .collect::<Result<_, _>>()?)
     }
 }
