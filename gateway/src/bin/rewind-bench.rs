@@ -351,6 +351,30 @@ async fn grpc_load(
 
 use futures::StreamExt as _;
 
+/// The disk's own fsync behaviour, as a baseline for the ack latency: `bytes` written and
+/// `fdatasync`ed `per_sec` times a second for `secs`, in a temp dir on the same filesystem
+/// the gateway's data dir uses. Returns (p50, p99, max) in ms.
+fn disk_probe(bytes: usize, per_sec: f64, secs: u64) -> anyhow::Result<(f64, f64, f64)> {
+    use std::io::Write;
+    let dir = tempfile::tempdir()?;
+    let mut file = std::fs::File::create(dir.path().join("probe"))?;
+    let buf = vec![b'x'; bytes];
+    let mut hist = hdrhistogram::Histogram::<u64>::new(3)?;
+    let period = Duration::from_secs_f64(1.0 / per_sec);
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    while Instant::now() < deadline {
+        let t0 = Instant::now();
+        file.write_all(&buf)?;
+        file.sync_data()?;
+        let took = t0.elapsed();
+        hist.record(took.as_micros() as u64)?;
+        if took < period {
+            std::thread::sleep(period - took);
+        }
+    }
+    Ok((hist.value_at_quantile(0.5) as f64 / 1000.0, hist.value_at_quantile(0.99) as f64 / 1000.0, hist.max() as f64 / 1000.0))
+}
+
 /// Raw JetStream: single 1 KiB messages, each awaited for its publish ack, with up to 256 in
 /// flight (async publishing, as a well-written client would).
 async fn raw_jetstream(url: &str, secs: u64, event_bytes: usize) -> anyhow::Result<f64> {
@@ -476,6 +500,8 @@ async fn main() -> anyhow::Result<()> {
             println!("{l}");
         }
     }
+    let (d50, d99, dmax) = tokio::task::spawn_blocking(move || disk_probe(BATCH * 1024, batch_rps / 2.0, secs)).await??;
+    println!("| disk baseline: {} KiB write + fdatasync at the same rate, no gateway | p50 {d50:.2} ms, p99 {d99:.2} ms, max {dmax:.0} ms |", BATCH);
     stop.store(true, Ordering::Relaxed);
     let peak = rss.join().expect("rss thread");
     println!(
