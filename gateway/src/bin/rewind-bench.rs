@@ -372,7 +372,11 @@ fn disk_probe(bytes: usize, per_sec: f64, secs: u64) -> anyhow::Result<(f64, f64
             std::thread::sleep(period - took);
         }
     }
-    Ok((hist.value_at_quantile(0.5) as f64 / 1000.0, hist.value_at_quantile(0.99) as f64 / 1000.0, hist.max() as f64 / 1000.0))
+    Ok((
+        hist.value_at_quantile(0.5) as f64 / 1000.0,
+        hist.value_at_quantile(0.99) as f64 / 1000.0,
+        hist.max() as f64 / 1000.0,
+    ))
 }
 
 /// Raw JetStream: single 1 KiB messages, each awaited for its publish ack, with up to 256 in
@@ -500,8 +504,13 @@ async fn main() -> anyhow::Result<()> {
             println!("{l}");
         }
     }
-    let (d50, d99, dmax) = tokio::task::spawn_blocking(move || disk_probe(BATCH * 1024, batch_rps / 2.0, secs)).await??;
-    println!("| disk baseline: {} KiB write + fdatasync at the same rate, no gateway | p50 {d50:.2} ms, p99 {d99:.2} ms, max {dmax:.0} ms |", BATCH);
+    let (d50, d99, dmax) =
+        tokio::task::spawn_blocking(move || disk_probe(BATCH * 1024, batch_rps / 2.0, secs))
+            .await??;
+    println!(
+        "| disk baseline: {} KiB write + fdatasync at the same rate, no gateway | p50 {d50:.2} ms, p99 {d99:.2} ms, max {dmax:.0} ms |",
+        BATCH
+    );
     stop.store(true, Ordering::Relaxed);
     let peak = rss.join().expect("rss thread");
     println!(

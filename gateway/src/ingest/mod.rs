@@ -45,6 +45,27 @@ pub enum IngestError {
     Bus(#[from] BusError),
 }
 
+/// The bus message id of a batch (`Nats-Msg-Id` on JetStream). When every event carries a
+/// client id, the id is derived from them, so a client's retry that reaches another gateway
+/// (whose de-duplication index has not seen it) is still dropped by JetStream's duplicate
+/// window; otherwise it is the first event's fresh ULID.
+fn message_id(team_id: &str, collection_id: &str, events: &[Event]) -> String {
+    use sha2::{Digest, Sha256};
+    if events.iter().any(|e| e.client_id.is_empty()) {
+        return events[0].id.clone();
+    }
+    let mut h = Sha256::new();
+    for part in [team_id, collection_id] {
+        h.update(part.as_bytes());
+        h.update([0]);
+    }
+    for e in events {
+        h.update(e.client_id.as_bytes());
+        h.update([0]);
+    }
+    format!("c-{}", hex::encode(&h.finalize()[..16]))
+}
+
 /// The ingest path, shared by every transport.
 pub struct Ingestor {
     bus: Arc<dyn Bus>,
@@ -256,7 +277,7 @@ impl Ingestor {
             }
             let bytes: usize = new_events.iter().map(|e| e.payload.len()).sum();
             let count = new_events.len();
-            let message_id = new_events[0].id.clone();
+            let message_id = message_id(team_id, collection_id, &new_events);
             let batch = BusBatch {
                 team_id: team_id.to_string(),
                 collection_id: collection_id.to_string(),
@@ -284,5 +305,33 @@ impl Ingestor {
             self.metrics.ingest_bytes.inc_by(bytes as u64);
             return Ok(ids);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ev(id: &str, client: &str) -> Event {
+        Event {
+            id: id.into(),
+            client_id: client.into(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn message_ids_follow_client_ids_when_every_event_has_one() {
+        let a = message_id("t", "c", &[ev("01A", "k1"), ev("01B", "k2")]);
+        let b = message_id("t", "c", &[ev("01X", "k1"), ev("01Y", "k2")]);
+        assert_eq!(a, b, "a retry with fresh ULIDs keeps its message id");
+        assert_ne!(
+            a,
+            message_id("t", "other", &[ev("01A", "k1"), ev("01B", "k2")])
+        );
+        assert_eq!(
+            message_id("t", "c", &[ev("01A", "k1"), ev("01B", "")]),
+            "01A"
+        );
     }
 }
