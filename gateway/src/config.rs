@@ -43,6 +43,13 @@ pub struct ServeArgs {
     /// Longest an event waits before it is written to a Parquet file, seconds [default: 60].
     #[arg(long, env = "REWIND_ARCHIVE_FLUSH_SECS")]
     pub archive_flush_secs: Option<u64>,
+    /// Payload bytes a collection's archive buffer collects before it is written [default: 67108864].
+    #[arg(long, env = "REWIND_ARCHIVE_TARGET_BYTES")]
+    pub archive_target_bytes: Option<usize>,
+    /// Most payload bytes the archiver holds in memory across collections; above it, it stops
+    /// reading the bus until a write succeeds [default: 268435456].
+    #[arg(long, env = "REWIND_ARCHIVE_MAX_BUFFERED_BYTES")]
+    pub archive_max_buffered_bytes: Option<usize>,
     /// Let destination plugins reach loopback and private addresses (local setups, tests).
     #[arg(long, env = "REWIND_ALLOW_PRIVATE_DESTINATIONS")]
     pub allow_private_destinations: Option<bool>,
@@ -95,6 +102,8 @@ pub struct FileConfig {
     pub search: Option<String>,
     pub archive_flush_secs: Option<u64>,
     pub allow_private_destinations: Option<bool>,
+    pub archive_target_bytes: Option<usize>,
+    pub archive_max_buffered_bytes: Option<usize>,
     pub max_event_bytes: Option<usize>,
     pub max_request_bytes: Option<usize>,
     pub max_batch_events: Option<usize>,
@@ -157,6 +166,8 @@ pub struct Config {
     pub archive: String,
     pub search: String,
     pub archive_flush: Duration,
+    pub archive_target_bytes: usize,
+    pub archive_max_buffered_bytes: usize,
     pub allow_private_destinations: bool,
     pub limits: Limits,
     pub rate_limit: RateLimitConfig,
@@ -337,6 +348,16 @@ impl ServeArgs {
                     .unwrap_or(60)
                     .max(1),
             ),
+            archive_target_bytes: self
+                .archive_target_bytes
+                .or(file.archive_target_bytes)
+                .unwrap_or(64 << 20)
+                .max(1),
+            archive_max_buffered_bytes: self
+                .archive_max_buffered_bytes
+                .or(file.archive_max_buffered_bytes)
+                .unwrap_or(256 << 20)
+                .max(1),
             allow_private_destinations: self
                 .allow_private_destinations
                 .or(file.allow_private_destinations)

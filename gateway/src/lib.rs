@@ -4,6 +4,7 @@
 //! `bus` (durable log: local or NATS JetStream), with `meta` (the metastore) beside them.
 
 pub mod api;
+pub mod archive;
 pub mod auth;
 pub mod bus;
 pub mod cli;

@@ -99,7 +99,44 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
             tracing::warn!(error = %e, "could not restore client ids; retries of events sent before the restart may be stored twice")
         }
     }
+    let archive_store = crate::archive::store::open(&config.archive)?;
+    let archiver = crate::archive::archiver::Archiver::new(
+        bus.clone(),
+        meta.clone(),
+        archive_store.clone(),
+        crate::archive::archiver::ArchiverOptions {
+            flush_after: config.archive_flush,
+            target_bytes: config.archive_target_bytes,
+            max_buffered_bytes: config.archive_max_buffered_bytes,
+        },
+    );
+    let archive_status = archiver.status.clone();
+    let (archiver_stop, archiver_stop_rx) = tokio::sync::watch::channel(false);
+    let archiver_task = tokio::spawn(archiver.run(archiver_stop_rx));
+    {
+        let (store, meta) = (archive_store.clone(), meta.clone());
+        tokio::spawn(async move {
+            loop {
+                match crate::archive::cleanup_orphans(
+                    &store,
+                    &meta,
+                    std::time::Duration::from_secs(3600),
+                )
+                .await
+                {
+                    Ok(n) if n > 0 => {
+                        tracing::info!(removed = n, "removed unregistered archive objects")
+                    }
+                    Ok(_) => {}
+                    Err(e) => tracing::warn!(error = %e, "archive cleanup failed; will retry"),
+                }
+                tokio::time::sleep(std::time::Duration::from_secs(3600)).await;
+            }
+        });
+    }
     let state = Arc::new(AppState {
+        archive: archive_store,
+        archive_status,
         meta: meta.clone(),
         auth: Authenticator::new(root_token, meta.clone()),
         ingest,
@@ -135,6 +172,13 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
             let _ = stop_rx2.wait_for(|s| *s).await;
             tokio::time::sleep(grace).await;
         } => tracing::warn!(?grace, "in-flight requests did not finish within the grace period; their clients get no ack"),
+    }
+    // The archiver writes what it holds, then the bus flushes.
+    let _ = archiver_stop.send(true);
+    if tokio::time::timeout(grace, archiver_task).await.is_err() {
+        tracing::warn!(
+            "the archiver did not finish in the grace period; the bus redelivers what it held"
+        );
     }
     bus.close().await;
     tracing::info!("stopped");

@@ -4,6 +4,7 @@
 mod support;
 
 mod admin;
+mod archive;
 mod cli;
 mod durability;
 mod grpc;

@@ -28,6 +28,8 @@ pub struct Gateway {
     pub port: u16,
     pub data_dir: PathBuf,
     pub args: Vec<String>,
+    /// Extra environment for the gateway process.
+    pub env: Vec<(String, String)>,
     pub http: reqwest::Client,
     _tmp: Option<tempfile::TempDir>,
 }
@@ -35,6 +37,10 @@ pub struct Gateway {
 impl Gateway {
     /// Starts a gateway on a fresh data dir with extra `serve` flags.
     pub async fn start(args: &[&str]) -> Gateway {
+        Self::start_with_env(args, &[]).await
+    }
+
+    pub async fn start_with_env(args: &[&str], env: &[(&str, &str)]) -> Gateway {
         let tmp = tempfile::tempdir().unwrap();
         let data_dir = tmp.path().to_path_buf();
         let mut gw = Gateway {
@@ -42,6 +48,10 @@ impl Gateway {
             port: free_port(),
             data_dir,
             args: args.iter().map(|s| s.to_string()).collect(),
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
             http: reqwest::Client::builder()
                 .timeout(Duration::from_secs(30))
                 .build()
@@ -68,6 +78,7 @@ impl Gateway {
             .args(&self.args)
             .env("REWIND_ROOT_TOKEN", ROOT)
             .env("RUST_LOG", "info")
+            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()

@@ -26,6 +26,9 @@ pub struct AppState {
     pub ingest: Ingestor,
     pub bus: Arc<dyn Bus>,
     pub metrics: Arc<Metrics>,
+    /// The archive's object store and the archiver's status.
+    pub archive: Arc<dyn object_store::ObjectStore>,
+    pub archive_status: Arc<crate::archive::archiver::ArchiveStatus>,
     /// The gRPC decode limit (bytes), the same as the REST body limit.
     pub max_message_bytes: usize,
 }

@@ -38,6 +38,9 @@ pub fn router(state: Arc<AppState>) -> Router {
         )
         .route("/v1/collections/{id}", get(get_collection))
         .route("/v1/collections/{id}/events", post(ingest_events))
+        .route("/v1/collections/{id}/events/{event_id}", get(get_event))
+        .route("/v1/collections/{id}/export", get(export))
+        .route("/v1/collections/{id}/schema", get(schema))
         // Bodies are read by the handlers with their own limit and error message.
         .layer(DefaultBodyLimit::disable())
         .fallback(not_found)
@@ -136,6 +139,28 @@ async fn readyz(State((state, _)): St) -> Response {
     };
     let bus = state.bus.health().await;
     let ready = meta["ready"] == true && bus.ready;
+    let archive_lag = bus
+        .consumer_lag
+        .iter()
+        .find(|(n, _)| n == crate::archive::archiver::CONSUMER)
+        .map_or(0, |(_, l)| *l);
+    let archive_error = state
+        .archive_status
+        .last_error
+        .lock()
+        .expect("lock")
+        .clone();
+    let status = &state.archive_status;
+    use std::sync::atomic::Ordering::Relaxed;
+    let archive = json!({
+        "ready": archive_error.is_none(),
+        "behind": archive_error.is_some(),
+        "detail": archive_error,
+        "lag_messages": archive_lag,
+        "buffered_events": status.buffered_events.load(Relaxed),
+        "files_written": status.files_written.load(Relaxed),
+        "events_archived": status.events_archived.load(Relaxed),
+    });
     let lag: serde_json::Map<String, Value> = bus
         .consumer_lag
         .iter()
@@ -146,6 +171,7 @@ async fn readyz(State((state, _)): St) -> Response {
         "backends": {
             "metastore": meta,
             "bus": {"ready": bus.ready, "kind": bus.kind, "detail": bus.detail, "consumer_lag": lag},
+            "archive": archive,
         }
     });
     let status = if ready {
@@ -268,6 +294,34 @@ async fn get_collection(
     Ok(Json(collection_json(&c)))
 }
 
+/// Reads a body of at most `limit` bytes. An oversized body is still read (and discarded) up to
+/// a cap, so the client, which is usually still sending, reliably receives the 413 instead of
+/// a connection reset; `None` means "too large".
+async fn read_body_limited(body: Body, limit: usize) -> Result<Option<bytes::Bytes>, ApiError> {
+    use http_body_util::BodyExt;
+    let drain_cap = limit.saturating_mul(4).max(64 << 20);
+    let mut body = body;
+    let mut buf = bytes::BytesMut::new();
+    let mut seen = 0usize;
+    while let Some(frame) = body.frame().await {
+        let frame = frame
+            .map_err(|e| ApiError::bad_request(format!("could not read the request body: {e}")))?;
+        let Ok(data) = frame.into_data() else {
+            continue;
+        };
+        seen += data.len();
+        if seen <= limit {
+            buf.extend_from_slice(&data);
+        } else {
+            buf = bytes::BytesMut::new();
+            if seen > drain_cap {
+                break;
+            }
+        }
+    }
+    Ok((seen <= limit).then(|| buf.freeze()))
+}
+
 async fn ingest_events(
     State((state, body_limit)): St,
     Auth(who): Auth,
@@ -304,16 +358,9 @@ async fn ingest_events(
             ),
         )
     };
-    if let Some(len) = headers
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok()?.parse::<usize>().ok())
-        && len > body_limit
-    {
-        return Err(too_large());
-    }
-    let body = axum::body::to_bytes(request.into_body(), body_limit)
-        .await
-        .map_err(|_| too_large())?;
+    let body = read_body_limited(request.into_body(), body_limit)
+        .await?
+        .ok_or_else(too_large)?;
     let parsed = parse_body(&body, format, state.ingest.limits())?;
     if idempotency_key.is_some() && parsed.len() > 1 {
         return Err(ApiError::bad_request(
@@ -354,4 +401,183 @@ async fn ingest_events(
         StatusCode::ACCEPTED,
         Json(json!({"accepted": ids.len(), "ids": ids})),
     ))
+}
+
+#[derive(Deserialize)]
+struct RangeQuery {
+    from: Option<String>,
+    to: Option<String>,
+    filter: Option<String>,
+}
+
+fn parse_time(name: &str, value: Option<&str>, default: i64) -> Result<i64, ApiError> {
+    match value {
+        None | Some("") => Ok(default),
+        Some(v) => chrono::DateTime::parse_from_rfc3339(v)
+            .map(|t| t.timestamp_micros())
+            .map_err(|e| {
+                ApiError::bad_request(format!(
+                    "`{name}` must be an RFC 3339 time such as 2026-11-25T10:00:00Z: {e}"
+                ))
+            }),
+    }
+}
+
+/// `GET /v1/collections/{id}/export`: every archived event in `[from, to)`, oldest first, as
+/// NDJSON, streamed file group by file group.
+async fn export(
+    State((state, _)): St,
+    Auth(who): Auth,
+    Path(id): Path<String>,
+    axum::extract::Query(q): axum::extract::Query<RangeQuery>,
+) -> Result<Response, ApiError> {
+    let caller = who.require(Scope::Read)?;
+    let collection = admin::get_collection(state.meta.as_ref(), &caller.team_id, &id).await?;
+    if q.filter.as_deref().is_some_and(|f| !f.trim().is_empty()) {
+        return Err(ApiError::bad_request(
+            "`filter` on export arrives with the query language (search issue); export without it for now",
+        ));
+    }
+    let from = parse_time("from", q.from.as_deref(), i64::MIN)?;
+    let to = parse_time("to", q.to.as_deref(), i64::MAX)?;
+    if from >= to {
+        return Err(ApiError::bad_request(
+            "`from` must be before `to` (the range is [from, to))",
+        ));
+    }
+    let files = state
+        .meta
+        .list_archive_files(&caller.team_id, &collection.id, from, to)
+        .await?;
+    let groups = crate::archive::read::overlapping_groups(files);
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<bytes::Bytes, std::io::Error>>(8);
+    let store = state.archive.clone();
+    tokio::spawn(async move {
+        for group in groups {
+            let mut events = Vec::new();
+            for file in &group {
+                match crate::archive::read::read_file(&store, file, from, to).await {
+                    Ok(mut e) => events.append(&mut e),
+                    Err(e) => {
+                        tracing::error!(error = %e, "export aborted");
+                        let _ = tx.send(Err(std::io::Error::other(e.to_string()))).await;
+                        return;
+                    }
+                }
+            }
+            events.sort_by(|a, b| (a.received_at, &a.id).cmp(&(b.received_at, &b.id)));
+            let mut chunk = Vec::with_capacity(1 << 20);
+            for e in &events {
+                chunk.extend_from_slice(&crate::archive::read::export_line(e));
+                if chunk.len() >= 1 << 20
+                    && tx
+                        .send(Ok(std::mem::take(&mut chunk).into()))
+                        .await
+                        .is_err()
+                {
+                    return;
+                }
+            }
+            if !chunk.is_empty() && tx.send(Ok(chunk.into())).await.is_err() {
+                return;
+            }
+        }
+    });
+    let body = Body::from_stream(tokio_stream::wrappers::ReceiverStream::new(rx));
+    Ok(([(header::CONTENT_TYPE, "application/x-ndjson")], body).into_response())
+}
+
+/// `GET /v1/collections/{id}/events/{event_id}`: one event, read from the archive. The ULID's
+/// timestamp narrows the search to the files around it.
+async fn get_event(
+    State((state, _)): St,
+    Auth(who): Auth,
+    Path((id, event_id)): Path<(String, String)>,
+) -> Result<Json<Value>, ApiError> {
+    let caller = who.require(Scope::Read)?;
+    let collection = admin::get_collection(state.meta.as_ref(), &caller.team_id, &id).await?;
+    let ulid = ulid::Ulid::from_string(&event_id).map_err(|_| {
+        ApiError::bad_request(format!(
+            "{event_id:?} is not an event id (a 26-character ULID)"
+        ))
+    })?;
+    let at = ulid.timestamp_ms() as i64 * 1000;
+    let slack = 300_000_000; // ids are made right after received_at is taken
+    let files = state
+        .meta
+        .list_archive_files(&caller.team_id, &collection.id, at - slack, at + slack)
+        .await?;
+    for file in &files {
+        let events = crate::archive::read::read_file(&state.archive, file, i64::MIN, i64::MAX)
+            .await
+            .map_err(|e| {
+                ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "archive_unavailable",
+                    format!("{e}; retry shortly"),
+                )
+            })?;
+        if let Some(e) = events.into_iter().find(|e| e.id == event_id) {
+            let v: Value =
+                serde_json::from_slice(&crate::archive::read::export_line(&e)).map_err(|e| {
+                    ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string())
+                })?;
+            return Ok(Json(v));
+        }
+    }
+    Err(ApiError::new(
+        StatusCode::NOT_FOUND,
+        "not_found",
+        format!(
+            "event {event_id} is not in the archive of this collection (recent events appear within --archive-flush-secs)"
+        ),
+    ))
+}
+
+/// `GET /v1/collections/{id}/schema`: inferred columns with first-seen times and widenings.
+async fn schema(
+    State((state, _)): St,
+    Auth(who): Auth,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let caller = who.require(Scope::Read)?;
+    let collection = admin::get_collection(state.meta.as_ref(), &caller.team_id, &id).await?;
+    let columns = state.meta.collection_columns(Some(&collection.id)).await?;
+    let fixed = json!([
+        {"name": "id", "type": "string"},
+        {"name": "received_at", "type": "timestamp[us, UTC]"},
+        {"name": "content_type", "type": "string"},
+        {"name": "client_id", "type": "string"},
+        {"name": "headers", "type": "string (JSON)"},
+        {"name": "payload", "type": "binary (the original bytes)"},
+    ]);
+    let inferred: Vec<Value> = columns
+        .iter()
+        .map(|c| {
+            json!({
+                "name": c.name,
+                "type": c.type_name,
+                "first_seen": micros_to_rfc3339(c.first_seen),
+                "widened_at": c.widened_at.map(micros_to_rfc3339),
+                "widened_from": c.widened_from,
+            })
+        })
+        .collect();
+    let mut history: Vec<Value> = columns
+        .iter()
+        .flat_map(|c| {
+            let mut h = vec![json!({"at": micros_to_rfc3339(c.first_seen), "change": "added", "column": c.name})];
+            if let (Some(at), Some(from)) = (c.widened_at, &c.widened_from) {
+                h.push(json!({"at": micros_to_rfc3339(at), "change": "widened", "column": c.name, "from": from, "to": c.type_name}));
+            }
+            h
+        })
+        .collect();
+    history.sort_by(|a, b| a["at"].as_str().cmp(&b["at"].as_str()));
+    Ok(Json(json!({
+        "collection": collection.id,
+        "columns": fixed.as_array().into_iter().flatten().cloned().chain(inferred).collect::<Vec<_>>(),
+        "max_inferred_columns": crate::archive::schema::MAX_COLUMNS,
+        "history": history,
+    })))
 }

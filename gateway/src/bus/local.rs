@@ -536,12 +536,14 @@ impl Bus for LocalBus {
             name: name.into(),
             offset_path: self.consumer_offset_path(name),
             shared: self.shared.clone(),
-            reader: Some(LogReader::new(self.shared.clone(), committed)),
+            reading: Arc::new(Mutex::new((
+                LogReader::new(self.shared.clone(), committed),
+                VecDeque::new(),
+            ))),
             durable: self.durable.clone(),
             committed,
             saved: committed,
             acked: BTreeSet::new(),
-            buffered: VecDeque::new(),
             last_save: Instant::now(),
         }))
     }
@@ -625,11 +627,17 @@ impl Bus for LocalBus {
     }
 }
 
+/// A reader and the records it read that `next` has not handed out yet.
+type ReaderAndBuffer = (LogReader, VecDeque<(Position, Vec<u8>)>);
+
 struct LocalConsumer {
     name: String,
     offset_path: PathBuf,
     shared: Arc<Shared>,
-    reader: Option<LogReader>,
+    /// The reader and what it has read but not yet handed out, shared with the blocking read
+    /// task: if `next` is cancelled (a `select!` elsewhere won), the task still finishes and
+    /// its records wait here, so cancelling `next` never loses a message.
+    reading: Arc<Mutex<ReaderAndBuffer>>,
     durable: watch::Receiver<Position>,
     /// Every offset below this is acknowledged.
     committed: Position,
@@ -637,7 +645,6 @@ struct LocalConsumer {
     saved: Position,
     /// Acknowledged offsets above `committed` (acks may arrive out of order).
     acked: BTreeSet<Position>,
-    buffered: VecDeque<(Position, Vec<u8>)>,
     last_save: Instant,
 }
 
@@ -665,7 +672,12 @@ impl LocalConsumer {
 impl Consumer for LocalConsumer {
     async fn next(&mut self) -> Result<Delivery, BusError> {
         loop {
-            if let Some((position, body)) = self.buffered.pop_front() {
+            let (next_offset, popped) = {
+                let mut reading = self.reading.lock().expect("lock");
+                let popped = reading.1.pop_front();
+                (reading.0.next, popped)
+            };
+            if let Some((position, body)) = popped {
                 let batch = decode_batch(position, &body)?;
                 return Ok(Delivery {
                     position,
@@ -673,25 +685,20 @@ impl Consumer for LocalConsumer {
                     ack: AckHandle::Local(position),
                 });
             }
-            let read_from = self
-                .reader
-                .as_ref()
-                .map(|r| r.next)
-                .ok_or(BusError::Closed)?;
             let head = *self.durable.borrow_and_update();
-            if head <= read_from {
+            if head <= next_offset {
                 self.durable.changed().await.map_err(|_| BusError::Closed)?;
                 continue;
             }
-            let mut reader = self.reader.take().ok_or(BusError::Closed)?;
-            let (reader, records) = tokio::task::spawn_blocking(move || {
-                let records = reader.read(head, 512);
-                (reader, records)
+            let reading = self.reading.clone();
+            tokio::task::spawn_blocking(move || {
+                let mut reading = reading.lock().expect("lock");
+                let records = reading.0.read(head, 512)?;
+                reading.1.extend(records);
+                Ok::<_, BusError>(())
             })
             .await
-            .map_err(|e| BusError::Unavailable(e.to_string()))?;
-            self.reader = Some(reader);
-            self.buffered.extend(records?);
+            .map_err(|e| BusError::Unavailable(e.to_string()))??;
         }
     }
 
@@ -887,6 +894,35 @@ mod tests {
         std::fs::write(&seg, &bytes).unwrap();
         let bus = LocalBus::open(dir.path(), LocalBusOptions::default()).unwrap();
         assert_eq!(bus.durable_head(), 10);
+    }
+
+    #[tokio::test]
+    async fn cancelling_next_loses_no_message() {
+        let dir = tempfile::tempdir().unwrap();
+        let bus = LocalBus::open(dir.path(), LocalBusOptions::default()).unwrap();
+        for i in 0..2000 {
+            bus.append(&batch(1, &i.to_string()), "").await.unwrap();
+        }
+        let mut consumer = bus.consumer("c").await.unwrap();
+        let mut got = Vec::new();
+        // Most of these calls are cancelled mid-read, as a select! losing to a timer does.
+        for _ in 0..5000 {
+            if let Ok(Ok(d)) =
+                tokio::time::timeout(Duration::from_micros(50), consumer.next()).await
+            {
+                got.push(d.position);
+            }
+        }
+        while got.len() < 2000 {
+            got.push(
+                tokio::time::timeout(Duration::from_secs(5), consumer.next())
+                    .await
+                    .unwrap()
+                    .unwrap()
+                    .position,
+            );
+        }
+        assert_eq!(got, (0..2000).collect::<Vec<_>>());
     }
 
     #[tokio::test]

@@ -7,7 +7,9 @@ use std::time::Duration;
 use anyhow::{Context, anyhow, bail};
 use serde_json::{Value, json};
 
-use super::{BusReadArgs, CollectionCommand, Remote, SendArgs, TeamCommand, TokenCommand};
+use super::{
+    BusReadArgs, CollectionCommand, ExportArgs, Remote, SendArgs, TeamCommand, TokenCommand,
+};
 
 struct Client {
     http: reqwest::Client,
@@ -311,5 +313,49 @@ pub async fn bus_read(args: BusReadArgs) -> anyhow::Result<()> {
     consumer.commit().await?;
     drop(consumer);
     bus.close().await;
+    Ok(())
+}
+
+pub async fn export(args: ExportArgs) -> anyhow::Result<()> {
+    use futures::StreamExt;
+    let client = Client::new(&args.remote, None)?;
+    let mut query: Vec<(&str, String)> = Vec::new();
+    if let Some(from) = &args.from {
+        query.push(("from", from.clone()));
+    }
+    if let Some(to) = &args.to {
+        query.push(("to", to.clone()));
+    }
+    let resp = client
+        .http
+        .get(format!(
+            "{}/v1/collections/{}/export",
+            client.url, args.collection
+        ))
+        .query(&query)
+        .bearer_auth(&client.token)
+        .timeout(Duration::from_secs(24 * 3600))
+        .send()
+        .await
+        .with_context(|| format!("cannot reach the gateway at {}", client.url))?;
+    let status = resp.status();
+    if !status.is_success() {
+        let text = resp.text().await.unwrap_or_default();
+        let message = serde_json::from_str::<Value>(&text)
+            .ok()
+            .and_then(|v| v["error"]["message"].as_str().map(str::to_string))
+            .unwrap_or(text);
+        bail!("{status}: {message}");
+    }
+    let mut stdout = std::io::stdout().lock();
+    let mut stream = resp.bytes_stream();
+    let mut lines = 0usize;
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.context("the export was interrupted; rerun it")?;
+        lines += chunk.iter().filter(|b| **b == b'\n').count();
+        stdout.write_all(&chunk)?;
+    }
+    stdout.flush()?;
+    eprintln!("rewind export: {lines} events");
     Ok(())
 }

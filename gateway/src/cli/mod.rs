@@ -63,6 +63,8 @@ pub enum Command {
     },
     /// Send events to a collection: NDJSON (one JSON event per line) from files or stdin.
     Send(SendArgs),
+    /// Export a collection's archived events as NDJSON, oldest first, to stdout.
+    Export(ExportArgs),
     /// Inspect the durable bus directly (gateway stopped, for the local bus).
     Bus {
         #[command(subcommand)]
@@ -123,6 +125,20 @@ pub struct SendArgs {
     pub retries: u32,
 }
 
+#[derive(Debug, Args)]
+pub struct ExportArgs {
+    #[command(flatten)]
+    pub remote: Remote,
+    /// Collection id or name.
+    pub collection: String,
+    /// Start of the range on received_at (RFC 3339), inclusive.
+    #[arg(long)]
+    pub from: Option<String>,
+    /// End of the range (RFC 3339), exclusive.
+    #[arg(long)]
+    pub to: Option<String>,
+}
+
 #[derive(Debug, Subcommand)]
 pub enum BusCommand {
     /// Print the events on the bus as NDJSON, through a durable consumer, until the bus has
@@ -156,6 +172,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Token { remote, command } => client::token(remote, command).await,
         Command::Collection { remote, command } => client::collection(remote, command).await,
         Command::Send(args) => client::send(args).await,
+        Command::Export(args) => client::export(args).await,
         Command::Bus {
             command: BusCommand::Read(args),
         } => client::bus_read(args).await,

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 
-use super::{Collection, MetaError, Metastore, Team, TokenRecord};
+use super::{ArchiveFile, Collection, MetaError, Metastore, StoredColumn, Team, TokenRecord};
 
 /// Entries kept per cache before it is cleared and refilled (bounds memory).
 const MAX_ENTRIES: usize = 100_000;
@@ -128,5 +128,44 @@ impl Metastore for CachedMetastore {
 
     async fn list_collections(&self, team_id: &str) -> Result<Vec<Collection>, MetaError> {
         self.inner.list_collections(team_id).await
+    }
+
+    async fn register_archive_files(
+        &self,
+        files: &[ArchiveFile],
+        collection_id: &str,
+        position: i64,
+        columns: &[StoredColumn],
+    ) -> Result<(), MetaError> {
+        self.inner
+            .register_archive_files(files, collection_id, position, columns)
+            .await
+    }
+
+    async fn archive_checkpoints(&self) -> Result<Vec<(String, i64)>, MetaError> {
+        self.inner.archive_checkpoints().await
+    }
+
+    async fn list_archive_files(
+        &self,
+        team_id: &str,
+        collection_id: &str,
+        from: i64,
+        to: i64,
+    ) -> Result<Vec<ArchiveFile>, MetaError> {
+        self.inner
+            .list_archive_files(team_id, collection_id, from, to)
+            .await
+    }
+
+    async fn archive_paths(&self, collection_id: &str) -> Result<Vec<String>, MetaError> {
+        self.inner.archive_paths(collection_id).await
+    }
+
+    async fn collection_columns(
+        &self,
+        collection_id: Option<&str>,
+    ) -> Result<Vec<StoredColumn>, MetaError> {
+        self.inner.collection_columns(collection_id).await
     }
 }

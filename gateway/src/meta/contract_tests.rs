@@ -166,7 +166,101 @@ async fn contract_suite(store: &dyn Metastore) {
         .map(|c| c.name)
         .collect();
     assert_eq!(names, vec!["orders", "users"]);
-    assert_eq!(store.list_collections(&b.id).await.unwrap(), vec![orders_b]);
+    assert_eq!(
+        store.list_collections(&b.id).await.unwrap(),
+        vec![orders_b.clone()]
+    );
+
+    // The archive manifest: files and checkpoint in one step, listed by time, per team.
+    let file = |min: i64, max: i64, pos: i64| ArchiveFile {
+        id: new_id("af"),
+        team_id: a.id.clone(),
+        collection_id: orders_a.id.clone(),
+        path: format!("team={}/collection={}/{pos}.parquet", a.id, orders_a.id),
+        rows: 10,
+        bytes: 100,
+        min_received_at: min,
+        max_received_at: max,
+        min_position: pos,
+        max_position: pos,
+        schema_version: 1,
+        created_at: now_micros(),
+    };
+    let col = |name: &str, ty: &str| StoredColumn {
+        collection_id: orders_a.id.clone(),
+        name: name.into(),
+        type_name: ty.into(),
+        first_seen: 1,
+        widened_at: None,
+        widened_from: None,
+    };
+    store
+        .register_archive_files(
+            &[file(100, 200, 1), file(300, 400, 2)],
+            &orders_a.id,
+            2,
+            &[col("amount", "int64")],
+        )
+        .await
+        .unwrap();
+    store
+        .register_archive_files(
+            &[file(150, 250, 3)],
+            &orders_a.id,
+            3,
+            &[StoredColumn {
+                widened_at: Some(5),
+                widened_from: Some("int64".into()),
+                ..col("amount", "string")
+            }],
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        store.archive_checkpoints().await.unwrap(),
+        vec![(orders_a.id.clone(), 3)]
+    );
+    let listed: Vec<i64> = store
+        .list_archive_files(&a.id, &orders_a.id, 0, i64::MAX)
+        .await
+        .unwrap()
+        .iter()
+        .map(|f| f.min_received_at)
+        .collect();
+    assert_eq!(listed, vec![100, 150, 300]);
+    let listed: Vec<i64> = store
+        .list_archive_files(&a.id, &orders_a.id, 260, 301)
+        .await
+        .unwrap()
+        .iter()
+        .map(|f| f.min_received_at)
+        .collect();
+    assert_eq!(listed, vec![300]);
+    assert!(
+        store
+            .list_archive_files(&b.id, &orders_a.id, 0, i64::MAX)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert_eq!(store.archive_paths(&orders_a.id).await.unwrap().len(), 3);
+    let cols = store.collection_columns(Some(&orders_a.id)).await.unwrap();
+    assert_eq!(cols.len(), 1);
+    assert_eq!(
+        (cols[0].type_name.as_str(), cols[0].widened_from.as_deref()),
+        ("string", Some("int64"))
+    );
+    // A path registered twice is refused, and the checkpoint does not move.
+    assert!(
+        store
+            .register_archive_files(&[file(1, 2, 3)], &orders_a.id, 9, &[])
+            .await
+            .is_err()
+    );
+    assert_eq!(
+        store.archive_checkpoints().await.unwrap(),
+        vec![(orders_a.id.clone(), 3)]
+    );
 }
 
 #[tokio::test]

@@ -43,6 +43,36 @@ pub struct Collection {
     pub created_at: i64,
 }
 
+/// A Parquet file registered in the archive manifest. Readers see only registered files.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ArchiveFile {
+    pub id: String,
+    pub team_id: String,
+    pub collection_id: String,
+    /// Object path under the archive root (Hive layout).
+    pub path: String,
+    pub rows: i64,
+    pub bytes: i64,
+    pub min_received_at: i64,
+    pub max_received_at: i64,
+    /// Bus positions of the first and last message whose events the file holds.
+    pub min_position: i64,
+    pub max_position: i64,
+    pub schema_version: i64,
+    pub created_at: i64,
+}
+
+/// One inferred column of a collection, as stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredColumn {
+    pub collection_id: String,
+    pub name: String,
+    pub type_name: String,
+    pub first_seen: i64,
+    pub widened_at: Option<i64>,
+    pub widened_from: Option<String>,
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum MetaError {
     #[error("{what} {name:?} already exists")]
@@ -84,4 +114,33 @@ pub trait Metastore: Send + Sync {
         id_or_name: &str,
     ) -> Result<Option<Collection>, MetaError>;
     async fn list_collections(&self, team_id: &str) -> Result<Vec<Collection>, MetaError>;
+
+    /// Registers archive files, moves the collection's archive checkpoint to `position`, and
+    /// records new or widened columns — all in one transaction, so after a crash either the
+    /// files and the checkpoint are both there or neither is.
+    async fn register_archive_files(
+        &self,
+        files: &[ArchiveFile],
+        collection_id: &str,
+        position: i64,
+        columns: &[StoredColumn],
+    ) -> Result<(), MetaError>;
+    /// The archiver's checkpoint of every collection: the highest bus position archived.
+    async fn archive_checkpoints(&self) -> Result<Vec<(String, i64)>, MetaError>;
+    /// Registered files of a collection overlapping `[from, to)` on `received_at`, by
+    /// `min_received_at`.
+    async fn list_archive_files(
+        &self,
+        team_id: &str,
+        collection_id: &str,
+        from: i64,
+        to: i64,
+    ) -> Result<Vec<ArchiveFile>, MetaError>;
+    /// Every archive path registered under a team/collection (for cleaning up orphans).
+    async fn archive_paths(&self, collection_id: &str) -> Result<Vec<String>, MetaError>;
+    /// Inferred columns, of one collection or (None) of all.
+    async fn collection_columns(
+        &self,
+        collection_id: Option<&str>,
+    ) -> Result<Vec<StoredColumn>, MetaError>;
 }

@@ -9,7 +9,7 @@ use async_trait::async_trait;
 use sqlx::any::{AnyPoolOptions, AnyRow};
 use sqlx::{AnyPool, Row};
 
-use super::{Collection, MetaError, Metastore, Team, TokenRecord};
+use super::{ArchiveFile, Collection, MetaError, Metastore, StoredColumn, Team, TokenRecord};
 use crate::auth::Scopes;
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
@@ -111,6 +111,37 @@ fn collection_from_row(row: &AnyRow) -> Result<Collection, sqlx::Error> {
         created_at: row.try_get("created_at")?,
     })
 }
+
+fn archive_file_from_row(row: &AnyRow) -> Result<ArchiveFile, sqlx::Error> {
+    Ok(ArchiveFile {
+        id: row.try_get("id")?,
+        team_id: row.try_get("team_id")?,
+        collection_id: row.try_get("collection_id")?,
+        path: row.try_get("path")?,
+        rows: row.try_get("rows")?,
+        bytes: row.try_get("bytes")?,
+        min_received_at: row.try_get("min_received_at")?,
+        max_received_at: row.try_get("max_received_at")?,
+        min_position: row.try_get("min_position")?,
+        max_position: row.try_get("max_position")?,
+        schema_version: row.try_get("schema_version")?,
+        created_at: row.try_get("created_at")?,
+    })
+}
+
+fn column_from_row(row: &AnyRow) -> Result<StoredColumn, sqlx::Error> {
+    Ok(StoredColumn {
+        collection_id: row.try_get("collection_id")?,
+        name: row.try_get("name")?,
+        type_name: row.try_get("type")?,
+        first_seen: row.try_get("first_seen")?,
+        widened_at: row.try_get("widened_at")?,
+        widened_from: row.try_get("widened_from")?,
+    })
+}
+
+const ARCHIVE_FILE_COLUMNS: &str = "id, team_id, collection_id, path, rows, bytes, min_received_at, max_received_at, \
+     min_position, max_position, schema_version, created_at";
 
 const TOKEN_COLUMNS: &str = "id, team_id, name, hash, prefix, scopes, created_at, revoked_at";
 
@@ -242,5 +273,126 @@ impl Metastore for SqlMetastore {
             .iter()
             .map(collection_from_row)
             .collect::<Result<_, _>>()?)
+    }
+
+    async fn register_archive_files(
+        &self,
+        files: &[ArchiveFile],
+        collection_id: &str,
+        position: i64,
+        columns: &[StoredColumn],
+    ) -> Result<(), MetaError> {
+        let mut tx = self.pool.begin().await?;
+        for f in files {
+            sqlx::query(&format!(
+                "INSERT INTO archive_files ({ARCHIVE_FILE_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)"
+            ))
+            .bind(&f.id)
+            .bind(&f.team_id)
+            .bind(&f.collection_id)
+            .bind(&f.path)
+            .bind(f.rows)
+            .bind(f.bytes)
+            .bind(f.min_received_at)
+            .bind(f.max_received_at)
+            .bind(f.min_position)
+            .bind(f.max_position)
+            .bind(f.schema_version)
+            .bind(f.created_at)
+            .execute(&mut *tx)
+            .await?;
+        }
+        sqlx::query(
+            "INSERT INTO archive_checkpoints (collection_id, position) VALUES ($1, $2) \
+             ON CONFLICT (collection_id) DO UPDATE SET position = excluded.position",
+        )
+        .bind(collection_id)
+        .bind(position)
+        .execute(&mut *tx)
+        .await?;
+        for c in columns {
+            sqlx::query(
+                "INSERT INTO collection_columns (collection_id, name, type, first_seen, widened_at, widened_from) \
+                 VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (collection_id, name) DO UPDATE SET \
+                 type = excluded.type, widened_at = excluded.widened_at, widened_from = excluded.widened_from",
+            )
+            .bind(&c.collection_id)
+            .bind(&c.name)
+            .bind(&c.type_name)
+            .bind(c.first_seen)
+            .bind(c.widened_at)
+            .bind(&c.widened_from)
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn archive_checkpoints(&self) -> Result<Vec<(String, i64)>, MetaError> {
+        let rows = sqlx::query("SELECT collection_id, position FROM archive_checkpoints")
+            .fetch_all(&self.pool)
+            .await?;
+        Ok(rows
+            .iter()
+            .map(|r| Ok((r.try_get("collection_id")?, r.try_get("position")?)))
+            .collect::<Result<_, sqlx::Error>>()?)
+    }
+
+    async fn list_archive_files(
+        &self,
+        team_id: &str,
+        collection_id: &str,
+        from: i64,
+        to: i64,
+    ) -> Result<Vec<ArchiveFile>, MetaError> {
+        let rows = sqlx::query(&format!(
+            "SELECT {ARCHIVE_FILE_COLUMNS} FROM archive_files WHERE team_id = $1 AND collection_id = $2 \
+             AND max_received_at >= $3 AND min_received_at < $4 ORDER BY min_received_at, min_position"
+        ))
+        .bind(team_id)
+        .bind(collection_id)
+        .bind(from)
+        .bind(to)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows
+            .iter()
+            .map(archive_file_from_row)
+            .collect::<Result<_, _>>()?)
+    }
+
+    async fn archive_paths(&self, collection_id: &str) -> Result<Vec<String>, MetaError> {
+        let rows = sqlx::query("SELECT path FROM archive_files WHERE collection_id = $1")
+            .bind(collection_id)
+            .fetch_all(&self.pool)
+            .await?;
+        Ok(rows
+            .iter()
+            .map(|r| r.try_get("path"))
+            .collect::<Result<_, _>>()?)
+    }
+
+    async fn collection_columns(
+        &self,
+        collection_id: Option<&str>,
+    ) -> Result<Vec<StoredColumn>, MetaError> {
+        let base = "SELECT collection_id, name, type, first_seen, widened_at, widened_from FROM collection_columns";
+        let rows = match collection_id {
+            Some(id) => {
+                sqlx::query(&format!(
+                    "{base} WHERE collection_id = $1 ORDER BY first_seen, name"
+                ))
+                .bind(id)
+                .fetch_all(&self.pool)
+                .await?
+            }
+            None => {
+                sqlx::query(&format!("{base} ORDER BY collection_id, first_seen, name"))
+                    .fetch_all(&self.pool)
+                    .await?
+            }
+        };
+        Ok(rows.iter().map(column_from_row).collect::<Result<_, _>>()?)
     }
 }

@@ -1,0 +1,412 @@
+//! The archiver: a bus consumer that batches events per collection, writes them to Parquet in
+//! the object store, registers the files in the metastore manifest, and only then acks the bus
+//! messages.
+//!
+//! Exactly-once into the manifest, the way Quickwit publishes splits: a collection's files and
+//! its checkpoint (the highest bus position archived) are registered in one metastore
+//! transaction. After a crash the bus redelivers what was not acked; messages at or below the
+//! collection's checkpoint are skipped, the rest are archived again. Objects are named after the
+//! bus position range they hold and written create-only, so a retried upload cannot make a
+//! second copy; an object written but never registered is invisible to readers (they go through
+//! the manifest) and is removed by [`super::cleanup_orphans`].
+//!
+//! Flush policy: a collection's buffer is written when it holds `target_bytes` of payload or
+//! when its oldest event has waited `flush_after`. Memory is bounded by `max_buffered_bytes`:
+//! above it the archiver stops reading the bus until a flush succeeds (the bus holds the
+//! backlog), so an object store outage costs disk on the bus, not memory.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use object_store::path::Path as ObjectPath;
+use object_store::{ObjectStore, PutMode, PutOptions, PutPayload};
+
+use super::parquet::{Row, encode, to_record_batch};
+use super::schema::{CollectionSchema, Column, ColumnType, flatten};
+use crate::bus::{Bus, Consumer, Delivery};
+use crate::ids::{new_id, now_micros};
+use crate::meta::{ArchiveFile, Metastore, StoredColumn};
+
+pub const CONSUMER: &str = "archiver";
+
+#[derive(Debug, Clone)]
+pub struct ArchiverOptions {
+    pub flush_after: Duration,
+    pub target_bytes: usize,
+    pub max_buffered_bytes: usize,
+}
+
+impl Default for ArchiverOptions {
+    fn default() -> Self {
+        Self {
+            flush_after: Duration::from_secs(60),
+            target_bytes: 64 << 20,
+            max_buffered_bytes: 256 << 20,
+        }
+    }
+}
+
+/// What `/readyz` and `/metrics` show about the archiver.
+#[derive(Default)]
+pub struct ArchiveStatus {
+    pub last_error: Mutex<Option<String>>,
+    pub files_written: AtomicU64,
+    pub events_archived: AtomicU64,
+    pub buffered_events: AtomicU64,
+    pub buffered_bytes: AtomicU64,
+    pub running: AtomicBool,
+}
+
+struct Buffer {
+    team_id: String,
+    deliveries: Vec<Delivery>,
+    positions: HashSet<u64>,
+    bytes: usize,
+    events: usize,
+    oldest: Instant,
+}
+
+pub struct Archiver {
+    bus: Arc<dyn Bus>,
+    meta: Arc<dyn Metastore>,
+    store: Arc<dyn ObjectStore>,
+    options: ArchiverOptions,
+    pub status: Arc<ArchiveStatus>,
+}
+
+/// `team=T/collection=C/date=YYYY-MM-DD/hour=HH/<first>-<last>.parquet`
+pub fn object_path(
+    team: &str,
+    collection: &str,
+    received_at_micros: i64,
+    first: u64,
+    last: u64,
+) -> String {
+    let t = chrono::DateTime::from_timestamp_micros(received_at_micros).unwrap_or_default();
+    format!(
+        "team={team}/collection={collection}/date={}/hour={}/{first:020}-{last:020}.parquet",
+        t.format("%Y-%m-%d"),
+        t.format("%H")
+    )
+}
+
+/// Resolves once shutdown is signalled (the watch guard never outlives this future).
+async fn stopped(shutdown: &mut tokio::sync::watch::Receiver<bool>) {
+    let _ = shutdown.wait_for(|s| *s).await;
+}
+
+fn hour_of(micros: i64) -> i64 {
+    micros.div_euclid(3_600_000_000)
+}
+
+impl Archiver {
+    pub fn new(
+        bus: Arc<dyn Bus>,
+        meta: Arc<dyn Metastore>,
+        store: Arc<dyn ObjectStore>,
+        options: ArchiverOptions,
+    ) -> Self {
+        Self {
+            bus,
+            meta,
+            store,
+            options,
+            status: Arc::new(ArchiveStatus::default()),
+        }
+    }
+
+    fn set_error(&self, e: Option<String>) {
+        *self.status.last_error.lock().expect("lock") = e;
+    }
+
+    /// Runs until `shutdown` fires, then flushes what it holds (best effort) and returns.
+    pub async fn run(self, mut shutdown: tokio::sync::watch::Receiver<bool>) {
+        self.status.running.store(true, Ordering::Relaxed);
+        let mut backoff = Duration::from_millis(500);
+        loop {
+            match self.run_once(&mut shutdown).await {
+                Ok(()) => break,
+                Err(e) => {
+                    tracing::error!(error = %e, "archiver stopped; restarting it");
+                    self.set_error(Some(e));
+                    tokio::select! {
+                        _ = tokio::time::sleep(backoff) => {}
+                        _ = stopped(&mut shutdown) => break,
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(10));
+                }
+            }
+        }
+        self.status.running.store(false, Ordering::Relaxed);
+    }
+
+    async fn run_once(
+        &self,
+        shutdown: &mut tokio::sync::watch::Receiver<bool>,
+    ) -> Result<(), String> {
+        let mut consumer = self
+            .bus
+            .consumer(CONSUMER)
+            .await
+            .map_err(|e| e.to_string())?;
+        let mut checkpoints: HashMap<String, u64> = self
+            .meta
+            .archive_checkpoints()
+            .await
+            .map_err(|e| e.to_string())?
+            .into_iter()
+            .map(|(c, p)| (c, p as u64))
+            .collect();
+        let mut schemas: HashMap<String, CollectionSchema> = HashMap::new();
+        for c in self
+            .meta
+            .collection_columns(None)
+            .await
+            .map_err(|e| e.to_string())?
+        {
+            let col = Column {
+                name: c.name,
+                ty: ColumnType::parse(&c.type_name).unwrap_or(ColumnType::Utf8),
+                first_seen: c.first_seen,
+                widened_at: c.widened_at,
+                widened_from: c.widened_from.as_deref().and_then(ColumnType::parse),
+            };
+            let schema = schemas.entry(c.collection_id).or_default();
+            let mut cols = std::mem::take(&mut schema.columns);
+            cols.push(col);
+            *schema = CollectionSchema::from_columns(cols);
+        }
+        let mut buffers: HashMap<String, Buffer> = HashMap::new();
+        let mut total_bytes = 0usize;
+        let mut tick = tokio::time::interval(Duration::from_millis(250));
+        loop {
+            let full = total_bytes >= self.options.max_buffered_bytes;
+            tokio::select! {
+                _ = stopped(shutdown) => {
+                    let names: Vec<String> = buffers.keys().cloned().collect();
+                    for c in names {
+                        if let Some(buf) = buffers.remove(&c) {
+                            let _ = self.flush(&c, buf, &mut schemas, &mut checkpoints, consumer.as_mut()).await;
+                        }
+                    }
+                    let _ = consumer.commit().await;
+                    return Ok(());
+                }
+                delivery = consumer.next(), if !full => {
+                    let delivery = delivery.map_err(|e| e.to_string())?;
+                    let collection = delivery.batch.collection_id.clone();
+                    if checkpoints.get(&collection).is_some_and(|cp| delivery.position <= *cp) {
+                        // Archived before a restart: only the ack was lost.
+                        consumer.ack(delivery).await.map_err(|e| e.to_string())?;
+                        continue;
+                    }
+                    let buf = buffers.entry(collection.clone()).or_insert_with(|| Buffer {
+                        team_id: delivery.batch.team_id.clone(),
+                        deliveries: Vec::new(),
+                        positions: HashSet::new(),
+                        bytes: 0,
+                        events: 0,
+                        oldest: Instant::now(),
+                    });
+                    if !buf.positions.insert(delivery.position) {
+                        continue; // redelivered while still buffered (NATS ack_wait)
+                    }
+                    let bytes: usize = delivery.batch.events.iter().map(|e| e.payload.len()).sum();
+                    buf.bytes += bytes;
+                    buf.events += delivery.batch.events.len();
+                    total_bytes += bytes;
+                    buf.deliveries.push(delivery);
+                    if buf.bytes >= self.options.target_bytes {
+                        let buf = buffers.remove(&collection).expect("present");
+                        total_bytes -= buf.bytes;
+                        if let Some(back) = self.flush(&collection, buf, &mut schemas, &mut checkpoints, consumer.as_mut()).await {
+                            total_bytes += back.bytes;
+                            buffers.insert(collection, back);
+                        }
+                    }
+                }
+                _ = tick.tick() => {
+                    let due: Vec<String> = buffers
+                        .iter()
+                        .filter(|(_, b)| b.oldest.elapsed() >= self.options.flush_after || total_bytes >= self.options.max_buffered_bytes)
+                        .map(|(c, _)| c.clone())
+                        .collect();
+                    for c in due {
+                        let buf = buffers.remove(&c).expect("present");
+                        total_bytes -= buf.bytes;
+                        if let Some(back) = self.flush(&c, buf, &mut schemas, &mut checkpoints, consumer.as_mut()).await {
+                            total_bytes += back.bytes;
+                            buffers.insert(c, back);
+                        }
+                    }
+                }
+            }
+            self.status
+                .buffered_bytes
+                .store(total_bytes as u64, Ordering::Relaxed);
+            self.status.buffered_events.store(
+                buffers.values().map(|b| b.events as u64).sum(),
+                Ordering::Relaxed,
+            );
+        }
+    }
+
+    /// Writes and registers one collection's buffer, then acks its messages. On failure the
+    /// buffer is handed back (to be retried at the next tick) and the error recorded.
+    async fn flush(
+        &self,
+        collection: &str,
+        buf: Buffer,
+        schemas: &mut HashMap<String, CollectionSchema>,
+        checkpoints: &mut HashMap<String, u64>,
+        consumer: &mut dyn Consumer,
+    ) -> Option<Buffer> {
+        let schema_before = schemas.get(collection).cloned().unwrap_or_default();
+        match self.write_and_register(collection, &buf, schemas).await {
+            Ok(max_position) => {
+                checkpoints.insert(collection.to_string(), max_position);
+                self.status
+                    .events_archived
+                    .fetch_add(buf.events as u64, Ordering::Relaxed);
+                for d in buf.deliveries {
+                    if let Err(e) = consumer.ack(d).await {
+                        tracing::warn!(error = %e, "bus ack failed after archiving; the message will be skipped on redelivery");
+                    }
+                }
+                self.set_error(None);
+                None
+            }
+            Err(e) => {
+                tracing::warn!(collection, error = %e, "archive flush failed; keeping the events and retrying");
+                self.set_error(Some(e));
+                schemas.insert(collection.to_string(), schema_before);
+                let mut buf = buf;
+                // Retry after the next tick, not in a tight loop.
+                buf.oldest = Instant::now() - self.options.flush_after
+                    + Duration::from_secs(1).min(self.options.flush_after);
+                Some(buf)
+            }
+        }
+    }
+
+    async fn write_and_register(
+        &self,
+        collection: &str,
+        buf: &Buffer,
+        schemas: &mut HashMap<String, CollectionSchema>,
+    ) -> Result<u64, String> {
+        let now = now_micros();
+        let schema = schemas.entry(collection.to_string()).or_default();
+        let mut changed = Vec::new();
+        // Rows grouped by hour partition; within a group, in bus order.
+        let mut groups: std::collections::BTreeMap<i64, (Vec<Row<'_>>, u64, u64)> =
+            Default::default();
+        for d in &buf.deliveries {
+            for event in &d.batch.events {
+                let fields = if event.content_type == "application/json" {
+                    serde_json::from_slice::<serde_json::Value>(&event.payload)
+                        .map(|v| flatten(&v))
+                        .unwrap_or_default()
+                } else {
+                    Vec::new()
+                };
+                schema.observe(&fields, now, &mut changed);
+                let g = groups.entry(hour_of(event.received_at_micros)).or_insert((
+                    Vec::new(),
+                    u64::MAX,
+                    0,
+                ));
+                g.0.push(Row { event, fields });
+                g.1 = g.1.min(d.position);
+                g.2 = g.2.max(d.position);
+            }
+        }
+        let max_position = buf.deliveries.iter().map(|d| d.position).max().unwrap_or(0);
+        let mut files = Vec::new();
+        for (_, (rows, first, last)) in groups {
+            let batch = to_record_batch(&rows, schema)
+                .map_err(|e| format!("cannot build Arrow batch: {e}"))?;
+            let bytes = tokio::task::block_in_place(|| encode(&batch))
+                .map_err(|e| format!("cannot encode Parquet: {e}"))?;
+            let min_t = rows
+                .iter()
+                .map(|r| r.event.received_at_micros)
+                .min()
+                .unwrap_or(0);
+            let max_t = rows
+                .iter()
+                .map(|r| r.event.received_at_micros)
+                .max()
+                .unwrap_or(0);
+            let path = object_path(&buf.team_id, collection, min_t, first, last);
+            let size = bytes.len() as i64;
+            let put = self
+                .store
+                .put_opts(
+                    &ObjectPath::from(path.as_str()),
+                    PutPayload::from(bytes),
+                    PutOptions {
+                        mode: PutMode::Create,
+                        ..Default::default()
+                    },
+                )
+                .await;
+            match put {
+                Ok(_) if std::env::var_os("REWIND_TEST_CRASH_AFTER_ARCHIVE_PUT").is_some() => {
+                    // Fault injection for the end-to-end tests: die between upload and registration.
+                    tracing::error!(%path, "REWIND_TEST_CRASH_AFTER_ARCHIVE_PUT is set: aborting after the upload");
+                    std::process::abort();
+                }
+                Ok(_) => {}
+                // Written whole by an attempt that died before registering it: same position
+                // range, same events.
+                Err(object_store::Error::AlreadyExists { .. }) => {}
+                Err(e) => return Err(format!("cannot write {path} to the archive: {e}")),
+            }
+            files.push(ArchiveFile {
+                id: new_id("af"),
+                team_id: buf.team_id.clone(),
+                collection_id: collection.to_string(),
+                path,
+                rows: rows.len() as i64,
+                bytes: size,
+                min_received_at: min_t,
+                max_received_at: max_t,
+                min_position: first as i64,
+                max_position: last as i64,
+                schema_version: schema.columns.len() as i64,
+                created_at: now,
+            });
+        }
+        changed.sort();
+        changed.dedup();
+        let columns: Vec<StoredColumn> = changed
+            .iter()
+            .filter_map(|name| schema.get(name))
+            .map(|c| StoredColumn {
+                collection_id: collection.to_string(),
+                name: c.name.clone(),
+                type_name: c.ty.name().to_string(),
+                first_seen: c.first_seen,
+                widened_at: c.widened_at,
+                widened_from: c.widened_from.map(|t| t.name().to_string()),
+            })
+            .collect();
+        self.meta
+            .register_archive_files(&files, collection, max_position as i64, &columns)
+            .await
+            .map_err(|e| format!("cannot register archive files: {e}"))?;
+        self.status
+            .files_written
+            .fetch_add(files.len() as u64, Ordering::Relaxed);
+        tracing::debug!(
+            collection,
+            files = files.len(),
+            events = buf.events,
+            "archived"
+        );
+        Ok(max_position)
+    }
+}

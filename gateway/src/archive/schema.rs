@@ -1,0 +1,263 @@
+//! Schema inference for a collection: typed columns from JSON payloads.
+//!
+//! * Nested objects are **flattened** to dotted column names (`user.address.city`), up to
+//!   [`MAX_DEPTH`] levels; deeper objects, and arrays at any level, are kept as JSON text in a
+//!   string column. Flat columns are what DuckDB, Athena and Spark users filter on without
+//!   struct syntax, and a new nested field only adds a column instead of changing a struct type.
+//! * Types: `bool`, `int64`, `float64`, `string`. A conflict **widens** and never fails a write:
+//!   int64 + float64 → float64; anything else mixed → string (numbers and booleans as their JSON
+//!   text, objects as JSON). Widening is recorded with its time and the type it replaced.
+//! * `null` adds nothing. Names that clash with the archive's own columns get a leading `_`.
+//! * At most [`MAX_COLUMNS`] inferred columns per collection: fields first seen after that have
+//!   no column (they are still in `payload`, the original bytes).
+//! * Non-JSON payloads add no columns.
+
+use std::collections::HashMap;
+
+use serde_json::Value;
+
+pub const MAX_COLUMNS: usize = 512;
+pub const MAX_DEPTH: usize = 8;
+/// Columns every archive file has.
+pub const RESERVED: [&str; 6] = [
+    "id",
+    "received_at",
+    "content_type",
+    "client_id",
+    "headers",
+    "payload",
+];
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ColumnType {
+    Bool,
+    Int64,
+    Float64,
+    Utf8,
+}
+
+impl ColumnType {
+    pub fn name(self) -> &'static str {
+        match self {
+            ColumnType::Bool => "bool",
+            ColumnType::Int64 => "int64",
+            ColumnType::Float64 => "float64",
+            ColumnType::Utf8 => "string",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<ColumnType> {
+        [
+            ColumnType::Bool,
+            ColumnType::Int64,
+            ColumnType::Float64,
+            ColumnType::Utf8,
+        ]
+        .into_iter()
+        .find(|t| t.name() == s)
+    }
+
+    /// The narrowest type holding both.
+    pub fn widen(self, other: ColumnType) -> ColumnType {
+        use ColumnType::*;
+        match (self, other) {
+            (a, b) if a == b => a,
+            (Int64, Float64) | (Float64, Int64) => Float64,
+            _ => Utf8,
+        }
+    }
+}
+
+/// One scalar of a flattened event.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Scalar {
+    Bool(bool),
+    Int(i64),
+    Float(f64),
+    Str(String),
+}
+
+impl Scalar {
+    pub fn column_type(&self) -> ColumnType {
+        match self {
+            Scalar::Bool(_) => ColumnType::Bool,
+            Scalar::Int(_) => ColumnType::Int64,
+            Scalar::Float(_) => ColumnType::Float64,
+            Scalar::Str(_) => ColumnType::Utf8,
+        }
+    }
+
+    pub fn as_text(&self) -> String {
+        match self {
+            Scalar::Bool(b) => b.to_string(),
+            Scalar::Int(i) => i.to_string(),
+            Scalar::Float(f) => f.to_string(),
+            Scalar::Str(s) => s.clone(),
+        }
+    }
+}
+
+fn column_name(path: &str) -> String {
+    if RESERVED.contains(&path) {
+        format!("_{path}")
+    } else {
+        path.to_string()
+    }
+}
+
+/// Flattens a JSON object into `(column name, scalar)` pairs.
+pub fn flatten(value: &Value) -> Vec<(String, Scalar)> {
+    let mut out = Vec::new();
+    if let Value::Object(map) = value {
+        for (k, v) in map {
+            flatten_into(k.clone(), v, 1, &mut out);
+        }
+    }
+    out
+}
+
+fn flatten_into(path: String, value: &Value, depth: usize, out: &mut Vec<(String, Scalar)>) {
+    match value {
+        Value::Null => {}
+        Value::Bool(b) => out.push((column_name(&path), Scalar::Bool(*b))),
+        Value::Number(n) => {
+            let s = match n.as_i64() {
+                Some(i) => Scalar::Int(i),
+                None => Scalar::Float(n.as_f64().unwrap_or(f64::NAN)),
+            };
+            out.push((column_name(&path), s));
+        }
+        Value::String(s) => out.push((column_name(&path), Scalar::Str(s.clone()))),
+        Value::Array(_) => out.push((column_name(&path), Scalar::Str(value.to_string()))),
+        Value::Object(map) if depth < MAX_DEPTH => {
+            for (k, v) in map {
+                flatten_into(format!("{path}.{k}"), v, depth + 1, out);
+            }
+        }
+        Value::Object(_) => out.push((column_name(&path), Scalar::Str(value.to_string()))),
+    }
+}
+
+/// A column of a collection's schema.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Column {
+    pub name: String,
+    pub ty: ColumnType,
+    pub first_seen: i64,
+    pub widened_at: Option<i64>,
+    pub widened_from: Option<ColumnType>,
+}
+
+/// The evolving schema of one collection.
+#[derive(Debug, Clone, Default)]
+pub struct CollectionSchema {
+    pub columns: Vec<Column>,
+    index: HashMap<String, usize>,
+    /// Fields seen that got no column because of [`MAX_COLUMNS`].
+    pub overflowed: bool,
+}
+
+impl CollectionSchema {
+    pub fn from_columns(columns: Vec<Column>) -> Self {
+        let index = columns
+            .iter()
+            .enumerate()
+            .map(|(i, c)| (c.name.clone(), i))
+            .collect();
+        Self {
+            columns,
+            index,
+            overflowed: false,
+        }
+    }
+
+    pub fn get(&self, name: &str) -> Option<&Column> {
+        self.index.get(name).map(|i| &self.columns[*i])
+    }
+
+    /// Takes one flattened event into account; returns the names of columns added or widened.
+    pub fn observe(&mut self, fields: &[(String, Scalar)], now: i64, changed: &mut Vec<String>) {
+        for (name, value) in fields {
+            let ty = value.column_type();
+            match self.index.get(name) {
+                Some(&i) => {
+                    let col = &mut self.columns[i];
+                    let wide = col.ty.widen(ty);
+                    if wide != col.ty {
+                        col.widened_from = Some(col.ty);
+                        col.widened_at = Some(now);
+                        col.ty = wide;
+                        changed.push(name.clone());
+                    }
+                }
+                None if self.columns.len() < MAX_COLUMNS => {
+                    self.index.insert(name.clone(), self.columns.len());
+                    self.columns.push(Column {
+                        name: name.clone(),
+                        ty,
+                        first_seen: now,
+                        widened_at: None,
+                        widened_from: None,
+                    });
+                    changed.push(name.clone());
+                }
+                None => self.overflowed = true,
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn flattens_nested_objects_and_keeps_arrays_and_deep_objects_as_json() {
+        let v = json!({"a": 1, "b": {"c": "x", "d": {"e": true}}, "arr": [1, 2], "n": null, "id": "clash"});
+        let f: HashMap<String, Scalar> = flatten(&v).into_iter().collect();
+        assert_eq!(f["a"], Scalar::Int(1));
+        assert_eq!(f["b.c"], Scalar::Str("x".into()));
+        assert_eq!(f["b.d.e"], Scalar::Bool(true));
+        assert_eq!(f["arr"], Scalar::Str("[1,2]".into()));
+        assert_eq!(f["_id"], Scalar::Str("clash".into()));
+        assert!(!f.contains_key("n"));
+        let mut deep = json!("leaf");
+        for _ in 0..20 {
+            deep = json!({ "k": deep });
+        }
+        let f = flatten(&deep);
+        assert_eq!(f.len(), 1);
+        assert_eq!(f[0].0.matches('.').count(), MAX_DEPTH - 1);
+        assert!(matches!(&f[0].1, Scalar::Str(s) if s.starts_with('{')));
+    }
+
+    #[test]
+    fn conflicts_widen_and_are_recorded() {
+        let mut s = CollectionSchema::default();
+        let mut changed = Vec::new();
+        s.observe(&flatten(&json!({"amount": 1})), 1, &mut changed);
+        s.observe(&flatten(&json!({"amount": 1.5})), 2, &mut changed);
+        assert_eq!(s.get("amount").unwrap().ty, ColumnType::Float64);
+        s.observe(&flatten(&json!({"amount": "lots"})), 3, &mut changed);
+        let c = s.get("amount").unwrap();
+        assert_eq!(
+            (c.ty, c.widened_from, c.widened_at, c.first_seen),
+            (ColumnType::Utf8, Some(ColumnType::Float64), Some(3), 1)
+        );
+        assert_eq!(changed, vec!["amount", "amount", "amount"]);
+    }
+
+    #[test]
+    fn the_column_count_is_bounded() {
+        let mut s = CollectionSchema::default();
+        let mut changed = Vec::new();
+        let mut obj = serde_json::Map::new();
+        for i in 0..10_000 {
+            obj.insert(format!("f{i}"), json!(i));
+        }
+        s.observe(&flatten(&Value::Object(obj)), 1, &mut changed);
+        assert_eq!(s.columns.len(), MAX_COLUMNS);
+        assert!(s.overflowed);
+    }
+}
