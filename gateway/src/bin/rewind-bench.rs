@@ -45,6 +45,188 @@ struct Args {
     /// Event size in bytes.
     #[arg(long, default_value_t = 1024)]
     event_bytes: usize,
+    /// Archiver benchmark only: drain a backlog of this many events from a local bus into
+    /// Parquet (through the library, no HTTP), and report throughput, size and memory.
+    #[arg(long)]
+    archive_events: Option<usize>,
+}
+
+/// A realistic-looking 1 KiB event: ids, timestamps, amounts, emails, nested objects and
+/// free text drawn from small vocabularies plus random hex, so compression sees the kind of
+/// repetition real event streams have, not a padding run.
+fn realistic_event(size: usize, rng: &mut impl rand::Rng) -> String {
+    const TYPES: [&str; 6] = [
+        "account_created",
+        "login",
+        "payment_succeeded",
+        "payment_failed",
+        "plan_changed",
+        "logout",
+    ];
+    const PLANS: [&str; 4] = ["free", "pro", "team", "enterprise"];
+    const REGIONS: [&str; 5] = [
+        "eu-west-1",
+        "us-east-1",
+        "us-west-2",
+        "ap-south-1",
+        "sa-east-1",
+    ];
+    const WORDS: [&str; 12] = [
+        "checkout", "retry", "mobile", "web", "card", "sepa", "invoice", "trial", "upgrade",
+        "coupon", "referral", "support",
+    ];
+    let mut e = serde_json::json!({
+        "type": TYPES[rng.random_range(0..TYPES.len())],
+        "occurred_at": format!("2026-11-25T{:02}:{:02}:{:02}.{:03}Z", rng.random_range(0..24), rng.random_range(0..60), rng.random_range(0..60), rng.random_range(0..1000)),
+        "account": {"id": rng.random_range(1..200_000), "plan": PLANS[rng.random_range(0..4)], "region": REGIONS[rng.random_range(0..5)],
+                    "email": format!("user{}@example{}.com", rng.random_range(0..100_000), rng.random_range(0..50))},
+        "amount": rng.random_range(0..100_000) as f64 / 100.0,
+        "currency": if rng.random_bool(0.7) { "EUR" } else { "USD" },
+        "session": {"ip": format!("10.{}.{}.{}", rng.random_range(0..256), rng.random_range(0..256), rng.random_range(0..256)),
+                    "user_agent": "Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/156.0 Safari/537.36"},
+        "tags": [WORDS[rng.random_range(0..12)], WORDS[rng.random_range(0..12)]],
+    });
+    let mut text = String::new();
+    while e.to_string().len() + text.len() + 12 < size {
+        text.push_str(WORDS[rng.random_range(0..12)]);
+        text.push(' ');
+        if rng.random_bool(0.2) {
+            text.push_str(&format!("{:08x} ", rng.random::<u32>()));
+        }
+    }
+    e["note"] = serde_json::Value::String(text);
+    e.to_string()
+}
+
+fn cpu_seconds() -> f64 {
+    // utime + stime of this process, from /proc/self/stat (fields 14 and 15, in clock ticks).
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    let after = stat.rsplit(')').next().unwrap_or("");
+    let f: Vec<&str> = after.split_whitespace().collect();
+    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    (ticks(11) + ticks(12)) / 100.0
+}
+
+fn self_rss_mib() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
+        .map_or(0.0, |kb| kb / 1024.0)
+}
+
+async fn archive_bench(events: usize, event_bytes: usize) -> anyhow::Result<()> {
+    use rewind_gateway::archive::archiver::{Archiver, ArchiverOptions};
+    use rewind_gateway::bus::Bus;
+    let dir = tempfile::tempdir()?;
+    let bus: Arc<dyn Bus> = Arc::new(rewind_gateway::bus::local::LocalBus::open(
+        &dir.path().join("bus"),
+        Default::default(),
+    )?);
+    let meta: Arc<dyn rewind_gateway::meta::Metastore> =
+        Arc::new(rewind_gateway::meta::SqlMetastore::open_sqlite(&dir.path().join("m.db")).await?);
+    let store =
+        rewind_gateway::archive::store::open(&dir.path().join("archive").display().to_string())?;
+    // The backlog: batches of 500 realistic events, one team and collection.
+    let mut rng = rand::rng();
+    let pool: Vec<String> = (0..5000)
+        .map(|_| realistic_event(event_bytes.saturating_sub(60), &mut rng))
+        .collect();
+    // Each payload is the pool entry plus `"event_id":"<32 hex>","seq":<i>,` and a newline.
+    let raw_bytes: usize = (0..events)
+        .map(|i| pool[i % pool.len()].len() + 1 + 53 + i.to_string().len())
+        .sum();
+    let t0 = Instant::now();
+    let mut appends = Vec::new();
+    for start in (0..events).step_by(BATCH) {
+        let now = rewind_gateway::ids::now_micros();
+        let batch = rewind_gateway::bus::BusBatch {
+            team_id: "tm_bench".into(),
+            collection_id: "col_bench".into(),
+            events: (start..(start + BATCH).min(events))
+                .map(|i| rewind_gateway::bus::Event {
+                    id: ulid::Ulid::new().to_string(),
+                    received_at_micros: now,
+                    // Fresh high-entropy fields per event so no two payloads are equal.
+                    payload: format!(
+                        "{{\"event_id\":\"{:032x}\",\"seq\":{i},{}",
+                        rand::random::<u128>(),
+                        &pool[i % pool.len()][1..]
+                    )
+                    .into(),
+                    content_type: "application/json".into(),
+                    ..Default::default()
+                })
+                .collect(),
+        };
+        let bus = bus.clone();
+        appends.push(tokio::spawn(async move { bus.append(&batch, "").await }));
+        if appends.len() >= 64 {
+            for a in appends.drain(..) {
+                a.await??;
+            }
+        }
+    }
+    for a in appends {
+        a.await??;
+    }
+    println!(
+        "| backlog: {events} events, {:.0} MiB of NDJSON, appended in {:.1} s |",
+        raw_bytes as f64 / 1048576.0,
+        t0.elapsed().as_secs_f64()
+    );
+
+    let archiver = Archiver::new(
+        bus.clone(),
+        meta.clone(),
+        store,
+        ArchiverOptions {
+            flush_after: Duration::from_secs(5),
+            ..Default::default()
+        },
+    );
+    let status = archiver.status.clone();
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let cpu0 = cpu_seconds();
+    let rss0 = self_rss_mib();
+    let t0 = Instant::now();
+    let task = tokio::spawn(archiver.run(stop_rx));
+    let mut peak_rss: f64 = 0.0;
+    while (status.events_archived.load(Ordering::Relaxed) as usize) < events {
+        peak_rss = peak_rss.max(self_rss_mib());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        if t0.elapsed() > Duration::from_secs(3600) {
+            bail!("archiver did not finish");
+        }
+    }
+    let wall = t0.elapsed().as_secs_f64();
+    let cpu = cpu_seconds() - cpu0;
+    let _ = stop_tx.send(true);
+    let _ = task.await;
+    let files = meta
+        .list_archive_files("tm_bench", "col_bench", i64::MIN, i64::MAX)
+        .await?;
+    let parquet_bytes: i64 = files.iter().map(|f| f.bytes).sum();
+    println!(
+        "| archiver: bus → registered Parquet | {:.0} events/s wall ({:.0} MiB/s), {:.0} events/s per CPU-second ({:.1} CPU-s over {:.1} s) |",
+        events as f64 / wall,
+        raw_bytes as f64 / 1048576.0 / wall,
+        events as f64 / cpu,
+        cpu,
+        wall
+    );
+    println!(
+        "| Parquet size | {} files, {:.1} MiB = {:.1}% of the NDJSON |",
+        files.len(),
+        parquet_bytes as f64 / 1048576.0,
+        100.0 * parquet_bytes as f64 / raw_bytes as f64
+    );
+    println!(
+        "| bench process RSS while draining | peak {:.0} MiB (before: {:.0} MiB) |",
+        peak_rss, rss0
+    );
+    Ok(())
 }
 
 const BATCH: usize = 500;
@@ -420,6 +602,9 @@ async fn raw_jetstream(url: &str, secs: u64, event_bytes: usize) -> anyhow::Resu
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    if let Some(events) = args.archive_events {
+        return archive_bench(events, args.event_bytes).await;
+    }
     let secs = args.secs;
     let batch_body = Bytes::from(
         (0..BATCH)
