@@ -14,4 +14,5 @@ pub mod ingest;
 pub mod meta;
 pub mod metrics;
 pub mod proto;
+pub mod query;
 pub mod server;

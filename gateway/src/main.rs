@@ -2,6 +2,11 @@
 
 use clap::Parser;
 
+// mimalloc: less page-fault churn than glibc's malloc under the archiver's large, short-lived
+// buffers, and a flatter RSS.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[tokio::main]
 async fn main() {
     let cli = rewind_gateway::cli::Cli::parse();

@@ -423,6 +423,19 @@ fn parse_time(name: &str, value: Option<&str>, default: i64) -> Result<i64, ApiE
     }
 }
 
+/// Parses the `filter` parameter; a syntax error is a 400 naming the column.
+pub(crate) fn parse_filter(filter: Option<&str>) -> Result<Option<crate::query::Expr>, ApiError> {
+    crate::query::parse(filter.unwrap_or("")).map_err(|e| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_filter",
+            format!(
+                "{e}. Filters look like: type = \"account_created\" AND amount >= 100 (see docs/query.md)"
+            ),
+        )
+    })
+}
+
 /// `GET /v1/collections/{id}/export`: every archived event in `[from, to)`, oldest first, as
 /// NDJSON, streamed file group by file group.
 async fn export(
@@ -433,11 +446,7 @@ async fn export(
 ) -> Result<Response, ApiError> {
     let caller = who.require(Scope::Read)?;
     let collection = admin::get_collection(state.meta.as_ref(), &caller.team_id, &id).await?;
-    if q.filter.as_deref().is_some_and(|f| !f.trim().is_empty()) {
-        return Err(ApiError::bad_request(
-            "`filter` on export arrives with the query language (search issue); export without it for now",
-        ));
-    }
+    let filter = parse_filter(q.filter.as_deref())?;
     let from = parse_time("from", q.from.as_deref(), i64::MIN)?;
     let to = parse_time("to", q.to.as_deref(), i64::MAX)?;
     if from >= to {
@@ -445,42 +454,49 @@ async fn export(
             "`from` must be before `to` (the range is [from, to))",
         ));
     }
-    let files = state
-        .meta
-        .list_archive_files(&caller.team_id, &collection.id, from, to)
-        .await?;
-    let groups = crate::archive::read::overlapping_groups(files);
+    let mut events = crate::archive::read::spawn_scan(
+        state.archive.clone(),
+        state.meta.clone(),
+        crate::archive::read::Scan {
+            team_id: caller.team_id.clone(),
+            collection_id: collection.id.clone(),
+            from,
+            to,
+            filter: filter.map(std::sync::Arc::new),
+        },
+    );
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<bytes::Bytes, std::io::Error>>(8);
-    let store = state.archive.clone();
     tokio::spawn(async move {
-        for group in groups {
-            let mut events = Vec::new();
-            for file in &group {
-                match crate::archive::read::read_file(&store, file, from, to).await {
-                    Ok(mut e) => events.append(&mut e),
-                    Err(e) => {
-                        tracing::error!(error = %e, "export aborted");
-                        let _ = tx.send(Err(std::io::Error::other(e.to_string()))).await;
+        let mut chunk = Vec::with_capacity(1 << 20);
+        while let Some(batch) = events.recv().await {
+            match batch {
+                Ok(batch) => {
+                    for e in &batch {
+                        chunk.extend_from_slice(&crate::archive::read::export_line(e));
+                    }
+                    if chunk.len() >= 1 << 20
+                        && tx
+                            .send(Ok(std::mem::take(&mut chunk).into()))
+                            .await
+                            .is_err()
+                    {
                         return;
                     }
                 }
-            }
-            events.sort_by(|a, b| (a.received_at, &a.id).cmp(&(b.received_at, &b.id)));
-            let mut chunk = Vec::with_capacity(1 << 20);
-            for e in &events {
-                chunk.extend_from_slice(&crate::archive::read::export_line(e));
-                if chunk.len() >= 1 << 20
-                    && tx
-                        .send(Ok(std::mem::take(&mut chunk).into()))
-                        .await
-                        .is_err()
-                {
+                Err(e) => {
+                    // The status line is gone already: end the stream with an error so the
+                    // client sees a broken transfer instead of a silently short export.
+                    tracing::error!(error = %e, "export aborted");
+                    if !chunk.is_empty() {
+                        let _ = tx.send(Ok(std::mem::take(&mut chunk).into())).await;
+                    }
+                    let _ = tx.send(Err(std::io::Error::other(e))).await;
                     return;
                 }
             }
-            if !chunk.is_empty() && tx.send(Ok(chunk.into())).await.is_err() {
-                return;
-            }
+        }
+        if !chunk.is_empty() {
+            let _ = tx.send(Ok(chunk.into())).await;
         }
     });
     let body = Body::from_stream(tokio_stream::wrappers::ReceiverStream::new(rx));

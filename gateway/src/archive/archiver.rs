@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 use object_store::path::Path as ObjectPath;
 use object_store::{ObjectStore, PutMode, PutOptions, PutPayload};
 
-use super::parquet::{Row, encode, to_record_batch};
+use super::parquet::{CHUNK_ROWS, FileWriter, Row, file_schema};
 use super::schema::{CollectionSchema, Column, ColumnType, flatten};
 use crate::bus::{Bus, Consumer, Delivery};
 use crate::ids::{new_id, now_micros};
@@ -326,10 +326,6 @@ impl Archiver {
         let max_position = buf.deliveries.iter().map(|d| d.position).max().unwrap_or(0);
         let mut files = Vec::new();
         for (_, (rows, first, last)) in groups {
-            let batch = to_record_batch(&rows, schema)
-                .map_err(|e| format!("cannot build Arrow batch: {e}"))?;
-            let bytes = tokio::task::block_in_place(|| encode(&batch))
-                .map_err(|e| format!("cannot encode Parquet: {e}"))?;
             let min_t = rows
                 .iter()
                 .map(|r| r.event.received_at_micros)
@@ -340,6 +336,36 @@ impl Archiver {
                 .map(|r| r.event.received_at_micros)
                 .max()
                 .unwrap_or(0);
+            let row_count = rows.len();
+            // The file's inferred columns: those of the schema that occur in its rows.
+            let mut present: HashSet<&str> = HashSet::new();
+            for row in &rows {
+                for (name, _) in &row.fields {
+                    present.insert(name.as_str());
+                }
+            }
+            let columns: Vec<(&str, ColumnType)> = schema
+                .columns
+                .iter()
+                .filter(|c| present.contains(c.name.as_str()))
+                .map(|c| (c.name.as_str(), c.ty))
+                .collect();
+            let arrow_schema = file_schema(&columns);
+            drop(present);
+            // Arrow batches of CHUNK_ROWS rows, each dropped once encoded.
+            let bytes = tokio::task::block_in_place(|| {
+                let mut writer = FileWriter::new(arrow_schema)?;
+                let mut rows = rows.into_iter();
+                loop {
+                    let chunk: Vec<Row<'_>> = rows.by_ref().take(CHUNK_ROWS).collect();
+                    if chunk.is_empty() {
+                        break;
+                    }
+                    writer.write(&chunk)?;
+                }
+                writer.finish()
+            })
+            .map_err(|e| format!("cannot encode Parquet: {e}"))?;
             let path = object_path(&buf.team_id, collection, min_t, first, last);
             let size = bytes.len() as i64;
             let put = self
@@ -370,7 +396,7 @@ impl Archiver {
                 team_id: buf.team_id.clone(),
                 collection_id: collection.to_string(),
                 path,
-                rows: rows.len() as i64,
+                rows: row_count as i64,
                 bytes: size,
                 min_received_at: min_t,
                 max_received_at: max_t,

@@ -18,7 +18,7 @@ use parquet::arrow::ArrowWriter;
 use parquet::basic::{Compression, ZstdLevel};
 use parquet::file::properties::{EnabledStatistics, WriterProperties};
 
-use super::schema::{CollectionSchema, ColumnType, Scalar};
+use super::schema::{ColumnType, Scalar};
 use crate::bus::Event;
 
 pub const ROW_GROUP_ROWS: usize = 64 * 1024;
@@ -53,27 +53,43 @@ fn arrow_type(t: ColumnType) -> DataType {
     }
 }
 
-/// Builds the Arrow record batch of `rows` under the collection's current schema.
+/// The Arrow schema of a file holding the given inferred columns (in schema order).
+pub fn file_schema(columns: &[(&str, ColumnType)]) -> Arc<Schema> {
+    let mut fields = base_fields();
+    for (name, ty) in columns {
+        fields.push(Field::new(*name, arrow_type(*ty), true));
+    }
+    Arc::new(Schema::new(fields))
+}
+
+/// Builds the Arrow record batch of `rows` under `schema` (from [`file_schema`]): the
+/// archive's own columns, then one column per inferred field of the schema.
 pub fn to_record_batch(
     rows: &[Row<'_>],
-    schema: &CollectionSchema,
+    schema: &Arc<Schema>,
 ) -> Result<RecordBatch, arrow::error::ArrowError> {
-    // Which inferred columns occur here, in schema order, with their values sparse by row.
-    let mut present: HashMap<&str, Vec<(usize, &Scalar)>> = HashMap::new();
+    let inferred = &schema.fields()[base_fields().len()..];
+    let slot: HashMap<&str, usize> = inferred
+        .iter()
+        .enumerate()
+        .map(|(i, f)| (f.name().as_str(), i))
+        .collect();
+    // Values sparse by row, per inferred column.
+    let mut values: Vec<Vec<(usize, &Scalar)>> = vec![Vec::new(); inferred.len()];
     for (r, row) in rows.iter().enumerate() {
         for (name, value) in &row.fields {
-            if schema.get(name).is_some() {
-                present.entry(name.as_str()).or_default().push((r, value));
+            if let Some(i) = slot.get(name.as_str()) {
+                values[*i].push((r, value));
             }
         }
     }
-    let mut fields = base_fields();
-    let mut id = StringBuilder::new();
-    let mut received = TimestampMicrosecondBuilder::new().with_timezone("UTC");
+    let payload_bytes: usize = rows.iter().map(|r| r.event.payload.len()).sum();
+    let mut id = StringBuilder::with_capacity(rows.len(), rows.len() * 26);
+    let mut received = TimestampMicrosecondBuilder::with_capacity(rows.len()).with_timezone("UTC");
     let mut content_type = StringBuilder::new();
     let mut client_id = StringBuilder::new();
     let mut headers = StringBuilder::new();
-    let mut payload = BinaryBuilder::new();
+    let mut payload = BinaryBuilder::with_capacity(rows.len(), payload_bytes);
     for row in rows {
         let e = row.event;
         id.append_value(&e.id);
@@ -99,14 +115,16 @@ pub fn to_record_batch(
         Arc::new(headers.finish()),
         Arc::new(payload.finish()),
     ];
-    for col in &schema.columns {
-        let Some(values) = present.get(col.name.as_str()) else {
-            continue;
+    for (field, values) in inferred.iter().zip(&values) {
+        let ty = match field.data_type() {
+            DataType::Boolean => ColumnType::Bool,
+            DataType::Int64 => ColumnType::Int64,
+            DataType::Float64 => ColumnType::Float64,
+            _ => ColumnType::Utf8,
         };
-        fields.push(Field::new(&col.name, arrow_type(col.ty), true));
-        columns.push(build_column(col.ty, values, rows.len()));
+        columns.push(build_column(ty, values, rows.len()));
     }
-    RecordBatch::try_new(Arc::new(Schema::new(fields)), columns)
+    RecordBatch::try_new(schema.clone(), columns)
 }
 
 fn build_column(ty: ColumnType, values: &[(usize, &Scalar)], len: usize) -> ArrayRef {
@@ -146,22 +164,66 @@ fn build_column(ty: ColumnType, values: &[(usize, &Scalar)], len: usize) -> Arra
             Scalar::Float(f) => Some(*f),
             _ => None,
         }),
-        ColumnType::Utf8 => fill!(StringBuilder::new(), |s: &Scalar| Some(s.as_text())),
+        ColumnType::Utf8 => fill!(StringBuilder::new(), |s| Some(Scalar::text(s))),
     }
 }
 
-/// Encodes a record batch as one Parquet file.
-pub fn encode(batch: &RecordBatch) -> Result<Bytes, parquet::errors::ParquetError> {
-    let props = WriterProperties::builder()
-        .set_compression(Compression::ZSTD(ZstdLevel::try_new(3)?))
+/// Rows per Arrow batch handed to the Parquet writer: what bounds the Arrow copy of a file
+/// in memory (the writer keeps only encoded, compressed pages of the open row group).
+pub const CHUNK_ROWS: usize = 8 * 1024;
+
+fn writer_properties() -> Result<WriterProperties, parquet::errors::ParquetError> {
+    Ok(WriterProperties::builder()
+        .set_compression(Compression::ZSTD(ZstdLevel::try_new(ZSTD_LEVEL)?))
         .set_statistics_enabled(EnabledStatistics::Page)
         .set_max_row_group_row_count(Some(ROW_GROUP_ROWS))
+        // Bigger pages for the payload give zstd more context across similar events.
+        .set_column_data_page_size_limit("payload".into(), PAYLOAD_PAGE_BYTES)
+        .set_column_dictionary_enabled("payload".into(), false)
+        .set_column_dictionary_enabled("id".into(), false)
         .set_column_bloom_filter_enabled("id".into(), true)
         .set_created_by("rewind".into())
-        .build();
-    let mut out = Vec::with_capacity(1 << 20);
-    let mut writer = ArrowWriter::try_new(&mut out, batch.schema(), Some(props))?;
+        .build())
+}
+
+const ZSTD_LEVEL: i32 = 1;
+const PAYLOAD_PAGE_BYTES: usize = 4 << 20;
+
+/// Writes one Parquet file chunk by chunk into memory.
+pub struct FileWriter {
+    schema: Arc<Schema>,
+    writer: ArrowWriter<Vec<u8>>,
+}
+
+impl FileWriter {
+    pub fn new(schema: Arc<Schema>) -> Result<Self, parquet::errors::ParquetError> {
+        let writer = ArrowWriter::try_new(
+            Vec::with_capacity(1 << 20),
+            schema.clone(),
+            Some(writer_properties()?),
+        )?;
+        Ok(Self { schema, writer })
+    }
+
+    /// Appends rows (at most [`CHUNK_ROWS`] at a time keeps memory low).
+    pub fn write(&mut self, rows: &[Row<'_>]) -> Result<(), parquet::errors::ParquetError> {
+        let batch = to_record_batch(rows, &self.schema)
+            .map_err(|e| parquet::errors::ParquetError::General(e.to_string()))?;
+        self.writer.write(&batch)
+    }
+
+    pub fn finish(self) -> Result<Bytes, parquet::errors::ParquetError> {
+        Ok(Bytes::from(self.writer.into_inner()?))
+    }
+}
+
+/// Encodes a record batch as one Parquet file (compaction and tests).
+pub fn encode(batch: &RecordBatch) -> Result<Bytes, parquet::errors::ParquetError> {
+    let mut writer = ArrowWriter::try_new(
+        Vec::with_capacity(1 << 20),
+        batch.schema(),
+        Some(writer_properties()?),
+    )?;
     writer.write(batch)?;
-    writer.close()?;
-    Ok(Bytes::from(out))
+    Ok(Bytes::from(writer.into_inner()?))
 }

@@ -25,6 +25,8 @@ pub struct ArchivedEvent {
 pub struct ReadError {
     pub path: String,
     pub message: String,
+    /// The object is gone (replaced by compaction since the manifest was read).
+    pub not_found: bool,
 }
 
 /// Reads the events of one file whose `received_at` is in `[from, to)`.
@@ -37,12 +39,16 @@ pub async fn read_file(
     let err = |message: String| ReadError {
         path: file.path.clone(),
         message,
+        not_found: false,
     };
     // Files are bounded by the archiver's target size, so reading one whole is bounded too.
     let bytes = store
         .get(&file.path.as_str().into())
         .await
-        .map_err(|e| err(e.to_string()))?
+        .map_err(|e| ReadError {
+            not_found: matches!(e, object_store::Error::NotFound { .. }),
+            ..err(e.to_string())
+        })?
         .bytes()
         .await
         .map_err(|e| err(e.to_string()))?;
@@ -103,6 +109,87 @@ pub async fn read_file(
         }
     }
     Ok(out)
+}
+
+/// What to read from a collection's archive.
+#[derive(Clone)]
+pub struct Scan {
+    pub team_id: String,
+    pub collection_id: String,
+    /// `[from, to)` on `received_at`, in µs.
+    pub from: i64,
+    pub to: i64,
+    pub filter: Option<Arc<crate::query::Expr>>,
+}
+
+/// Streams the selected events, oldest first (`received_at`, then id), in chunks, through
+/// the manifest. Memory is bounded by one group of overlapping files. When a file has been
+/// replaced by compaction since the manifest was read, the scan re-reads the manifest and
+/// resumes after the last event it sent, so nothing is skipped or sent twice.
+pub fn spawn_scan(
+    store: Arc<dyn ObjectStore>,
+    meta: Arc<dyn crate::meta::Metastore>,
+    scan: Scan,
+) -> tokio::sync::mpsc::Receiver<Result<Vec<ArchivedEvent>, String>> {
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    tokio::spawn(async move {
+        if let Err(e) = run_scan(&store, meta.as_ref(), &scan, &tx).await {
+            let _ = tx.send(Err(e)).await;
+        }
+    });
+    rx
+}
+
+async fn run_scan(
+    store: &Arc<dyn ObjectStore>,
+    meta: &dyn crate::meta::Metastore,
+    scan: &Scan,
+    tx: &tokio::sync::mpsc::Sender<Result<Vec<ArchivedEvent>, String>>,
+) -> Result<(), String> {
+    // The last event sent: everything up to it (in scan order) is done.
+    let mut cursor: Option<(i64, String)> = None;
+    let mut replans = 0;
+    'plan: loop {
+        let from = cursor.as_ref().map_or(scan.from, |c| c.0);
+        let files = meta
+            .list_archive_files(&scan.team_id, &scan.collection_id, from, scan.to)
+            .await
+            .map_err(|e| e.to_string())?;
+        for group in overlapping_groups(files) {
+            let mut events = Vec::new();
+            for file in &group {
+                match read_file(store, file, from, scan.to).await {
+                    Ok(mut e) => events.append(&mut e),
+                    Err(e) if e.not_found && replans < 10 => {
+                        tracing::debug!(path = %e.path, "archive file replaced during a scan; re-reading the manifest");
+                        replans += 1;
+                        continue 'plan;
+                    }
+                    Err(e) => return Err(e.to_string()),
+                }
+            }
+            events.retain(|e| {
+                cursor
+                    .as_ref()
+                    .is_none_or(|(t, id)| (e.received_at, e.id.as_str()) > (*t, id.as_str()))
+            });
+            if let Some(filter) = &scan.filter {
+                events.retain(|e| {
+                    crate::query::payload_matches(Some(filter), &e.content_type, &e.payload)
+                });
+            }
+            events.sort_by(|a, b| (a.received_at, &a.id).cmp(&(b.received_at, &b.id)));
+            if let Some(last) = events.last() {
+                cursor = Some((last.received_at, last.id.clone()));
+            }
+            for chunk in events.chunks(4096) {
+                if tx.send(Ok(chunk.to_vec())).await.is_err() {
+                    return Ok(()); // the reader went away
+                }
+            }
+        }
+        return Ok(());
+    }
 }
 
 /// Groups files (sorted by `min_received_at`) whose time ranges overlap, so each group can be

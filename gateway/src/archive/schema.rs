@@ -87,6 +87,14 @@ impl Scalar {
         }
     }
 
+    /// The value as column text (strings borrowed, numbers and booleans as their JSON text).
+    pub fn text(&self) -> std::borrow::Cow<'_, str> {
+        match self {
+            Scalar::Str(s) => std::borrow::Cow::Borrowed(s),
+            other => std::borrow::Cow::Owned(other.as_text()),
+        }
+    }
+
     pub fn as_text(&self) -> String {
         match self {
             Scalar::Bool(b) => b.to_string(),

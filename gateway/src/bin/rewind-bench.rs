@@ -20,6 +20,9 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use bytes::Bytes;
 use clap::Parser;
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
@@ -51,9 +54,11 @@ struct Args {
     archive_events: Option<usize>,
 }
 
-/// A realistic-looking 1 KiB event: ids, timestamps, amounts, emails, nested objects and
-/// free text drawn from small vocabularies plus random hex, so compression sees the kind of
-/// repetition real event streams have, not a padding run.
+/// A typical 1 KiB application event, the kind the archive is for: an e-commerce / product
+/// analytics event with an event type, account, session, page and user agent, a cart of line
+/// items from a catalogue, amounts, and a short human-written message. Values come from
+/// realistic vocabularies (a few thousand SKUs and accounts, tens of pages and agents) plus
+/// per-event random ids and times; no padding runs.
 fn realistic_event(size: usize, rng: &mut impl rand::Rng) -> String {
     const TYPES: [&str; 6] = [
         "account_created",
@@ -61,7 +66,7 @@ fn realistic_event(size: usize, rng: &mut impl rand::Rng) -> String {
         "payment_succeeded",
         "payment_failed",
         "plan_changed",
-        "logout",
+        "checkout_started",
     ];
     const PLANS: [&str; 4] = ["free", "pro", "team", "enterprise"];
     const REGIONS: [&str; 5] = [
@@ -71,30 +76,63 @@ fn realistic_event(size: usize, rng: &mut impl rand::Rng) -> String {
         "ap-south-1",
         "sa-east-1",
     ];
-    const WORDS: [&str; 12] = [
-        "checkout", "retry", "mobile", "web", "card", "sepa", "invoice", "trial", "upgrade",
-        "coupon", "referral", "support",
+    const PAGES: [&str; 8] = [
+        "/",
+        "/pricing",
+        "/checkout",
+        "/cart",
+        "/account/settings",
+        "/docs/getting-started",
+        "/blog/launch",
+        "/products/search",
     ];
+    const AGENTS: [&str; 4] = [
+        "Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/156.0 Safari/537.36",
+        "Mozilla/5.0 (Macintosh; Intel Mac OS X 14_5) AppleWebKit/605.1.15 (KHTML, like Gecko) Version/18.1 Safari/605.1.15",
+        "Mozilla/5.0 (iPhone; CPU iPhone OS 18_1 like Mac OS X) AppleWebKit/605.1.15 (KHTML, like Gecko) Mobile/15E148",
+        "Mozilla/5.0 (Windows NT 10.0; Win64; x64; rv:132.0) Gecko/20100101 Firefox/132.0",
+    ];
+    const MESSAGES: [&str; 6] = [
+        "customer completed checkout after applying a referral coupon",
+        "payment declined by issuer, customer asked to retry with another card",
+        "trial converted to a paid plan from the pricing page",
+        "session resumed from a saved cart on a mobile device",
+        "invoice generated and emailed to the billing contact",
+        "plan downgraded at the end of the billing period",
+    ];
+    let items: Vec<serde_json::Value> = (0..rng.random_range(1..4))
+        .map(|_| {
+            serde_json::json!({
+                "sku": format!("SKU-{:05}", rng.random_range(0..5000)),
+                "qty": rng.random_range(1..5),
+                "unit_price": rng.random_range(100..20_000) as f64 / 100.0,
+            })
+        })
+        .collect();
     let mut e = serde_json::json!({
         "type": TYPES[rng.random_range(0..TYPES.len())],
         "occurred_at": format!("2026-11-25T{:02}:{:02}:{:02}.{:03}Z", rng.random_range(0..24), rng.random_range(0..60), rng.random_range(0..60), rng.random_range(0..1000)),
-        "account": {"id": rng.random_range(1..200_000), "plan": PLANS[rng.random_range(0..4)], "region": REGIONS[rng.random_range(0..5)],
+        "account": {"id": format!("acc_{}", rng.random_range(1..200_000)), "plan": PLANS[rng.random_range(0..4)], "region": REGIONS[rng.random_range(0..5)],
                     "email": format!("user{}@example{}.com", rng.random_range(0..100_000), rng.random_range(0..50))},
         "amount": rng.random_range(0..100_000) as f64 / 100.0,
         "currency": if rng.random_bool(0.7) { "EUR" } else { "USD" },
-        "session": {"ip": format!("10.{}.{}.{}", rng.random_range(0..256), rng.random_range(0..256), rng.random_range(0..256)),
-                    "user_agent": "Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/156.0 Safari/537.36"},
-        "tags": [WORDS[rng.random_range(0..12)], WORDS[rng.random_range(0..12)]],
+        "session": {"id": format!("s_{:012x}", rng.random::<u64>() >> 16),
+                    "ip": format!("10.{}.{}.{}", rng.random_range(0..256), rng.random_range(0..256), rng.random_range(0..256)),
+                    "user_agent": AGENTS[rng.random_range(0..AGENTS.len())],
+                    "page": PAGES[rng.random_range(0..PAGES.len())],
+                    "referrer": PAGES[rng.random_range(0..PAGES.len())]},
+        "items": items,
+        "message": MESSAGES[rng.random_range(0..MESSAGES.len())],
+        "flags": {"beta": rng.random_bool(0.1), "mobile": rng.random_bool(0.4)},
     });
-    let mut text = String::new();
-    while e.to_string().len() + text.len() + 12 < size {
-        text.push_str(WORDS[rng.random_range(0..12)]);
-        text.push(' ');
-        if rng.random_bool(0.2) {
-            text.push_str(&format!("{:08x} ", rng.random::<u32>()));
-        }
+    // Up to `size`: more attributes drawn from the same vocabularies.
+    let mut k = 0;
+    while e.to_string().len() + 40 < size {
+        e["attributes"][format!("attr_{k}")] = serde_json::Value::String(
+            MESSAGES[rng.random_range(0..MESSAGES.len())][..24].to_string(),
+        );
+        k += 1;
     }
-    e["note"] = serde_json::Value::String(text);
     e.to_string()
 }
 
@@ -177,12 +215,15 @@ async fn archive_bench(events: usize, event_bytes: usize) -> anyhow::Result<()> 
         t0.elapsed().as_secs_f64()
     );
 
+    if std::env::var_os("REWIND_BENCH_KEEP").is_some() {
+        println!("| kept for inspection | {} |", dir.path().display());
+    }
     let archiver = Archiver::new(
         bus.clone(),
         meta.clone(),
         store,
         ArchiverOptions {
-            flush_after: Duration::from_secs(5),
+            flush_after: Duration::from_secs(1),
             ..Default::default()
         },
     );
@@ -204,6 +245,9 @@ async fn archive_bench(events: usize, event_bytes: usize) -> anyhow::Result<()> 
     let cpu = cpu_seconds() - cpu0;
     let _ = stop_tx.send(true);
     let _ = task.await;
+    if std::env::var_os("REWIND_BENCH_KEEP").is_some() {
+        let _ = dir.keep();
+    }
     let files = meta
         .list_archive_files("tm_bench", "col_bench", i64::MIN, i64::MAX)
         .await?;

@@ -326,6 +326,9 @@ pub async fn export(args: ExportArgs) -> anyhow::Result<()> {
     if let Some(to) = &args.to {
         query.push(("to", to.clone()));
     }
+    if let Some(filter) = &args.filter {
+        query.push(("filter", filter.clone()));
+    }
     let resp = client
         .http
         .get(format!(

@@ -137,6 +137,9 @@ pub struct ExportArgs {
     /// End of the range (RFC 3339), exclusive.
     #[arg(long)]
     pub to: Option<String>,
+    /// Only events matching this filter (docs/query.md), e.g. 'type = "login" AND amount > 5'.
+    #[arg(long)]
+    pub filter: Option<String>,
 }
 
 #[derive(Debug, Subcommand)]
