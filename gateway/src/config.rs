@@ -50,6 +50,13 @@ pub struct ServeArgs {
     /// reading the bus until a write succeeds [default: 268435456].
     #[arg(long, env = "REWIND_ARCHIVE_MAX_BUFFERED_BYTES")]
     pub archive_max_buffered_bytes: Option<usize>,
+    /// How often compaction merges small Parquet files of an hour partition, seconds; files
+    /// younger than this are left alone; 0 turns compaction off [default: 300].
+    #[arg(long, env = "REWIND_ARCHIVE_COMPACT_SECS")]
+    pub archive_compact_secs: Option<u64>,
+    /// Size compaction grows Parquet files toward, bytes [default: 134217728].
+    #[arg(long, env = "REWIND_ARCHIVE_FILE_TARGET_BYTES")]
+    pub archive_file_target_bytes: Option<u64>,
     /// Let destination plugins reach loopback and private addresses (local setups, tests).
     #[arg(long, env = "REWIND_ALLOW_PRIVATE_DESTINATIONS")]
     pub allow_private_destinations: Option<bool>,
@@ -104,6 +111,8 @@ pub struct FileConfig {
     pub allow_private_destinations: Option<bool>,
     pub archive_target_bytes: Option<usize>,
     pub archive_max_buffered_bytes: Option<usize>,
+    pub archive_compact_secs: Option<u64>,
+    pub archive_file_target_bytes: Option<u64>,
     pub max_event_bytes: Option<usize>,
     pub max_request_bytes: Option<usize>,
     pub max_batch_events: Option<usize>,
@@ -168,6 +177,9 @@ pub struct Config {
     pub archive_flush: Duration,
     pub archive_target_bytes: usize,
     pub archive_max_buffered_bytes: usize,
+    /// Compaction interval (also the least age of a file it merges); `None` when off.
+    pub archive_compact: Option<Duration>,
+    pub archive_file_target_bytes: u64,
     pub allow_private_destinations: bool,
     pub limits: Limits,
     pub rate_limit: RateLimitConfig,
@@ -357,6 +369,19 @@ impl ServeArgs {
                 .archive_max_buffered_bytes
                 .or(file.archive_max_buffered_bytes)
                 .unwrap_or(256 << 20)
+                .max(1),
+            archive_compact: match self
+                .archive_compact_secs
+                .or(file.archive_compact_secs)
+                .unwrap_or(300)
+            {
+                0 => None,
+                secs => Some(Duration::from_secs(secs)),
+            },
+            archive_file_target_bytes: self
+                .archive_file_target_bytes
+                .or(file.archive_file_target_bytes)
+                .unwrap_or(128 << 20)
                 .max(1),
             allow_private_destinations: self
                 .allow_private_destinations

@@ -113,6 +113,28 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     let archive_status = archiver.status.clone();
     let (archiver_stop, archiver_stop_rx) = tokio::sync::watch::channel(false);
     let archiver_task = tokio::spawn(archiver.run(archiver_stop_rx));
+    if let Some(every) = config.archive_compact {
+        let (store, meta) = (archive_store.clone(), meta.clone());
+        let options = crate::archive::compact::CompactOptions {
+            target_bytes: config.archive_file_target_bytes,
+            min_age: every,
+        };
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(every).await;
+                match crate::archive::compact::compact_once(&store, &meta, &options).await {
+                    Ok(stats) if stats.merged_files > 0 => tracing::info!(
+                        merged = stats.merged_files,
+                        inputs = stats.input_files,
+                        rows = stats.rows,
+                        "archive compaction pass"
+                    ),
+                    Ok(_) => {}
+                    Err(e) => tracing::warn!(error = %e, "archive compaction failed; will retry"),
+                }
+            }
+        });
+    }
     {
         let (store, meta) = (archive_store.clone(), meta.clone());
         tokio::spawn(async move {

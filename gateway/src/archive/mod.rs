@@ -4,6 +4,7 @@
 //! exports and look-ups by id; [`schema`] infers each collection's typed columns.
 
 pub mod archiver;
+pub mod compact;
 pub mod parquet;
 pub mod read;
 pub mod schema;

@@ -212,6 +212,14 @@ impl FileWriter {
         self.writer.write(&batch)
     }
 
+    /// Appends a record batch already in the file's schema.
+    pub fn write_batch(
+        &mut self,
+        batch: &RecordBatch,
+    ) -> Result<(), parquet::errors::ParquetError> {
+        self.writer.write(batch)
+    }
+
     pub fn finish(self) -> Result<Bytes, parquet::errors::ParquetError> {
         Ok(Bytes::from(self.writer.into_inner()?))
     }

@@ -158,6 +158,24 @@ impl Metastore for CachedMetastore {
             .await
     }
 
+    async fn compaction_candidates(
+        &self,
+        max_bytes: i64,
+        created_before: i64,
+    ) -> Result<Vec<ArchiveFile>, MetaError> {
+        self.inner
+            .compaction_candidates(max_bytes, created_before)
+            .await
+    }
+
+    async fn replace_archive_files(
+        &self,
+        old_ids: &[String],
+        merged: &ArchiveFile,
+    ) -> Result<bool, MetaError> {
+        self.inner.replace_archive_files(old_ids, merged).await
+    }
+
     async fn archive_paths(&self, collection_id: &str) -> Result<Vec<String>, MetaError> {
         self.inner.archive_paths(collection_id).await
     }

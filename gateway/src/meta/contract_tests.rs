@@ -244,6 +244,44 @@ async fn contract_suite(store: &dyn Metastore) {
             .is_empty()
     );
     assert_eq!(store.archive_paths(&orders_a.id).await.unwrap().len(), 3);
+    // Compaction: small, old files are candidates; a swap replaces them atomically, and a
+    // swap naming a file that is gone changes nothing.
+    let candidates = store.compaction_candidates(101, i64::MAX).await.unwrap();
+    assert_eq!(candidates.len(), 3);
+    assert!(
+        store
+            .compaction_candidates(100, i64::MAX)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert!(
+        store
+            .compaction_candidates(101, 0)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    let merged = ArchiveFile {
+        path: format!("team={}/collection={}/merged.parquet", a.id, orders_a.id),
+        rows: 20,
+        ..file(100, 250, 1)
+    };
+    let old: Vec<String> = candidates[..2].iter().map(|f| f.id.clone()).collect();
+    assert!(store.replace_archive_files(&old, &merged).await.unwrap());
+    let stale = ArchiveFile {
+        path: "elsewhere.parquet".into(),
+        ..file(0, 1, 9)
+    };
+    assert!(!store.replace_archive_files(&old, &stale).await.unwrap());
+    let rows: Vec<i64> = store
+        .list_archive_files(&a.id, &orders_a.id, 0, i64::MAX)
+        .await
+        .unwrap()
+        .iter()
+        .map(|f| f.rows)
+        .collect();
+    assert_eq!(rows, vec![20, 10]);
     let cols = store.collection_columns(Some(&orders_a.id)).await.unwrap();
     assert_eq!(cols.len(), 1);
     assert_eq!(

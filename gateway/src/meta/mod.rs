@@ -136,6 +136,20 @@ pub trait Metastore: Send + Sync {
         from: i64,
         to: i64,
     ) -> Result<Vec<ArchiveFile>, MetaError>;
+    /// Files of every collection smaller than `max_bytes` and created before `created_before`
+    /// (compaction candidates), by collection and bus position.
+    async fn compaction_candidates(
+        &self,
+        max_bytes: i64,
+        created_before: i64,
+    ) -> Result<Vec<ArchiveFile>, MetaError>;
+    /// Replaces the files `old_ids` by `merged` in one transaction. False (and nothing
+    /// changed) when one of them is no longer registered.
+    async fn replace_archive_files(
+        &self,
+        old_ids: &[String],
+        merged: &ArchiveFile,
+    ) -> Result<bool, MetaError>;
     /// Every archive path registered under a team/collection (for cleaning up orphans).
     async fn archive_paths(&self, collection_id: &str) -> Result<Vec<String>, MetaError>;
     /// Inferred columns, of one collection or (None) of all.

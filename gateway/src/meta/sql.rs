@@ -362,6 +362,65 @@ impl Metastore for SqlMetastore {
             .collect::<Result<_, _>>()?)
     }
 
+    async fn compaction_candidates(
+        &self,
+        max_bytes: i64,
+        created_before: i64,
+    ) -> Result<Vec<ArchiveFile>, MetaError> {
+        let rows = sqlx::query(&format!(
+            "SELECT {ARCHIVE_FILE_COLUMNS} FROM archive_files WHERE bytes < $1 AND created_at < $2 \
+             ORDER BY collection_id, min_position"
+        ))
+        .bind(max_bytes)
+        .bind(created_before)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows
+            .iter()
+            .map(archive_file_from_row)
+            .collect::<Result<_, _>>()?)
+    }
+
+    async fn replace_archive_files(
+        &self,
+        old_ids: &[String],
+        merged: &ArchiveFile,
+    ) -> Result<bool, MetaError> {
+        let mut tx = self.pool.begin().await?;
+        for id in old_ids {
+            let done =
+                sqlx::query("DELETE FROM archive_files WHERE id = $1 AND collection_id = $2")
+                    .bind(id)
+                    .bind(&merged.collection_id)
+                    .execute(&mut *tx)
+                    .await?;
+            if done.rows_affected() != 1 {
+                tx.rollback().await?;
+                return Ok(false);
+            }
+        }
+        let f = merged;
+        sqlx::query(&format!(
+            "INSERT INTO archive_files ({ARCHIVE_FILE_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)"
+        ))
+        .bind(&f.id)
+        .bind(&f.team_id)
+        .bind(&f.collection_id)
+        .bind(&f.path)
+        .bind(f.rows)
+        .bind(f.bytes)
+        .bind(f.min_received_at)
+        .bind(f.max_received_at)
+        .bind(f.min_position)
+        .bind(f.max_position)
+        .bind(f.schema_version)
+        .bind(f.created_at)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(true)
+    }
+
     async fn archive_paths(&self, collection_id: &str) -> Result<Vec<String>, MetaError> {
         let rows = sqlx::query("SELECT path FROM archive_files WHERE collection_id = $1")
             .bind(collection_id)
