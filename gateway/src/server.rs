@@ -100,6 +100,14 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         }
     }
     let archive_store = crate::archive::store::open(&config.archive)?;
+    let instance = load_or_create_instance_id(&config.data_dir)?;
+    // Leftovers of this instance's previous life (an upload it never registered, inputs a
+    // compaction had replaced but not deleted) go before its archiver writes anything new.
+    match crate::archive::recover_pending(&archive_store, &meta, &instance, PENDING_STALE).await {
+        Ok(n) if n > 0 => tracing::info!(removed = n, "removed archive objects left by a crash"),
+        Ok(_) => {}
+        Err(e) => tracing::warn!(error = %e, "cannot clean up after a crash yet; will retry"),
+    }
     let archiver = crate::archive::archiver::Archiver::new(
         bus.clone(),
         meta.clone(),
@@ -108,6 +116,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
             flush_after: config.archive_flush,
             target_bytes: config.archive_target_bytes,
             max_buffered_bytes: config.archive_max_buffered_bytes,
+            owner: instance.clone(),
         },
     );
     let archive_status = archiver.status.clone();
@@ -118,6 +127,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         let options = crate::archive::compact::CompactOptions {
             target_bytes: config.archive_file_target_bytes,
             min_age: every,
+            owner: instance.clone(),
         };
         tokio::spawn(async move {
             loop {
@@ -139,6 +149,12 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         let (store, meta) = (archive_store.clone(), meta.clone());
         tokio::spawn(async move {
             loop {
+                // Other instances' leftovers, once no writer can still have them in flight.
+                if let Err(e) =
+                    crate::archive::recover_pending(&store, &meta, "", PENDING_STALE).await
+                {
+                    tracing::warn!(error = %e, "archive crash clean-up failed; will retry");
+                }
                 match crate::archive::cleanup_orphans(
                     &store,
                     &meta,
@@ -152,7 +168,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
                     Ok(_) => {}
                     Err(e) => tracing::warn!(error = %e, "archive cleanup failed; will retry"),
                 }
-                tokio::time::sleep(std::time::Duration::from_secs(3600)).await;
+                tokio::time::sleep(std::time::Duration::from_secs(600)).await;
             }
         });
     }
@@ -232,5 +248,24 @@ pub fn init_logging(format: crate::config::LogFormat) {
     match format {
         crate::config::LogFormat::Json => builder.json().init(),
         crate::config::LogFormat::Text => builder.init(),
+    }
+}
+
+/// Pending archive objects older than this belong to no running writer (a flush registers
+/// its files seconds after writing them).
+const PENDING_STALE: std::time::Duration = std::time::Duration::from_secs(15 * 60);
+
+/// This gateway's instance id (`<data-dir>/instance-id`), stable across restarts: it owns
+/// the archive objects the instance has in flight.
+fn load_or_create_instance_id(data_dir: &std::path::Path) -> anyhow::Result<String> {
+    let path = data_dir.join("instance-id");
+    match std::fs::read_to_string(&path) {
+        Ok(id) if !id.trim().is_empty() => Ok(id.trim().to_string()),
+        _ => {
+            let id = crate::ids::new_id("gw");
+            std::fs::write(&path, &id)
+                .with_context(|| format!("cannot write {}", path.display()))?;
+            Ok(id)
+        }
     }
 }

@@ -9,9 +9,9 @@ use reqwest::Method;
 use serde_json::{Value, json};
 
 use crate::durability::sustained_load;
-use crate::support::Gateway;
+use crate::support::{Garage, Gateway};
 
-async fn export(gw: &Gateway, token: &str, collection: &str, query: &str) -> Vec<Value> {
+pub(crate) async fn export(gw: &Gateway, token: &str, collection: &str, query: &str) -> Vec<Value> {
     let resp = gw
         .http
         .get(gw.url(&format!("/v1/collections/{collection}/export{query}")))
@@ -27,7 +27,7 @@ async fn export(gw: &Gateway, token: &str, collection: &str, query: &str) -> Vec
 }
 
 /// Waits until the export holds `n` events (or fails after `secs`).
-async fn wait_for_export(
+pub(crate) async fn wait_for_export(
     gw: &Gateway,
     token: &str,
     collection: &str,
@@ -50,7 +50,7 @@ async fn wait_for_export(
     }
 }
 
-fn ids(lines: &[Value]) -> Vec<String> {
+pub(crate) fn ids(lines: &[Value]) -> Vec<String> {
     lines
         .iter()
         .map(|l| l["id"].as_str().unwrap().to_string())
@@ -368,13 +368,42 @@ fn urlencode(s: &str) -> String {
 
 #[tokio::test]
 async fn kill_9_between_upload_and_registration_and_mid_batch_leaves_no_loss_and_no_duplicates() {
+    kill_9_scenario(None).await;
+}
+
+/// Parquet objects in the archive: on the local disk, or in Garage's bucket.
+pub(crate) async fn archive_objects(gw: &Gateway, garage: Option<&Garage>) -> Vec<String> {
+    match garage {
+        None => walk(&gw.data_dir.join("archive"))
+            .iter()
+            .map(|p| p.display().to_string())
+            .collect(),
+        Some(g) => {
+            use futures::TryStreamExt;
+            let store = g.store();
+            let objects: Vec<_> = store.list(None).try_collect().await.unwrap();
+            objects
+                .into_iter()
+                .map(|o| o.location.to_string())
+                .filter(|p| p.ends_with(".parquet"))
+                .collect()
+        }
+    }
+}
+
+/// Kill -9 between upload and registration, then mid-batch under load: afterwards the export
+/// holds every acknowledged event exactly once. On the local disk, or on Garage.
+pub(crate) async fn kill_9_scenario(garage: Option<&Garage>) {
     // First life: the archiver aborts the process right after its first upload, before it
     // registers the file.
-    let mut gw = Gateway::start_with_env(
-        &["--archive-flush-secs", "1"],
-        &[("REWIND_TEST_CRASH_AFTER_ARCHIVE_PUT", "1")],
-    )
-    .await;
+    let mut args = vec!["--archive-flush-secs", "1"];
+    if garage.is_some() {
+        args.extend(["--archive", "s3://rewind/lake"]);
+    }
+    let mut env: Vec<(String, String)> = garage.map(Garage::env).unwrap_or_default();
+    env.push(("REWIND_TEST_CRASH_AFTER_ARCHIVE_PUT".into(), "1".into()));
+    let env_refs: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let mut gw = Gateway::start_with_env(&args, &env_refs).await;
     let (admin, col) = gw.team_with_collection("acme", "orders").await;
     let tok = gw.token(&admin, &["ingest", "read"]).await;
     let ten: String = (0..10).map(|i| format!("{{\"i\":{i}}}\n")).collect();
@@ -390,11 +419,12 @@ async fn kill_9_between_upload_and_registration_and_mid_batch_leaves_no_loss_and
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     gw.child = None;
-    let orphans: Vec<_> = walk(&gw.data_dir.join("archive"));
+    let orphans = archive_objects(&gw, garage).await;
     assert_eq!(orphans.len(), 1, "one file written, never registered");
 
     // Second life, normal, under sustained load; then kill -9 mid-batch.
-    gw.env.clear();
+    gw.env
+        .retain(|(k, _)| k != "REWIND_TEST_CRASH_AFTER_ARCHIVE_PUT");
     gw.restart().await;
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let load = tokio::spawn(sustained_load(
@@ -429,6 +459,43 @@ async fn kill_9_between_upload_and_registration_and_mid_batch_leaves_no_loss_and
         acked.iter().all(|id| unique.contains(id)),
         "an acknowledged event is missing from the archive"
     );
+    // The objects themselves hold no second copy (the first life's upload was re-done under
+    // the same name, not beside it): DuckDB over every object counts each event once.
+    let rows = archive_rows_by_duckdb(&gw, garage).await;
+    assert_eq!(
+        rows,
+        exported.len(),
+        "objects hold {rows} rows for {} events",
+        exported.len()
+    );
+}
+
+/// Rows in every archive object, counted by DuckDB (objects in Garage are copied out first).
+pub(crate) async fn archive_rows_by_duckdb(gw: &Gateway, garage: Option<&Garage>) -> usize {
+    let local = tempfile::tempdir().unwrap();
+    let root = match garage {
+        None => gw.data_dir.join("archive"),
+        Some(g) => {
+            use object_store::ObjectStoreExt;
+            let store = g.store();
+            for key in archive_objects(gw, garage).await {
+                let bytes = store
+                    .get(&object_store::path::Path::from(key.as_str()))
+                    .await
+                    .unwrap()
+                    .bytes()
+                    .await
+                    .unwrap();
+                let path = local.path().join(&key);
+                std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+                std::fs::write(path, bytes).unwrap();
+            }
+            local.path().to_path_buf()
+        }
+    };
+    duckdb(&root, &["select count(*) from {glob}"])[0]
+        .parse()
+        .unwrap()
 }
 
 fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
@@ -448,7 +515,7 @@ fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
 
 /// Runs DuckDB over the archive directory and returns the printed lines of `queries` (each a
 /// SQL with `{glob}` standing for the Parquet files).
-fn duckdb(archive: &std::path::Path, queries: &[&str]) -> Vec<String> {
+pub(crate) fn duckdb(archive: &std::path::Path, queries: &[&str]) -> Vec<String> {
     let mut script = format!(
         "import duckdb\ncon = duckdb.connect()\nsrc = \"read_parquet('{}/**/*.parquet', hive_partitioning = true, union_by_name = true)\"\n",
         archive.display()

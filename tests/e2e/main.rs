@@ -10,3 +10,4 @@ mod durability;
 mod grpc;
 mod ingest;
 mod nats;
+mod s3;

@@ -340,3 +340,175 @@ pub fn event_of_size(i: usize, size: usize) -> String {
     let pad = size.saturating_sub(head.len() + 2);
     format!("{head}{}\"}}", "x".repeat(pad))
 }
+
+/// The `garage` binary: `$REWIND_TEST_GARAGE`, else `garage` on PATH, else where
+/// `./scripts/test` installs it (`~/.cache/garage-install/bin/garage`).
+pub fn garage_bin() -> PathBuf {
+    if let Some(p) = std::env::var_os("REWIND_TEST_GARAGE") {
+        return PathBuf::from(p);
+    }
+    if let Ok(out) = Command::new("sh")
+        .args(["-c", "command -v garage"])
+        .output()
+        && out.status.success()
+    {
+        return PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
+    }
+    let home = std::env::var("HOME").unwrap_or_default();
+    let p = PathBuf::from(home).join(".cache/garage-install/bin/garage");
+    assert!(
+        p.exists(),
+        "the S3 tests need Garage: run ./scripts/test (it installs it), or \
+         `cargo install garage --locked`, or set REWIND_TEST_GARAGE to its path"
+    );
+    p
+}
+
+/// A single-node Garage (S3-compatible store) of the test's own on loopback ports, with a
+/// bucket `rewind` and a key for it; it can be stopped and restarted on the same data.
+pub struct Garage {
+    pub s3_port: u16,
+    config: PathBuf,
+    child: Option<Child>,
+    _dir: tempfile::TempDir,
+}
+
+pub const GARAGE_KEY_ID: &str = "GK0123456789abcdef01234567";
+pub const GARAGE_SECRET: &str = "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
+
+impl Garage {
+    pub fn start() -> Garage {
+        let dir = tempfile::tempdir().unwrap();
+        let s3_port = free_port();
+        let rpc_port = free_port();
+        let secret: String = (0..32)
+            .map(|i| format!("{:02x}", (i * 37 + 11) % 256))
+            .collect();
+        let config = dir.path().join("garage.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "metadata_dir = \"{d}/meta\"\ndata_dir = \"{d}/data\"\ndb_engine = \"sqlite\"\n\
+                 replication_factor = 1\nrpc_bind_addr = \"127.0.0.1:{rpc_port}\"\n\
+                 rpc_public_addr = \"127.0.0.1:{rpc_port}\"\nrpc_secret = \"{secret}\"\n\
+                 [s3_api]\ns3_region = \"garage\"\napi_bind_addr = \"127.0.0.1:{s3_port}\"\n\
+                 root_domain = \".s3.garage.localhost\"\n",
+                d = dir.path().display()
+            ),
+        )
+        .unwrap();
+        let mut g = Garage {
+            s3_port,
+            config,
+            child: None,
+            _dir: dir,
+        };
+        g.spawn();
+        let node = g.cli(&["node", "id", "-q"]);
+        let node = node.trim().split('@').next().unwrap().to_string();
+        g.cli(&["layout", "assign", "-z", "dc1", "-c", "1G", &node]);
+        g.cli(&["layout", "apply", "--version", "1"]);
+        g.cli(&[
+            "key",
+            "import",
+            "-n",
+            "rewind",
+            GARAGE_KEY_ID,
+            GARAGE_SECRET,
+            "--yes",
+        ]);
+        g.cli(&["bucket", "create", "rewind"]);
+        g.cli(&[
+            "bucket", "allow", "--read", "--write", "--owner", "rewind", "--key", "rewind",
+        ]);
+        g
+    }
+
+    /// Runs a `garage` admin command against this node; panics with its output on failure.
+    fn cli(&self, args: &[&str]) -> String {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let out = Command::new(garage_bin())
+                .arg("-c")
+                .arg(&self.config)
+                .args(args)
+                .output()
+                .unwrap();
+            if out.status.success() {
+                return String::from_utf8_lossy(&out.stdout).into_owned();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "garage {args:?} failed: {}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    fn spawn(&mut self) {
+        let child = Command::new(garage_bin())
+            .arg("-c")
+            .arg(&self.config)
+            .arg("server")
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("cannot start garage");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while std::net::TcpStream::connect(("127.0.0.1", self.s3_port)).is_err() {
+            assert!(Instant::now() < deadline, "garage did not start");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// The environment a gateway needs to use this Garage (with `--archive s3://rewind/…`).
+    pub fn env(&self) -> Vec<(String, String)> {
+        vec![
+            (
+                "AWS_ENDPOINT_URL".into(),
+                format!("http://127.0.0.1:{}", self.s3_port),
+            ),
+            ("AWS_REGION".into(), "garage".into()),
+            ("AWS_ACCESS_KEY_ID".into(), GARAGE_KEY_ID.into()),
+            ("AWS_SECRET_ACCESS_KEY".into(), GARAGE_SECRET.into()),
+        ]
+    }
+
+    /// An object_store client for the bucket, as the test's own outside view.
+    pub fn store(&self) -> std::sync::Arc<dyn object_store::ObjectStore> {
+        std::sync::Arc::new(
+            object_store::aws::AmazonS3Builder::new()
+                .with_endpoint(format!("http://127.0.0.1:{}", self.s3_port))
+                .with_allow_http(true)
+                .with_region("garage")
+                .with_access_key_id(GARAGE_KEY_ID)
+                .with_secret_access_key(GARAGE_SECRET)
+                .with_bucket_name("rewind")
+                .build()
+                .unwrap(),
+        )
+    }
+
+    /// Kills the server (the S3 endpoint goes away at once).
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    pub fn restart(&mut self) {
+        self.stop();
+        self.spawn();
+    }
+}
+
+impl Drop for Garage {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}

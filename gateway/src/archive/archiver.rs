@@ -36,6 +36,8 @@ pub struct ArchiverOptions {
     pub flush_after: Duration,
     pub target_bytes: usize,
     pub max_buffered_bytes: usize,
+    /// This gateway instance, as the owner of the objects it is about to write.
+    pub owner: String,
 }
 
 impl Default for ArchiverOptions {
@@ -44,6 +46,7 @@ impl Default for ArchiverOptions {
             flush_after: Duration::from_secs(60),
             target_bytes: 64 << 20,
             max_buffered_bytes: 256 << 20,
+            owner: "default".into(),
         }
     }
 }
@@ -368,6 +371,12 @@ impl Archiver {
             .map_err(|e| format!("cannot encode Parquet: {e}"))?;
             let path = object_path(&buf.team_id, collection, min_t, first, last);
             let size = bytes.len() as i64;
+            // Recorded first, so that after a crash before registration the object is removed
+            // (see `archive::recover_pending`) instead of lingering for outside readers.
+            self.meta
+                .add_pending_objects(std::slice::from_ref(&path), &self.options.owner, now)
+                .await
+                .map_err(|e| format!("cannot record the upload of {path}: {e}"))?;
             let put = self
                 .store
                 .put_opts(

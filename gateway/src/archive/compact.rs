@@ -35,6 +35,8 @@ pub struct CompactOptions {
     pub target_bytes: u64,
     /// Files younger than this are left alone.
     pub min_age: Duration,
+    /// This gateway instance, as the owner of the objects it writes and deletes.
+    pub owner: String,
 }
 
 impl Default for CompactOptions {
@@ -42,6 +44,7 @@ impl Default for CompactOptions {
         Self {
             target_bytes: 128 << 20,
             min_age: Duration::from_secs(300),
+            owner: "default".into(),
         }
     }
 }
@@ -129,7 +132,7 @@ pub async fn compact_once(
                     .collect(),
             );
         }
-        match merge(store, meta, &run, &types[&collection]).await {
+        match merge(store, meta, &run, &types[&collection], &options.owner).await {
             Ok(Some(rows)) => {
                 stats.merged_files += 1;
                 stats.input_files += run.len();
@@ -185,6 +188,7 @@ async fn merge(
     meta: &Arc<dyn Metastore>,
     run: &[ArchiveFile],
     types: &HashMap<String, ColumnType>,
+    owner: &str,
 ) -> Result<Option<u64>, String> {
     // The merged schema: the archive's own columns, then the union of inferred columns in
     // order of first appearance, each with the collection's current type. Only the footers
@@ -255,6 +259,9 @@ async fn merge(
         merged_id.trim_start_matches("af_").to_lowercase()
     );
     let size = bytes.len() as i64;
+    meta.add_pending_objects(std::slice::from_ref(&path), owner, now_micros())
+        .await
+        .map_err(|e| format!("cannot record the upload of {path}: {e}"))?;
     store
         .put_opts(
             &ObjectPath::from(path.as_str()),
@@ -287,19 +294,27 @@ async fn merge(
             "merged {rows} rows but the manifest lists {expected}; left the inputs in place"
         ));
     }
-    let ids: Vec<String> = run.iter().map(|f| f.id.clone()).collect();
     let swapped = meta
-        .replace_archive_files(&ids, &merged)
+        .replace_archive_files(run, &merged, owner)
         .await
         .map_err(|e| format!("cannot swap the manifest: {e}"))?;
     if !swapped {
         let _ = store.delete(&ObjectPath::from(path.as_str())).await;
         return Ok(None);
     }
+    // The inputs are pending deletion since the swap: delete them, then forget them. A crash
+    // in between leaves them to `recover_pending`.
+    let mut deleted = Vec::new();
     for f in run {
-        if let Err(e) = store.delete(&ObjectPath::from(f.path.as_str())).await {
-            tracing::warn!(path = %f.path, error = %e, "cannot delete a compacted input; the orphan cleanup will");
+        match store.delete(&ObjectPath::from(f.path.as_str())).await {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => deleted.push(f.path.clone()),
+            Err(e) => {
+                tracing::warn!(path = %f.path, error = %e, "cannot delete a compacted input; will retry")
+            }
         }
+    }
+    if let Err(e) = meta.remove_pending_objects(&deleted).await {
+        tracing::warn!(error = %e, "cannot clear pending deletions; they will be retried");
     }
     tracing::info!(%path, inputs = run.len(), rows, bytes = size, "compacted");
     Ok(Some(rows))

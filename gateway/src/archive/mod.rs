@@ -19,6 +19,43 @@ use object_store::{ObjectStore, ObjectStoreExt};
 
 use crate::meta::Metastore;
 
+/// Removes the objects a crash left behind: those recorded as pending (about to be written,
+/// or replaced by compaction) that are not registered. At start-up, before its archiver runs,
+/// a gateway passes its own `owner` id (everything of its own is a leftover then); the
+/// periodic pass passes no owner and only takes rows older than `stale_after`, which no
+/// running writer still has in flight. Returns how many objects were deleted.
+pub async fn recover_pending(
+    store: &Arc<dyn ObjectStore>,
+    meta: &Arc<dyn Metastore>,
+    owner: &str,
+    stale_after: Duration,
+) -> Result<usize, String> {
+    let stale_before = crate::ids::now_micros() - stale_after.as_micros() as i64;
+    let pending = meta
+        .pending_objects(owner, stale_before)
+        .await
+        .map_err(|e| format!("cannot read pending archive objects: {e}"))?;
+    let mut done = Vec::new();
+    let mut removed = 0;
+    for (path, registered) in pending {
+        if !registered {
+            match store.delete(&path.as_str().into()).await {
+                Ok(()) => {
+                    tracing::info!(%path, "removed an archive object left by a crash");
+                    removed += 1;
+                }
+                Err(object_store::Error::NotFound { .. }) => {}
+                Err(e) => return Err(format!("cannot delete {path}: {e}")),
+            }
+        }
+        done.push(path);
+    }
+    meta.remove_pending_objects(&done)
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok(removed)
+}
+
 /// Deletes objects that were written but never registered (a crash between upload and
 /// registration, or a flush that failed after uploading), once they are older than `min_age`
 /// (so an upload whose registration is in flight is never touched). Returns how many went.

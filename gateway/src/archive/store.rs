@@ -3,11 +3,12 @@
 //! the usual `AWS_*` variables (`AWS_ENDPOINT_URL` for S3-compatible stores).
 
 use std::sync::Arc;
+use std::time::Duration;
 
-use object_store::ObjectStore;
 use object_store::aws::AmazonS3Builder;
 use object_store::local::LocalFileSystem;
 use object_store::prefix::PrefixStore;
+use object_store::{ClientOptions, ObjectStore, RetryConfig};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -26,7 +27,21 @@ pub fn open(location: &str) -> Result<Arc<dyn ObjectStore>, StoreError> {
         if bucket.is_empty() {
             return Err(err("name a bucket: s3://bucket/prefix".into()));
         }
-        let mut builder = AmazonS3Builder::from_env().with_bucket_name(bucket);
+        // Fail a request within about half a minute instead of object_store's three minutes
+        // of retries: the archiver keeps the events and retries the whole write itself, and
+        // /readyz reports the error meanwhile.
+        let mut builder = AmazonS3Builder::from_env()
+            .with_bucket_name(bucket)
+            .with_client_options(
+                ClientOptions::new()
+                    .with_timeout(Duration::from_secs(60))
+                    .with_connect_timeout(Duration::from_secs(5)),
+            )
+            .with_retry(RetryConfig {
+                max_retries: 4,
+                retry_timeout: Duration::from_secs(30),
+                ..Default::default()
+            });
         if let Ok(endpoint) = std::env::var("AWS_ENDPOINT_URL") {
             builder = builder
                 .with_endpoint(&endpoint)

@@ -170,10 +170,32 @@ impl Metastore for CachedMetastore {
 
     async fn replace_archive_files(
         &self,
-        old_ids: &[String],
+        old: &[ArchiveFile],
         merged: &ArchiveFile,
+        owner: &str,
     ) -> Result<bool, MetaError> {
-        self.inner.replace_archive_files(old_ids, merged).await
+        self.inner.replace_archive_files(old, merged, owner).await
+    }
+
+    async fn add_pending_objects(
+        &self,
+        paths: &[String],
+        owner: &str,
+        now: i64,
+    ) -> Result<(), MetaError> {
+        self.inner.add_pending_objects(paths, owner, now).await
+    }
+
+    async fn pending_objects(
+        &self,
+        owner: &str,
+        stale_before: i64,
+    ) -> Result<Vec<(String, bool)>, MetaError> {
+        self.inner.pending_objects(owner, stale_before).await
+    }
+
+    async fn remove_pending_objects(&self, paths: &[String]) -> Result<(), MetaError> {
+        self.inner.remove_pending_objects(paths).await
     }
 
     async fn archive_paths(&self, collection_id: &str) -> Result<Vec<String>, MetaError> {

@@ -267,13 +267,51 @@ async fn contract_suite(store: &dyn Metastore) {
         rows: 20,
         ..file(100, 250, 1)
     };
-    let old: Vec<String> = candidates[..2].iter().map(|f| f.id.clone()).collect();
-    assert!(store.replace_archive_files(&old, &merged).await.unwrap());
+    let old = candidates[..2].to_vec();
+    store
+        .add_pending_objects(&[merged.path.clone()], "gw1", 10)
+        .await
+        .unwrap();
+    assert_eq!(
+        store.pending_objects("gw1", 0).await.unwrap(),
+        vec![(merged.path.clone(), false)]
+    );
+    assert!(
+        store
+            .replace_archive_files(&old, &merged, "gw1")
+            .await
+            .unwrap()
+    );
+    // The merged file is no longer pending; the replaced ones are, to be deleted.
+    let mut pending = store.pending_objects("gw1", 0).await.unwrap();
+    pending.sort();
+    let mut expected: Vec<(String, bool)> = old.iter().map(|f| (f.path.clone(), false)).collect();
+    expected.sort();
+    assert_eq!(pending, expected);
+    assert!(store.pending_objects("gw2", 0).await.unwrap().is_empty());
+    assert_eq!(
+        store.pending_objects("gw2", i64::MAX).await.unwrap().len(),
+        2
+    );
+    let paths: Vec<String> = old.iter().map(|f| f.path.clone()).collect();
+    store.remove_pending_objects(&paths).await.unwrap();
+    assert!(
+        store
+            .pending_objects("gw1", i64::MAX)
+            .await
+            .unwrap()
+            .is_empty()
+    );
     let stale = ArchiveFile {
         path: "elsewhere.parquet".into(),
         ..file(0, 1, 9)
     };
-    assert!(!store.replace_archive_files(&old, &stale).await.unwrap());
+    assert!(
+        !store
+            .replace_archive_files(&old, &stale, "gw1")
+            .await
+            .unwrap()
+    );
     let rows: Vec<i64> = store
         .list_archive_files(&a.id, &orders_a.id, 0, i64::MAX)
         .await

@@ -143,13 +143,31 @@ pub trait Metastore: Send + Sync {
         max_bytes: i64,
         created_before: i64,
     ) -> Result<Vec<ArchiveFile>, MetaError>;
-    /// Replaces the files `old_ids` by `merged` in one transaction. False (and nothing
-    /// changed) when one of them is no longer registered.
+    /// Replaces the files `old` by `merged` in one transaction, and marks the old paths
+    /// pending deletion (owned by `owner`). False (and nothing changed) when one of them is no
+    /// longer registered.
     async fn replace_archive_files(
         &self,
-        old_ids: &[String],
+        old: &[ArchiveFile],
         merged: &ArchiveFile,
+        owner: &str,
     ) -> Result<bool, MetaError>;
+    /// Records objects about to be written (or to be deleted) by `owner`: until registered
+    /// (which clears them) they are removed after a crash. See [`crate::archive::recover_pending`].
+    async fn add_pending_objects(
+        &self,
+        paths: &[String],
+        owner: &str,
+        now: i64,
+    ) -> Result<(), MetaError>;
+    /// Pending objects of `owner`, and of anyone when older than `stale_before`: each with
+    /// whether it is registered in the manifest.
+    async fn pending_objects(
+        &self,
+        owner: &str,
+        stale_before: i64,
+    ) -> Result<Vec<(String, bool)>, MetaError>;
+    async fn remove_pending_objects(&self, paths: &[String]) -> Result<(), MetaError>;
     /// Every archive path registered under a team/collection (for cleaning up orphans).
     async fn archive_paths(&self, collection_id: &str) -> Result<Vec<String>, MetaError>;
     /// Inferred columns, of one collection or (None) of all.

@@ -301,6 +301,10 @@ impl Metastore for SqlMetastore {
             .bind(f.created_at)
             .execute(&mut *tx)
             .await?;
+            sqlx::query("DELETE FROM archive_pending WHERE path = $1")
+                .bind(&f.path)
+                .execute(&mut *tx)
+                .await?;
         }
         sqlx::query(
             "INSERT INTO archive_checkpoints (collection_id, position) VALUES ($1, $2) \
@@ -383,14 +387,15 @@ impl Metastore for SqlMetastore {
 
     async fn replace_archive_files(
         &self,
-        old_ids: &[String],
+        old: &[ArchiveFile],
         merged: &ArchiveFile,
+        owner: &str,
     ) -> Result<bool, MetaError> {
         let mut tx = self.pool.begin().await?;
-        for id in old_ids {
+        for f in old {
             let done =
                 sqlx::query("DELETE FROM archive_files WHERE id = $1 AND collection_id = $2")
-                    .bind(id)
+                    .bind(&f.id)
                     .bind(&merged.collection_id)
                     .execute(&mut *tx)
                     .await?;
@@ -398,7 +403,20 @@ impl Metastore for SqlMetastore {
                 tx.rollback().await?;
                 return Ok(false);
             }
+            sqlx::query(
+                "INSERT INTO archive_pending (path, owner, created_at) VALUES ($1, $2, $3) \
+                 ON CONFLICT (path) DO NOTHING",
+            )
+            .bind(&f.path)
+            .bind(owner)
+            .bind(merged.created_at)
+            .execute(&mut *tx)
+            .await?;
         }
+        sqlx::query("DELETE FROM archive_pending WHERE path = $1")
+            .bind(&merged.path)
+            .execute(&mut *tx)
+            .await?;
         let f = merged;
         sqlx::query(&format!(
             "INSERT INTO archive_files ({ARCHIVE_FILE_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)"
@@ -419,6 +437,64 @@ impl Metastore for SqlMetastore {
         .await?;
         tx.commit().await?;
         Ok(true)
+    }
+
+    async fn add_pending_objects(
+        &self,
+        paths: &[String],
+        owner: &str,
+        now: i64,
+    ) -> Result<(), MetaError> {
+        let mut tx = self.pool.begin().await?;
+        for path in paths {
+            sqlx::query(
+                "INSERT INTO archive_pending (path, owner, created_at) VALUES ($1, $2, $3) \
+                 ON CONFLICT (path) DO NOTHING",
+            )
+            .bind(path)
+            .bind(owner)
+            .bind(now)
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn pending_objects(
+        &self,
+        owner: &str,
+        stale_before: i64,
+    ) -> Result<Vec<(String, bool)>, MetaError> {
+        let rows = sqlx::query(
+            "SELECT p.path AS path, COALESCE(f.rows, -1) AS registered_rows FROM archive_pending p \
+             LEFT JOIN archive_files f ON f.path = p.path WHERE p.owner = $1 OR p.created_at < $2",
+        )
+        .bind(owner)
+        .bind(stale_before)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows
+            .iter()
+            .map(|r| {
+                Ok((
+                    r.try_get::<String, _>("path")?,
+                    r.try_get::<i64, _>("registered_rows")? >= 0,
+                ))
+            })
+            .collect::<Result<_, sqlx::Error>>()?)
+    }
+
+    async fn remove_pending_objects(&self, paths: &[String]) -> Result<(), MetaError> {
+        let mut tx = self.pool.begin().await?;
+        for path in paths {
+            sqlx::query("DELETE FROM archive_pending WHERE path = $1")
+                .bind(path)
+                .execute(&mut *tx)
+                .await?;
+        }
+        tx.commit().await?;
+        Ok(())
     }
 
     async fn archive_paths(&self, collection_id: &str) -> Result<Vec<String>, MetaError> {
