@@ -43,11 +43,11 @@ pub struct ServeArgs {
     /// Longest an event waits before it is written to a Parquet file, seconds [default: 60].
     #[arg(long, env = "REWIND_ARCHIVE_FLUSH_SECS")]
     pub archive_flush_secs: Option<u64>,
-    /// Payload bytes a collection's archive buffer collects before it is written [default: 67108864].
+    /// Payload bytes a collection's archive buffer collects before it is written [default: 33554432].
     #[arg(long, env = "REWIND_ARCHIVE_TARGET_BYTES")]
     pub archive_target_bytes: Option<usize>,
     /// Most payload bytes the archiver holds in memory across collections; above it, it stops
-    /// reading the bus until a write succeeds [default: 268435456].
+    /// reading the bus until a write succeeds [default: 134217728].
     #[arg(long, env = "REWIND_ARCHIVE_MAX_BUFFERED_BYTES")]
     pub archive_max_buffered_bytes: Option<usize>,
     /// How often compaction merges small Parquet files of an hour partition, seconds; files
@@ -363,12 +363,12 @@ impl ServeArgs {
             archive_target_bytes: self
                 .archive_target_bytes
                 .or(file.archive_target_bytes)
-                .unwrap_or(64 << 20)
+                .unwrap_or(32 << 20)
                 .max(1),
             archive_max_buffered_bytes: self
                 .archive_max_buffered_bytes
                 .or(file.archive_max_buffered_bytes)
-                .unwrap_or(256 << 20)
+                .unwrap_or(128 << 20)
                 .max(1),
             archive_compact: match self
                 .archive_compact_secs

@@ -16,3 +16,16 @@ pub mod metrics;
 pub mod proto;
 pub mod query;
 pub mod server;
+
+/// Allocator tuning for the binaries (they use mimalloc as the global allocator): freed memory
+/// is kept for reuse instead of being returned to the OS after 10 ms. The archiver allocates
+/// and frees buffers of tens of MiB per flush; returning them made the kernel zero fresh
+/// pages on every flush (a quarter of the archiver's CPU in profiles). Memory stays bounded
+/// by the configured buffer sizes; RSS stays at its high-water mark.
+#[allow(unsafe_code)] // one FFI call into the allocator, see below
+pub fn tune_allocator() {
+    // mi_option_purge_delay (15 in mimalloc 2.x and 3.x): -1 = never purge.
+    const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
+    // SAFETY: sets a process-wide mimalloc option; valid at any time.
+    unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, -1) };
+}

@@ -9,6 +9,7 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 #[tokio::main]
 async fn main() {
+    rewind_gateway::tune_allocator();
     let cli = rewind_gateway::cli::Cli::parse();
     if let Err(e) = rewind_gateway::cli::run(cli).await {
         eprintln!("rewind: error: {e:#}");

@@ -24,7 +24,7 @@ use object_store::path::Path as ObjectPath;
 use object_store::{ObjectStore, PutMode, PutOptions, PutPayload};
 
 use super::parquet::{CHUNK_ROWS, FileWriter, Row, file_schema};
-use super::schema::{CollectionSchema, Column, ColumnType, flatten};
+use super::schema::{CollectionSchema, Column, ColumnType};
 use crate::bus::{Bus, Consumer, Delivery};
 use crate::ids::{new_id, now_micros};
 use crate::meta::{ArchiveFile, Metastore, StoredColumn};
@@ -44,8 +44,8 @@ impl Default for ArchiverOptions {
     fn default() -> Self {
         Self {
             flush_after: Duration::from_secs(60),
-            target_bytes: 64 << 20,
-            max_buffered_bytes: 256 << 20,
+            target_bytes: 32 << 20,
+            max_buffered_bytes: 128 << 20,
             owner: "default".into(),
         }
     }
@@ -310,12 +310,11 @@ impl Archiver {
             for event in &d.batch.events {
                 let fields = if event.content_type == "application/json" {
                     serde_json::from_slice::<serde_json::Value>(&event.payload)
-                        .map(|v| flatten(&v))
+                        .map(|v| schema.observe_value(v, now, &mut changed))
                         .unwrap_or_default()
                 } else {
                     Vec::new()
                 };
-                schema.observe(&fields, now, &mut changed);
                 let g = groups.entry(hour_of(event.received_at_micros)).or_insert((
                     Vec::new(),
                     u64::MAX,
@@ -340,24 +339,26 @@ impl Archiver {
                 .max()
                 .unwrap_or(0);
             let row_count = rows.len();
-            // The file's inferred columns: those of the schema that occur in its rows.
-            let mut present: HashSet<&str> = HashSet::new();
+            // The file's inferred columns: those of the schema that occur in its rows, in
+            // schema order.
+            let mut present = vec![false; schema.columns.len()];
             for row in &rows {
-                for (name, _) in &row.fields {
-                    present.insert(name.as_str());
+                for (col, _) in &row.fields {
+                    present[*col as usize] = true;
                 }
             }
-            let columns: Vec<(&str, ColumnType)> = schema
-                .columns
-                .iter()
-                .filter(|c| present.contains(c.name.as_str()))
-                .map(|c| (c.name.as_str(), c.ty))
-                .collect();
+            let mut slot_of = vec![None; schema.columns.len()];
+            let mut columns: Vec<(&str, ColumnType)> = Vec::new();
+            for (i, c) in schema.columns.iter().enumerate() {
+                if present[i] {
+                    slot_of[i] = Some(columns.len() as u32);
+                    columns.push((c.name.as_str(), c.ty));
+                }
+            }
             let arrow_schema = file_schema(&columns);
-            drop(present);
             // Arrow batches of CHUNK_ROWS rows, each dropped once encoded.
             let bytes = tokio::task::block_in_place(|| {
-                let mut writer = FileWriter::new(arrow_schema)?;
+                let mut writer = FileWriter::new(arrow_schema, slot_of)?;
                 let mut rows = rows.into_iter();
                 loop {
                     let chunk: Vec<Row<'_>> = rows.by_ref().take(CHUNK_ROWS).collect();

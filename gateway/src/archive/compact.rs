@@ -216,7 +216,7 @@ async fn merge(
             .map(|(i, f)| if i >= 6 { f.with_nullable(true) } else { f })
             .collect::<Vec<_>>(),
     ));
-    let mut writer = FileWriter::new(schema.clone()).map_err(|e| e.to_string())?;
+    let mut writer = FileWriter::new(schema.clone(), Vec::new()).map_err(|e| e.to_string())?;
     let mut rows = 0u64;
     for f in run {
         // One input at a time (each under half the target), decoded in 8192-row batches.

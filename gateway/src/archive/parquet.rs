@@ -4,7 +4,6 @@
 //! each with its current (widened) type. zstd, page-level statistics (so readers get the page
 //! index), a bloom filter on `id`, and row groups of at most 64Ki rows.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 
 use arrow::array::{
@@ -23,10 +22,11 @@ use crate::bus::Event;
 
 pub const ROW_GROUP_ROWS: usize = 64 * 1024;
 
-/// An event with its flattened JSON fields (empty for non-JSON payloads).
+/// An event with its flattened JSON fields as (collection column index, value); empty for
+/// non-JSON payloads.
 pub struct Row<'a> {
     pub event: &'a Event,
-    pub fields: Vec<(String, Scalar)>,
+    pub fields: Vec<(u32, Scalar)>,
 }
 
 fn base_fields() -> Vec<Field> {
@@ -63,23 +63,20 @@ pub fn file_schema(columns: &[(&str, ColumnType)]) -> Arc<Schema> {
 }
 
 /// Builds the Arrow record batch of `rows` under `schema` (from [`file_schema`]): the
-/// archive's own columns, then one column per inferred field of the schema.
+/// archive's own columns, then one column per inferred field of the schema. `slot_of[c]` is
+/// the position among the file's inferred columns of the collection's column `c`.
 pub fn to_record_batch(
     rows: &[Row<'_>],
     schema: &Arc<Schema>,
+    slot_of: &[Option<u32>],
 ) -> Result<RecordBatch, arrow::error::ArrowError> {
     let inferred = &schema.fields()[base_fields().len()..];
-    let slot: HashMap<&str, usize> = inferred
-        .iter()
-        .enumerate()
-        .map(|(i, f)| (f.name().as_str(), i))
-        .collect();
     // Values sparse by row, per inferred column.
     let mut values: Vec<Vec<(usize, &Scalar)>> = vec![Vec::new(); inferred.len()];
     for (r, row) in rows.iter().enumerate() {
-        for (name, value) in &row.fields {
-            if let Some(i) = slot.get(name.as_str()) {
-                values[*i].push((r, value));
+        for (col, value) in &row.fields {
+            if let Some(Some(i)) = slot_of.get(*col as usize) {
+                values[*i as usize].push((r, value));
             }
         }
     }
@@ -192,22 +189,32 @@ const PAYLOAD_PAGE_BYTES: usize = 4 << 20;
 /// Writes one Parquet file chunk by chunk into memory.
 pub struct FileWriter {
     schema: Arc<Schema>,
+    slot_of: Vec<Option<u32>>,
     writer: ArrowWriter<Vec<u8>>,
 }
 
 impl FileWriter {
-    pub fn new(schema: Arc<Schema>) -> Result<Self, parquet::errors::ParquetError> {
+    /// A writer for files of `schema`; `slot_of` maps the collection's column indexes of
+    /// [`Row::fields`] to the file's inferred columns (see [`to_record_batch`]).
+    pub fn new(
+        schema: Arc<Schema>,
+        slot_of: Vec<Option<u32>>,
+    ) -> Result<Self, parquet::errors::ParquetError> {
         let writer = ArrowWriter::try_new(
             Vec::with_capacity(1 << 20),
             schema.clone(),
             Some(writer_properties()?),
         )?;
-        Ok(Self { schema, writer })
+        Ok(Self {
+            schema,
+            slot_of,
+            writer,
+        })
     }
 
     /// Appends rows (at most [`CHUNK_ROWS`] at a time keeps memory low).
     pub fn write(&mut self, rows: &[Row<'_>]) -> Result<(), parquet::errors::ParquetError> {
-        let batch = to_record_batch(rows, &self.schema)
+        let batch = to_record_batch(rows, &self.schema, &self.slot_of)
             .map_err(|e| parquet::errors::ParquetError::General(e.to_string()))?;
         self.writer.write(&batch)
     }

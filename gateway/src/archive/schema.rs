@@ -105,45 +105,54 @@ impl Scalar {
     }
 }
 
-fn column_name(path: &str) -> String {
+/// Walks a JSON object's leaves by value (strings are moved, not copied), calling `emit`
+/// with each dotted path and scalar. `path` is a reusable buffer.
+fn walk(value: Value, path: &mut String, depth: usize, emit: &mut impl FnMut(&str, Scalar)) {
+    match value {
+        Value::Null => {}
+        Value::Bool(b) => emit(path, Scalar::Bool(b)),
+        Value::Number(n) => emit(
+            path,
+            match n.as_i64() {
+                Some(i) => Scalar::Int(i),
+                None => Scalar::Float(n.as_f64().unwrap_or(f64::NAN)),
+            },
+        ),
+        Value::String(s) => emit(path, Scalar::Str(s)),
+        Value::Array(_) => emit(path, Scalar::Str(value.to_string())),
+        Value::Object(map) if depth < MAX_DEPTH || path.is_empty() => {
+            for (k, v) in map {
+                let len = path.len();
+                if !path.is_empty() {
+                    path.push('.');
+                }
+                path.push_str(&k);
+                walk(v, path, depth + 1, emit);
+                path.truncate(len);
+            }
+        }
+        Value::Object(_) => emit(path, Scalar::Str(value.to_string())),
+    }
+}
+
+/// The column name of a path: names of the archive's own columns get a leading `_`.
+fn column_name(path: &str) -> std::borrow::Cow<'_, str> {
     if RESERVED.contains(&path) {
-        format!("_{path}")
+        std::borrow::Cow::Owned(format!("_{path}"))
     } else {
-        path.to_string()
+        std::borrow::Cow::Borrowed(path)
     }
 }
 
 /// Flattens a JSON object into `(column name, scalar)` pairs.
 pub fn flatten(value: &Value) -> Vec<(String, Scalar)> {
     let mut out = Vec::new();
-    if let Value::Object(map) = value {
-        for (k, v) in map {
-            flatten_into(k.clone(), v, 1, &mut out);
-        }
+    if value.is_object() {
+        walk(value.clone(), &mut String::new(), 0, &mut |path, scalar| {
+            out.push((column_name(path).into_owned(), scalar))
+        });
     }
     out
-}
-
-fn flatten_into(path: String, value: &Value, depth: usize, out: &mut Vec<(String, Scalar)>) {
-    match value {
-        Value::Null => {}
-        Value::Bool(b) => out.push((column_name(&path), Scalar::Bool(*b))),
-        Value::Number(n) => {
-            let s = match n.as_i64() {
-                Some(i) => Scalar::Int(i),
-                None => Scalar::Float(n.as_f64().unwrap_or(f64::NAN)),
-            };
-            out.push((column_name(&path), s));
-        }
-        Value::String(s) => out.push((column_name(&path), Scalar::Str(s.clone()))),
-        Value::Array(_) => out.push((column_name(&path), Scalar::Str(value.to_string()))),
-        Value::Object(map) if depth < MAX_DEPTH => {
-            for (k, v) in map {
-                flatten_into(format!("{path}.{k}"), v, depth + 1, out);
-            }
-        }
-        Value::Object(_) => out.push((column_name(&path), Scalar::Str(value.to_string()))),
-    }
 }
 
 /// A column of a collection's schema.
@@ -183,34 +192,73 @@ impl CollectionSchema {
         self.index.get(name).map(|i| &self.columns[*i])
     }
 
+    /// Takes one JSON payload into account (adding and widening columns, recording their
+    /// names in `changed`) and returns its fields as (column index, value); fields without a
+    /// column (past [`MAX_COLUMNS`]) are left out.
+    pub fn observe_value(
+        &mut self,
+        value: Value,
+        now: i64,
+        changed: &mut Vec<String>,
+    ) -> Vec<(u32, Scalar)> {
+        let mut out = Vec::new();
+        if !value.is_object() {
+            return out;
+        }
+        let mut path = String::with_capacity(64);
+        walk(value, &mut path, 0, &mut |path, scalar| {
+            let name = column_name(path);
+            if let Some(i) = self.observe_one(&name, scalar.column_type(), now, changed) {
+                out.push((i as u32, scalar));
+            }
+        });
+        out
+    }
+
+    /// Adds or widens the column `name` for a value of type `ty`; its index, if it has one.
+    fn observe_one(
+        &mut self,
+        name: &str,
+        ty: ColumnType,
+        now: i64,
+        changed: &mut Vec<String>,
+    ) -> Option<usize> {
+        match self.index.get(name) {
+            Some(&i) => {
+                let col = &mut self.columns[i];
+                let wide = col.ty.widen(ty);
+                if wide != col.ty {
+                    col.widened_from = Some(col.ty);
+                    col.widened_at = Some(now);
+                    col.ty = wide;
+                    changed.push(name.to_string());
+                }
+                Some(i)
+            }
+            None if self.columns.len() < MAX_COLUMNS => {
+                let i = self.columns.len();
+                self.index.insert(name.to_string(), i);
+                self.columns.push(Column {
+                    name: name.to_string(),
+                    ty,
+                    first_seen: now,
+                    widened_at: None,
+                    widened_from: None,
+                });
+                changed.push(name.to_string());
+                Some(i)
+            }
+            None => {
+                self.overflowed = true;
+                None
+            }
+        }
+    }
+
     /// Takes one flattened event into account; returns the names of columns added or widened.
     pub fn observe(&mut self, fields: &[(String, Scalar)], now: i64, changed: &mut Vec<String>) {
         for (name, value) in fields {
-            let ty = value.column_type();
-            match self.index.get(name) {
-                Some(&i) => {
-                    let col = &mut self.columns[i];
-                    let wide = col.ty.widen(ty);
-                    if wide != col.ty {
-                        col.widened_from = Some(col.ty);
-                        col.widened_at = Some(now);
-                        col.ty = wide;
-                        changed.push(name.clone());
-                    }
-                }
-                None if self.columns.len() < MAX_COLUMNS => {
-                    self.index.insert(name.clone(), self.columns.len());
-                    self.columns.push(Column {
-                        name: name.clone(),
-                        ty,
-                        first_seen: now,
-                        widened_at: None,
-                        widened_from: None,
-                    });
-                    changed.push(name.clone());
-                }
-                None => self.overflowed = true,
-            }
+            self.observe_one(name, value.column_type(), now, changed);
         }
     }
 }
@@ -267,5 +315,20 @@ mod tests {
         s.observe(&flatten(&Value::Object(obj)), 1, &mut changed);
         assert_eq!(s.columns.len(), MAX_COLUMNS);
         assert!(s.overflowed);
+    }
+
+    #[test]
+    fn observe_value_agrees_with_flatten() {
+        let v = json!({"a": 1, "b": {"c": "x", "d": [1]}, "id": 3, "n": null});
+        let mut s = CollectionSchema::default();
+        let mut changed = Vec::new();
+        let fields = s.observe_value(v.clone(), 1, &mut changed);
+        let named: HashMap<String, Scalar> = fields
+            .into_iter()
+            .map(|(i, v)| (s.columns[i as usize].name.clone(), v))
+            .collect();
+        let flat: HashMap<String, Scalar> = flatten(&v).into_iter().collect();
+        assert_eq!(named, flat);
+        assert_eq!(changed.len(), 4);
     }
 }

@@ -443,9 +443,17 @@ impl LogReader {
     }
 
     /// Reads records from `self.next` up to (not including) `limit`, at most `max` of them.
-    fn read(&mut self, limit: Position, max: usize) -> Result<Vec<(Position, Vec<u8>)>, BusError> {
+    /// Reads records below `limit`: at most `max` of them, and stops once `max_bytes` have
+    /// been read (at least one record is always returned when one is there).
+    fn read(
+        &mut self,
+        limit: Position,
+        max: usize,
+        max_bytes: usize,
+    ) -> Result<Vec<(Position, Vec<u8>)>, BusError> {
         let mut out = Vec::new();
-        while self.next < limit && out.len() < max {
+        let mut bytes = 0usize;
+        while self.next < limit && out.len() < max && bytes < max_bytes {
             if self.current.is_none() {
                 self.open_at_next()?;
             }
@@ -462,6 +470,7 @@ impl LogReader {
                         });
                     }
                     self.next += 1;
+                    bytes += body.len();
                     out.push((offset, body));
                 }
                 Ok(None) => {
@@ -593,12 +602,12 @@ impl Bus for LocalBus {
             let mut reader = LogReader::new(shared, start);
             let mut seen = Vec::new();
             loop {
-                let records = reader.read(limit, 1024)?;
+                let records = reader.read(limit, 1024, READ_AHEAD_BYTES)?;
                 if records.is_empty() {
                     return Ok(seen);
                 }
                 for (position, body) in records {
-                    let batch = decode_batch(position, &body)?;
+                    let batch = decode_batch(position, body.into())?;
                     for event in batch.events {
                         if !event.client_id.is_empty() && event.received_at_micros >= since_micros {
                             seen.push(SeenClientId {
@@ -629,6 +638,9 @@ impl Bus for LocalBus {
 
 /// A reader and the records it read that `next` has not handed out yet.
 type ReaderAndBuffer = (LogReader, VecDeque<(Position, Vec<u8>)>);
+
+/// How much a consumer reads ahead of what it has handed out.
+const READ_AHEAD_BYTES: usize = 4 << 20;
 
 struct LocalConsumer {
     name: String,
@@ -678,7 +690,7 @@ impl Consumer for LocalConsumer {
                 (reading.0.next, popped)
             };
             if let Some((position, body)) = popped {
-                let batch = decode_batch(position, &body)?;
+                let batch = decode_batch(position, body.into())?;
                 return Ok(Delivery {
                     position,
                     batch,
@@ -693,7 +705,9 @@ impl Consumer for LocalConsumer {
             let reading = self.reading.clone();
             tokio::task::spawn_blocking(move || {
                 let mut reading = reading.lock().expect("lock");
-                let records = reading.0.read(head, 512)?;
+                // Read-ahead is bounded in bytes, not only in records: a record can be a
+                // batch of thousands of events.
+                let records = reading.0.read(head, 512, READ_AHEAD_BYTES)?;
                 reading.1.extend(records);
                 Ok::<_, BusError>(())
             })

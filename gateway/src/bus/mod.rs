@@ -109,7 +109,8 @@ pub trait Consumer: Send {
 }
 
 /// Decodes a bus message body.
-pub fn decode_batch(position: Position, bytes: &[u8]) -> Result<BusBatch, BusError> {
+/// Decodes a bus record. Payloads are slices of `bytes` (no copy).
+pub fn decode_batch(position: Position, bytes: bytes::Bytes) -> Result<BusBatch, BusError> {
     use prost::Message;
     BusBatch::decode(bytes).map_err(|e| BusError::Corrupt {
         position,

@@ -325,7 +325,7 @@ impl Consumer for NatsConsumer {
                 .info()
                 .map_err(|e| BusError::Unavailable(format!("bad JetStream message metadata: {e}")))?
                 .stream_sequence;
-            let batch = decode_batch(position, &message.payload)?;
+            let batch = decode_batch(position, message.payload.clone())?;
             return Ok(Delivery {
                 position,
                 batch,
@@ -380,7 +380,7 @@ mod tests {
         assert!(pieces.iter().all(|p| p.len() <= 10_000));
         let total: usize = pieces
             .iter()
-            .map(|p| decode_batch(0, p).unwrap().events.len())
+            .map(|p| decode_batch(0, p.clone().into()).unwrap().events.len())
             .sum();
         assert_eq!(total, 100);
         let huge = BusBatch {

@@ -269,7 +269,7 @@ async fn contract_suite(store: &dyn Metastore) {
     };
     let old = candidates[..2].to_vec();
     store
-        .add_pending_objects(&[merged.path.clone()], "gw1", 10)
+        .add_pending_objects(std::slice::from_ref(&merged.path), "gw1", 10)
         .await
         .unwrap();
     assert_eq!(
