@@ -52,6 +52,109 @@ struct Args {
     /// Parquet (through the library, no HTTP), and report throughput, size and memory.
     #[arg(long)]
     archive_events: Option<usize>,
+    /// Archiver benchmark only: time from ingest ack to visible in export, with
+    /// `--archive-flush-secs` of this value, for `--secs` under a background load.
+    #[arg(long)]
+    archive_latency_flush_secs: Option<u64>,
+}
+
+/// Ack → visible in export: a probe event every 100 ms under a background load of 10,000
+/// events/s (batches of 500), the export polled every 250 ms over its last 30 s.
+async fn archive_latency_bench(flush_secs: u64, secs: u64, event_bytes: usize) -> anyhow::Result<()> {
+    let gw = Gateway::start(&["--archive-flush-secs", &flush_secs.to_string()]).await?;
+    let (token, col) = gw.setup().await?;
+    let http = reqwest::Client::new();
+    let stop = Arc::new(AtomicBool::new(false));
+    let load = {
+        let (http, url, token, stop) = (
+            http.clone(),
+            gw.url(&format!("/v1/collections/{col}/events")),
+            token.clone(),
+            stop.clone(),
+        );
+        let body: String = (0..BATCH).map(|i| event(i, event_bytes) + "\n").collect();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_millis(50));
+            while !stop.load(Ordering::Relaxed) {
+                tick.tick().await;
+                let _ = http
+                    .post(&url)
+                    .bearer_auth(&token)
+                    .header("content-type", "application/x-ndjson")
+                    .body(body.clone())
+                    .send()
+                    .await;
+            }
+        })
+    };
+    let mut acked: Vec<(String, Instant)> = Vec::new();
+    let mut seen: std::collections::HashMap<String, Instant> = Default::default();
+    let started = Instant::now();
+    let mut probe_tick = tokio::time::interval(Duration::from_millis(100));
+    let mut poll_tick = tokio::time::interval(Duration::from_millis(250));
+    let mut n = 0u64;
+    let end = started + Duration::from_secs(secs);
+    let drain_end = end + Duration::from_secs(flush_secs + 15);
+    loop {
+        tokio::select! {
+            _ = probe_tick.tick(), if Instant::now() < end => {
+                let resp: serde_json::Value = http
+                    .post(gw.url(&format!("/v1/collections/{col}/events")))
+                    .bearer_auth(&token)
+                    .json(&serde_json::json!({"probe": n}))
+                    .send()
+                    .await?
+                    .json()
+                    .await?;
+                n += 1;
+                let id = resp["ids"][0].as_str().context("probe id")?.to_string();
+                acked.push((id, Instant::now()));
+            }
+            _ = poll_tick.tick() => {
+                let from = chrono::Utc::now() - chrono::Duration::seconds(30 + flush_secs as i64);
+                let text = http
+                    .get(gw.url(&format!("/v1/collections/{col}/export")))
+                    .query(&[("from", from.to_rfc3339()), ("filter", "probe EXISTS".into())])
+                    .bearer_auth(&token)
+                    .send()
+                    .await?
+                    .text()
+                    .await?;
+                let now = Instant::now();
+                for line in text.lines() {
+                    if let Ok(v) = serde_json::from_str::<serde_json::Value>(line)
+                        && let Some(id) = v["id"].as_str()
+                    {
+                        seen.entry(id.to_string()).or_insert(now);
+                    }
+                }
+                if Instant::now() >= end && acked.iter().all(|(id, _)| seen.contains_key(id)) {
+                    break;
+                }
+                if Instant::now() >= drain_end {
+                    break;
+                }
+            }
+        }
+    }
+    stop.store(true, Ordering::Relaxed);
+    let _ = load.await;
+    let mut lat: Vec<f64> = acked
+        .iter()
+        .filter_map(|(id, at)| seen.get(id).map(|s| s.duration_since(*at).as_secs_f64()))
+        .collect();
+    lat.sort_by(f64::total_cmp);
+    let missing = acked.len() - lat.len();
+    let q = |p: f64| lat.get(((lat.len() as f64 * p) as usize).min(lat.len().saturating_sub(1))).copied().unwrap_or(f64::NAN);
+    println!(
+        "| ack → visible in export (--archive-flush-secs {flush_secs}, 10k ev/s background) | {} probes: p50 {:.2} s, p99 {:.2} s, max {:.2} s; {missing} not visible within {} s (poll granularity 0.25 s) |",
+        acked.len(),
+        q(0.5),
+        q(0.99),
+        lat.last().copied().unwrap_or(f64::NAN),
+        flush_secs + 15
+    );
+    Ok(())
 }
 
 /// A typical 1 KiB application event, the kind the archive is for: an e-commerce / product
@@ -234,8 +337,14 @@ async fn archive_bench(events: usize, event_bytes: usize) -> anyhow::Result<()> 
     let t0 = Instant::now();
     let task = tokio::spawn(archiver.run(stop_rx));
     let mut peak_rss: f64 = 0.0;
+    // Peak RSS per tenth of the backlog drained: flat if memory does not grow with it.
+    let mut by_tenth = [0f64; 10];
     while (status.events_archived.load(Ordering::Relaxed) as usize) < events {
-        peak_rss = peak_rss.max(self_rss_mib());
+        let rss = self_rss_mib();
+        peak_rss = peak_rss.max(rss);
+        let done = status.events_archived.load(Ordering::Relaxed) as usize;
+        let tenth = (done * 10 / events.max(1)).min(9);
+        by_tenth[tenth] = by_tenth[tenth].max(rss);
         tokio::time::sleep(Duration::from_millis(100)).await;
         if t0.elapsed() > Duration::from_secs(3600) {
             bail!("archiver did not finish");
@@ -267,8 +376,14 @@ async fn archive_bench(events: usize, event_bytes: usize) -> anyhow::Result<()> 
         100.0 * parquet_bytes as f64 / raw_bytes as f64
     );
     println!(
-        "| bench process RSS while draining | peak {:.0} MiB (before: {:.0} MiB) |",
-        peak_rss, rss0
+        "| bench process RSS while draining | peak {:.0} MiB (before: {:.0} MiB); peak per tenth drained: {} MiB |",
+        peak_rss,
+        rss0,
+        by_tenth
+            .iter()
+            .map(|m| format!("{m:.0}"))
+            .collect::<Vec<_>>()
+            .join(" / ")
     );
     Ok(())
 }
@@ -367,7 +482,7 @@ impl Gateway {
         let tok: serde_json::Value = http
             .post(self.url("/v1/tokens"))
             .bearer_auth(&admin)
-            .json(&serde_json::json!({"name":"bench","scopes":["ingest"]}))
+            .json(&serde_json::json!({"name":"bench","scopes":["ingest", "read"]}))
             .send()
             .await?
             .json()
@@ -649,6 +764,9 @@ async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     if let Some(events) = args.archive_events {
         return archive_bench(events, args.event_bytes).await;
+    }
+    if let Some(flush) = args.archive_latency_flush_secs {
+        return archive_latency_bench(flush, args.secs, args.event_bytes).await;
     }
     let secs = args.secs;
     let batch_body = Bytes::from(
