@@ -43,11 +43,11 @@ pub struct ServeArgs {
     /// Longest an event waits before it is written to a Parquet file, seconds [default: 60].
     #[arg(long, env = "REWIND_ARCHIVE_FLUSH_SECS")]
     pub archive_flush_secs: Option<u64>,
-    /// Payload bytes a collection's archive buffer collects before it is written [default: 33554432].
+    /// Payload bytes a collection's archive buffer collects before it is written [default: 16777216].
     #[arg(long, env = "REWIND_ARCHIVE_TARGET_BYTES")]
     pub archive_target_bytes: Option<usize>,
     /// Most payload bytes the archiver holds in memory across collections; above it, it stops
-    /// reading the bus until a write succeeds [default: 134217728].
+    /// reading the bus until a write succeeds [default: 67108864].
     #[arg(long, env = "REWIND_ARCHIVE_MAX_BUFFERED_BYTES")]
     pub archive_max_buffered_bytes: Option<usize>,
     /// How often compaction merges small Parquet files of an hour partition, seconds; files
@@ -69,6 +69,10 @@ pub struct ServeArgs {
     /// Most events in one request [default: 10000].
     #[arg(long, env = "REWIND_MAX_BATCH_EVENTS")]
     pub max_batch_events: Option<usize>,
+    /// Most ingest bytes in flight (read, parsed, waiting for the bus) across all requests;
+    /// beyond it requests wait up to 2 s, then get 503 + Retry-After [default: 67108864].
+    #[arg(long, env = "REWIND_MAX_INFLIGHT_BYTES")]
+    pub max_inflight_bytes: Option<usize>,
     /// Events per second each token may send; 0 turns the limit off [default: 100000].
     #[arg(long, env = "REWIND_RATE_LIMIT_EVENTS_PER_SEC")]
     pub rate_limit_events_per_sec: Option<u32>,
@@ -116,6 +120,7 @@ pub struct FileConfig {
     pub max_event_bytes: Option<usize>,
     pub max_request_bytes: Option<usize>,
     pub max_batch_events: Option<usize>,
+    pub max_inflight_bytes: Option<usize>,
     pub rate_limit_events_per_sec: Option<u32>,
     pub rate_limit_burst: Option<u32>,
     pub rate_limit_max_keys: Option<usize>,
@@ -155,6 +160,8 @@ pub struct Limits {
     pub max_event_bytes: usize,
     pub max_request_bytes: usize,
     pub max_batch_events: usize,
+    /// Ingest bytes in flight across requests (admission control).
+    pub max_inflight_bytes: usize,
 }
 
 /// The per-token rate limit; `events_per_sec == 0` means off.
@@ -363,12 +370,12 @@ impl ServeArgs {
             archive_target_bytes: self
                 .archive_target_bytes
                 .or(file.archive_target_bytes)
-                .unwrap_or(32 << 20)
+                .unwrap_or(16 << 20)
                 .max(1),
             archive_max_buffered_bytes: self
                 .archive_max_buffered_bytes
                 .or(file.archive_max_buffered_bytes)
-                .unwrap_or(128 << 20)
+                .unwrap_or(64 << 20)
                 .max(1),
             archive_compact: match self
                 .archive_compact_secs
@@ -391,6 +398,11 @@ impl ServeArgs {
                 max_event_bytes,
                 max_request_bytes,
                 max_batch_events,
+                max_inflight_bytes: self
+                    .max_inflight_bytes
+                    .or(file.max_inflight_bytes)
+                    .unwrap_or(64 << 20)
+                    .max(max_request_bytes),
             },
             rate_limit: RateLimitConfig {
                 events_per_sec,

@@ -32,6 +32,7 @@ pub struct Metrics {
     pub events_accepted: Family<TransportLabel, Counter>,
     pub ingest_bytes: Counter,
     pub rate_limited: Counter,
+    pub ingest_overloaded: Counter,
     pub append_seconds: Histogram,
     pub bus_lag: Family<ConsumerLabel, Gauge>,
     pub bus_ready: Gauge,
@@ -70,6 +71,12 @@ impl Metrics {
             "Ingest requests refused by the per-token rate limit",
             rate_limited.clone(),
         );
+        let ingest_overloaded = Counter::default();
+        registry.register(
+            "ingest_overloaded",
+            "Ingest requests turned away (503) because --max-inflight-bytes stayed full",
+            ingest_overloaded.clone(),
+        );
         let append_seconds = Histogram::new(exponential_buckets(0.0001, 2.0, 16));
         registry.register(
             "bus_append_seconds",
@@ -94,6 +101,7 @@ impl Metrics {
             events_accepted,
             ingest_bytes,
             rate_limited,
+            ingest_overloaded,
             append_seconds,
             bus_lag,
             bus_ready,

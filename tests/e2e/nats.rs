@@ -144,3 +144,95 @@ async fn nats_bus_publishes_per_collection_subjects_and_dedupes_retries() {
         .unwrap();
     assert!(msg.sequence >= 2);
 }
+
+#[tokio::test]
+async fn a_full_inflight_budget_turns_requests_away_with_503_instead_of_queueing_memory() {
+    let mut nats = Nats::start();
+    let gw = Gateway::start(&[
+        "--bus",
+        &nats.url(),
+        "--max-event-bytes",
+        "1048576",
+        "--max-request-bytes",
+        "1048576",
+        "--max-inflight-bytes",
+        "1048576",
+    ])
+    .await;
+    let (admin, col) = gw.team_with_collection("acme", "orders").await;
+    let tok = gw.token(&admin, &["ingest"]).await;
+    // With the bus gone, admitted requests hold their room while they wait for an ack.
+    nats.stop();
+    let body: String = (0..600)
+        .map(|i| format!("{{\"i\":{i},\"pad\":\"{}\"}}\n", "x".repeat(1000)))
+        .collect();
+    let sends: Vec<_> = (0..4)
+        .map(|_| {
+            let (http, url, tok, body) = (
+                gw.http.clone(),
+                gw.url(&format!("/v1/collections/{col}/events")),
+                tok.clone(),
+                body.clone(),
+            );
+            tokio::spawn(async move {
+                let resp = http
+                    .post(url)
+                    .bearer_auth(tok)
+                    .header("content-type", "application/x-ndjson")
+                    .body(body)
+                    .send()
+                    .await
+                    .unwrap();
+                let status = resp.status().as_u16();
+                let retry_after = resp.headers().get("retry-after").is_some();
+                let v: Value = resp.json().await.unwrap();
+                (status, retry_after, v)
+            })
+        })
+        .collect();
+    let mut overloaded = 0;
+    for s in sends {
+        let (status, retry_after, v) = s.await.unwrap();
+        assert_eq!(status, 503, "{v}");
+        assert!(retry_after, "{v}");
+        if v["error"]["code"] == "overloaded" {
+            overloaded += 1;
+            assert!(
+                v["error"]["message"]
+                    .as_str()
+                    .unwrap()
+                    .contains("in flight"),
+                "{v}"
+            );
+        }
+    }
+    assert!(overloaded >= 1, "no request was turned away for the budget");
+    let metrics = gw
+        .http
+        .get(gw.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("rewind_ingest_overloaded_total") && !l.ends_with(" 0")),
+        "{metrics}"
+    );
+    // The budget is given back: with the bus back, the same request is accepted.
+    nats.restart();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let resp = gw
+            .send(&tok, &col, "application/x-ndjson", body.clone())
+            .await;
+        if resp.status() == 202 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "still {}", resp.status());
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+}

@@ -181,6 +181,12 @@ impl From<IngestError> for ApiError {
                 ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "too_large", e.to_string())
             }
             IngestError::Invalid(m) => ApiError::bad_request(m),
+            IngestError::Overloaded { .. } => {
+                let mut err =
+                    ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "overloaded", e.to_string());
+                err.retry_after = Some(Duration::from_secs(1));
+                err
+            }
             IngestError::Bus(BusError::Rejected(m)) => {
                 ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "rejected", m)
             }

@@ -232,6 +232,8 @@ async fn publish(
             client_id: (!e.client_id.is_empty()).then_some(e.client_id),
         });
     }
+    let bytes: usize = events.iter().map(|e| e.payload.len()).sum();
+    let _admitted = state.ingest.admit(bytes).await.map_err(ApiError::from)?;
     let ids = state
         .ingest
         .ingest(

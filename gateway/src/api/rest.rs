@@ -358,9 +358,28 @@ async fn ingest_events(
             ),
         )
     };
+    // Admission: room for the declared length (or 1 MiB when it is not declared) before the
+    // body is read, topped up to the real size after.
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok());
+    let first = declared.unwrap_or(1 << 20).min(body_limit);
+    let _admitted = state.ingest.admit(first).await.map_err(ApiError::from)?;
     let body = read_body_limited(request.into_body(), body_limit)
         .await?
         .ok_or_else(too_large)?;
+    let _topped_up = if body.len() > first {
+        Some(
+            state
+                .ingest
+                .admit(body.len() - first)
+                .await
+                .map_err(ApiError::from)?,
+        )
+    } else {
+        None
+    };
     let parsed = parse_body(&body, format, state.ingest.limits())?;
     if idempotency_key.is_some() && parsed.len() > 1 {
         return Err(ApiError::bad_request(

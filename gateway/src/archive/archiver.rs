@@ -44,8 +44,8 @@ impl Default for ArchiverOptions {
     fn default() -> Self {
         Self {
             flush_after: Duration::from_secs(60),
-            target_bytes: 32 << 20,
-            max_buffered_bytes: 128 << 20,
+            target_bytes: 16 << 20,
+            max_buffered_bytes: 64 << 20,
             owner: "default".into(),
         }
     }

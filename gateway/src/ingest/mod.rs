@@ -41,9 +41,19 @@ pub enum IngestError {
     Invalid(String),
     #[error("{0}")]
     TooLarge(String),
+    #[error(
+        "the gateway has {limit} bytes of events in flight already and this request waited {waited:?} for room: retry shortly"
+    )]
+    Overloaded { limit: usize, waited: Duration },
     #[error(transparent)]
     Bus(#[from] BusError),
 }
+
+/// Room for a request's bytes in the gateway's in-flight budget; released on drop.
+pub struct Admission(#[allow(dead_code)] tokio::sync::OwnedSemaphorePermit);
+
+/// How long a request waits for room before it is turned away with a 503.
+pub const ADMISSION_WAIT: Duration = Duration::from_secs(2);
 
 /// The bus message id of a batch (`Nats-Msg-Id` on JetStream). When every event carries a
 /// client id, the id is derived from them, so a client's retry that reaches another gateway
@@ -70,6 +80,8 @@ fn message_id(team_id: &str, collection_id: &str, events: &[Event]) -> String {
 pub struct Ingestor {
     bus: Arc<dyn Bus>,
     limits: Limits,
+    /// The in-flight budget in KiB (see [`Ingestor::admit`]).
+    inflight: Arc<tokio::sync::Semaphore>,
     limiter: TokenRateLimiter,
     dedupe: Arc<DedupeIndex>,
     metrics: Arc<Metrics>,
@@ -85,8 +97,10 @@ impl Ingestor {
         metrics: Arc<Metrics>,
         id_field: Option<String>,
     ) -> Self {
+        let kib = (limits.max_inflight_bytes / 1024).clamp(1, tokio::sync::Semaphore::MAX_PERMITS);
         Self {
             bus,
+            inflight: Arc::new(tokio::sync::Semaphore::new(kib)),
             limits,
             limiter,
             dedupe,
@@ -97,6 +111,29 @@ impl Ingestor {
 
     pub fn limits(&self) -> &Limits {
         &self.limits
+    }
+
+    /// Takes room for `bytes` in the in-flight budget (`--max-inflight-bytes`), waiting up to
+    /// [`ADMISSION_WAIT`]. Overload then turns into 503s instead of unbounded memory: the
+    /// permit is held while the request is read, parsed and waits for the bus.
+    pub async fn admit(&self, bytes: usize) -> Result<Admission, IngestError> {
+        let total = self.limits.max_inflight_bytes / 1024;
+        let kib = bytes.div_ceil(1024).clamp(1, total.max(1)) as u32;
+        match tokio::time::timeout(
+            ADMISSION_WAIT,
+            self.inflight.clone().acquire_many_owned(kib),
+        )
+        .await
+        {
+            Ok(Ok(permit)) => Ok(Admission(permit)),
+            _ => {
+                self.metrics.ingest_overloaded.inc();
+                Err(IngestError::Overloaded {
+                    limit: self.limits.max_inflight_bytes,
+                    waited: ADMISSION_WAIT,
+                })
+            }
+        }
     }
 
     pub fn rate_limit_burst(&self) -> u32 {

@@ -233,6 +233,7 @@ mod tests {
             max_event_bytes: 64,
             max_request_bytes: 1 << 20,
             max_batch_events: 3,
+            max_inflight_bytes: 1 << 20,
         }
     }
 
