@@ -70,7 +70,7 @@ pub struct ServeArgs {
     #[arg(long, env = "REWIND_MAX_BATCH_EVENTS")]
     pub max_batch_events: Option<usize>,
     /// Most ingest bytes in flight (read, parsed, waiting for the bus) across all requests;
-    /// beyond it requests wait up to 2 s, then get 503 + Retry-After [default: 67108864].
+    /// beyond it requests wait up to 2 s, then get 503 + Retry-After [default: 33554432].
     #[arg(long, env = "REWIND_MAX_INFLIGHT_BYTES")]
     pub max_inflight_bytes: Option<usize>,
     /// Events per second each token may send; 0 turns the limit off [default: 100000].
@@ -401,7 +401,7 @@ impl ServeArgs {
                 max_inflight_bytes: self
                     .max_inflight_bytes
                     .or(file.max_inflight_bytes)
-                    .unwrap_or(64 << 20)
+                    .unwrap_or(32 << 20)
                     .max(max_request_bytes),
             },
             rate_limit: RateLimitConfig {

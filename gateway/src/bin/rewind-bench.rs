@@ -794,7 +794,6 @@ async fn raw_jetstream(url: &str, secs: u64, event_bytes: usize) -> anyhow::Resu
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    rewind_gateway::tune_allocator();
     let args = Args::parse();
     if let Some(events) = args.archive_events {
         return archive_bench(events, args.event_bytes).await;
