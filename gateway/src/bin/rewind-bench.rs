@@ -521,6 +521,14 @@ impl Drop for Gateway {
     }
 }
 
+/// Peak gateway RSS since the last [`take_scenario_peak`], in KiB.
+static SCENARIO_PEAK_KIB: AtomicU64 = AtomicU64::new(0);
+
+/// The gateway's peak RSS (MiB) since the previous call: one figure per scenario.
+fn take_scenario_peak() -> f64 {
+    SCENARIO_PEAK_KIB.swap(0, Ordering::Relaxed) as f64 / 1024.0
+}
+
 /// Samples the gateway's RSS every 100 ms; returns the peak when stopped.
 fn watch_rss(pid: u32, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<f64> {
     std::thread::spawn(move || {
@@ -533,6 +541,7 @@ fn watch_rss(pid: u32, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<f64> {
                 .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
             {
                 peak = peak.max(kb / 1024.0);
+                SCENARIO_PEAK_KIB.fetch_max(kb as u64, Ordering::Relaxed);
             }
             std::thread::sleep(Duration::from_millis(100));
         }
@@ -845,15 +854,15 @@ async fn main() -> anyhow::Result<()> {
     .await?;
     let http_events = batch_rps * BATCH as f64;
     println!(
-        "| HTTP batches of {BATCH}, local bus | {:.0} events/s ({:.0} requests/s, {} connections) |",
-        http_events, batch_rps, args.http_conns
+        "| HTTP batches of {BATCH}, local bus | {:.0} events/s ({:.0} requests/s, {} connections; gateway RSS peak {:.0} MiB) |",
+        http_events, batch_rps, args.http_conns, take_scenario_peak()
     );
 
     let grpc_events =
         grpc_load(&gw, &token, &col, args.grpc_streams, secs, args.event_bytes).await?;
     println!(
-        "| gRPC PublishStream, batches of {BATCH}, local bus | {:.0} events/s ({} streams) |",
-        grpc_events, args.grpc_streams
+        "| gRPC PublishStream, batches of {BATCH}, local bus | {:.0} events/s ({} streams; RSS peak {:.0} MiB) |",
+        grpc_events, args.grpc_streams, take_scenario_peak()
     );
 
     let single = http_load(
@@ -866,18 +875,19 @@ async fn main() -> anyhow::Result<()> {
     )
     .await?;
     println!(
-        "| HTTP single-event requests, local bus | {:.0} requests/s ({} connections) |",
-        single, args.single_conns
+        "| HTTP single-event requests, local bus | {:.0} requests/s ({} connections; RSS peak {:.0} MiB) |",
+        single, args.single_conns, take_scenario_peak()
     );
 
     let (p50, p99, achieved) =
         paced_latency(&url, &token, batch_body.clone(), batch_rps / 2.0, secs).await?;
     println!(
-        "| ack latency at half the peak batch rate ({:.0} events/s offered, {:.0} achieved) | p50 {:.2} ms, p99 {:.2} ms |",
+        "| ack latency at half the peak batch rate ({:.0} events/s offered, {:.0} achieved) | p50 {:.2} ms, p99 {:.2} ms (RSS peak {:.0} MiB) |",
         batch_rps / 2.0 * BATCH as f64,
         achieved * BATCH as f64,
         p50,
-        p99
+        p99,
+        take_scenario_peak()
     );
     if std::env::var_os("BENCH_DEBUG").is_some() {
         let m = reqwest::get(gw.url("/metrics")).await?.text().await?;
