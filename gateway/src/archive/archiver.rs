@@ -309,8 +309,8 @@ impl Archiver {
         for d in &buf.deliveries {
             for event in &d.batch.events {
                 let fields = if event.content_type == "application/json" {
-                    serde_json::from_slice::<serde_json::Value>(&event.payload)
-                        .map(|v| schema.observe_value(v, now, &mut changed))
+                    schema
+                        .observe_json(&event.payload, now, &mut changed)
                         .unwrap_or_default()
                 } else {
                     Vec::new()

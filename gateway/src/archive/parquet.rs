@@ -26,7 +26,7 @@ pub const ROW_GROUP_ROWS: usize = 64 * 1024;
 /// non-JSON payloads.
 pub struct Row<'a> {
     pub event: &'a Event,
-    pub fields: Vec<(u32, Scalar)>,
+    pub fields: Vec<(u32, Scalar<'a>)>,
 }
 
 fn base_fields() -> Vec<Field> {
@@ -72,7 +72,7 @@ pub fn to_record_batch(
 ) -> Result<RecordBatch, arrow::error::ArrowError> {
     let inferred = &schema.fields()[base_fields().len()..];
     // Values sparse by row, per inferred column.
-    let mut values: Vec<Vec<(usize, &Scalar)>> = vec![Vec::new(); inferred.len()];
+    let mut values: Vec<Vec<(usize, &Scalar<'_>)>> = vec![Vec::new(); inferred.len()];
     for (r, row) in rows.iter().enumerate() {
         for (col, value) in &row.fields {
             if let Some(Some(i)) = slot_of.get(*col as usize) {
@@ -124,7 +124,7 @@ pub fn to_record_batch(
     RecordBatch::try_new(schema.clone(), columns)
 }
 
-fn build_column(ty: ColumnType, values: &[(usize, &Scalar)], len: usize) -> ArrayRef {
+fn build_column(ty: ColumnType, values: &[(usize, &Scalar<'_>)], len: usize) -> ArrayRef {
     macro_rules! fill {
         ($builder:expr, $convert:expr) => {{
             let mut b = $builder;
@@ -148,15 +148,15 @@ fn build_column(ty: ColumnType, values: &[(usize, &Scalar)], len: usize) -> Arra
         }};
     }
     match ty {
-        ColumnType::Bool => fill!(BooleanBuilder::new(), |s: &Scalar| match s {
+        ColumnType::Bool => fill!(BooleanBuilder::new(), |s: &Scalar<'_>| match s {
             Scalar::Bool(b) => Some(*b),
             _ => None,
         }),
-        ColumnType::Int64 => fill!(Int64Builder::new(), |s: &Scalar| match s {
+        ColumnType::Int64 => fill!(Int64Builder::new(), |s: &Scalar<'_>| match s {
             Scalar::Int(i) => Some(*i),
             _ => None,
         }),
-        ColumnType::Float64 => fill!(Float64Builder::new(), |s: &Scalar| match s {
+        ColumnType::Float64 => fill!(Float64Builder::new(), |s: &Scalar<'_>| match s {
             Scalar::Int(i) => Some(*i as f64),
             Scalar::Float(f) => Some(*f),
             _ => None,

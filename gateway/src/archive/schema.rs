@@ -12,8 +12,11 @@
 //!   no column (they are still in `payload`, the original bytes).
 //! * Non-JSON payloads add no columns.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 
+use serde::Deserialize;
+use serde::de::{DeserializeSeed, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
 use serde_json::Value;
 
 pub const MAX_COLUMNS: usize = 512;
@@ -68,16 +71,16 @@ impl ColumnType {
     }
 }
 
-/// One scalar of a flattened event.
+/// One scalar of a flattened event; strings borrow from the payload when they can.
 #[derive(Debug, Clone, PartialEq)]
-pub enum Scalar {
+pub enum Scalar<'a> {
     Bool(bool),
     Int(i64),
     Float(f64),
-    Str(String),
+    Str(Cow<'a, str>),
 }
 
-impl Scalar {
+impl Scalar<'_> {
     pub fn column_type(&self) -> ColumnType {
         match self {
             Scalar::Bool(_) => ColumnType::Bool,
@@ -88,10 +91,10 @@ impl Scalar {
     }
 
     /// The value as column text (strings borrowed, numbers and booleans as their JSON text).
-    pub fn text(&self) -> std::borrow::Cow<'_, str> {
+    pub fn text(&self) -> Cow<'_, str> {
         match self {
-            Scalar::Str(s) => std::borrow::Cow::Borrowed(s),
-            other => std::borrow::Cow::Owned(other.as_text()),
+            Scalar::Str(s) => Cow::Borrowed(s),
+            other => Cow::Owned(other.as_text()),
         }
     }
 
@@ -100,14 +103,19 @@ impl Scalar {
             Scalar::Bool(b) => b.to_string(),
             Scalar::Int(i) => i.to_string(),
             Scalar::Float(f) => f.to_string(),
-            Scalar::Str(s) => s.clone(),
+            Scalar::Str(s) => s.to_string(),
         }
     }
 }
 
 /// Walks a JSON object's leaves by value (strings are moved, not copied), calling `emit`
 /// with each dotted path and scalar. `path` is a reusable buffer.
-fn walk(value: Value, path: &mut String, depth: usize, emit: &mut impl FnMut(&str, Scalar)) {
+fn walk(
+    value: Value,
+    path: &mut String,
+    depth: usize,
+    emit: &mut impl FnMut(&str, Scalar<'static>),
+) {
     match value {
         Value::Null => {}
         Value::Bool(b) => emit(path, Scalar::Bool(b)),
@@ -118,8 +126,8 @@ fn walk(value: Value, path: &mut String, depth: usize, emit: &mut impl FnMut(&st
                 None => Scalar::Float(n.as_f64().unwrap_or(f64::NAN)),
             },
         ),
-        Value::String(s) => emit(path, Scalar::Str(s)),
-        Value::Array(_) => emit(path, Scalar::Str(value.to_string())),
+        Value::String(s) => emit(path, Scalar::Str(Cow::Owned(s))),
+        Value::Array(_) => emit(path, Scalar::Str(Cow::Owned(value.to_string()))),
         Value::Object(map) if depth < MAX_DEPTH || path.is_empty() => {
             for (k, v) in map {
                 let len = path.len();
@@ -131,7 +139,108 @@ fn walk(value: Value, path: &mut String, depth: usize, emit: &mut impl FnMut(&st
                 path.truncate(len);
             }
         }
-        Value::Object(_) => emit(path, Scalar::Str(value.to_string())),
+        Value::Object(_) => emit(path, Scalar::Str(Cow::Owned(value.to_string()))),
+    }
+}
+
+/// The streaming counterpart of [`walk`]: reads JSON text and calls `emit` with each leaf's
+/// dotted path and value, without building a `Value` tree; unescaped strings are borrowed
+/// from the input. Arrays and objects past [`MAX_DEPTH`] become JSON text, as in [`walk`].
+struct Walker<'p, F> {
+    path: &'p mut String,
+    depth: usize,
+    emit: &'p mut F,
+}
+
+impl<'de, F: FnMut(&str, Scalar<'de>)> DeserializeSeed<'de> for Walker<'_, F> {
+    type Value = ();
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de, F: FnMut(&str, Scalar<'de>)> Walker<'_, F> {
+    fn leaf(self, s: Scalar<'de>) {
+        // A top-level scalar is not an object: no fields.
+        if self.depth > 0 {
+            (self.emit)(self.path, s)
+        }
+    }
+}
+
+impl<'de, F: FnMut(&str, Scalar<'de>)> Visitor<'de> for Walker<'_, F> {
+    type Value = ();
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a JSON value")
+    }
+    fn visit_bool<E>(self, v: bool) -> Result<(), E> {
+        self.leaf(Scalar::Bool(v));
+        Ok(())
+    }
+    fn visit_i64<E>(self, v: i64) -> Result<(), E> {
+        self.leaf(Scalar::Int(v));
+        Ok(())
+    }
+    fn visit_u64<E>(self, v: u64) -> Result<(), E> {
+        self.leaf(match i64::try_from(v) {
+            Ok(i) => Scalar::Int(i),
+            Err(_) => Scalar::Float(v as f64),
+        });
+        Ok(())
+    }
+    fn visit_f64<E>(self, v: f64) -> Result<(), E> {
+        self.leaf(Scalar::Float(v));
+        Ok(())
+    }
+    fn visit_borrowed_str<E>(self, v: &'de str) -> Result<(), E> {
+        self.leaf(Scalar::Str(Cow::Borrowed(v)));
+        Ok(())
+    }
+    fn visit_str<E>(self, v: &str) -> Result<(), E> {
+        self.leaf(Scalar::Str(Cow::Owned(v.to_string())));
+        Ok(())
+    }
+    fn visit_string<E>(self, v: String) -> Result<(), E> {
+        self.leaf(Scalar::Str(Cow::Owned(v)));
+        Ok(())
+    }
+    fn visit_unit<E>(self) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_none<E>(self) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<(), A::Error> {
+        if self.depth == 0 {
+            // A top-level array is not an object: no fields (but read it through).
+            IgnoredAny.visit_seq(seq)?;
+            return Ok(());
+        }
+        let v = Value::deserialize(serde::de::value::SeqAccessDeserializer::new(seq))?;
+        self.leaf(Scalar::Str(Cow::Owned(v.to_string())));
+        Ok(())
+    }
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+        if self.depth >= MAX_DEPTH && !self.path.is_empty() {
+            let v = Value::deserialize(serde::de::value::MapAccessDeserializer::new(map))?;
+            self.leaf(Scalar::Str(Cow::Owned(v.to_string())));
+            return Ok(());
+        }
+        while let Some(key) = map.next_key::<Cow<'de, str>>()? {
+            let len = self.path.len();
+            if !self.path.is_empty() {
+                self.path.push('.');
+            }
+            self.path.push_str(&key);
+            map.next_value_seed(Walker {
+                path: &mut *self.path,
+                depth: self.depth + 1,
+                emit: &mut *self.emit,
+            })?;
+            self.path.truncate(len);
+        }
+        Ok(())
     }
 }
 
@@ -145,7 +254,7 @@ fn column_name(path: &str) -> std::borrow::Cow<'_, str> {
 }
 
 /// Flattens a JSON object into `(column name, scalar)` pairs.
-pub fn flatten(value: &Value) -> Vec<(String, Scalar)> {
+pub fn flatten(value: &Value) -> Vec<(String, Scalar<'static>)> {
     let mut out = Vec::new();
     if value.is_object() {
         walk(value.clone(), &mut String::new(), 0, &mut |path, scalar| {
@@ -192,6 +301,40 @@ impl CollectionSchema {
         self.index.get(name).map(|i| &self.columns[*i])
     }
 
+    /// Like [`Self::observe_value`], straight from JSON text without a `Value` tree; string
+    /// values borrow from `payload` where they have no escapes. A field given twice keeps its
+    /// last value. An error leaves the schema possibly extended by the fields read before it.
+    pub fn observe_json<'a>(
+        &mut self,
+        payload: &'a [u8],
+        now: i64,
+        changed: &mut Vec<String>,
+    ) -> Result<Vec<(u32, Scalar<'a>)>, serde_json::Error> {
+        let mut out: Vec<(u32, Scalar<'a>)> = Vec::new();
+        let mut path = String::with_capacity(64);
+        let mut de = serde_json::Deserializer::from_slice(payload);
+        {
+            let mut emit = |path: &str, scalar: Scalar<'a>| {
+                let name = column_name(path);
+                if let Some(i) = self.observe_one(&name, scalar.column_type(), now, changed) {
+                    let i = i as u32;
+                    match out.iter_mut().rev().find(|(c, _)| *c == i) {
+                        Some(slot) => slot.1 = scalar,
+                        None => out.push((i, scalar)),
+                    }
+                }
+            };
+            Walker {
+                path: &mut path,
+                depth: 0,
+                emit: &mut emit,
+            }
+            .deserialize(&mut de)?;
+        }
+        de.end()?;
+        Ok(out)
+    }
+
     /// Takes one JSON payload into account (adding and widening columns, recording their
     /// names in `changed`) and returns its fields as (column index, value); fields without a
     /// column (past [`MAX_COLUMNS`]) are left out.
@@ -200,7 +343,7 @@ impl CollectionSchema {
         value: Value,
         now: i64,
         changed: &mut Vec<String>,
-    ) -> Vec<(u32, Scalar)> {
+    ) -> Vec<(u32, Scalar<'static>)> {
         let mut out = Vec::new();
         if !value.is_object() {
             return out;
@@ -256,7 +399,12 @@ impl CollectionSchema {
     }
 
     /// Takes one flattened event into account; returns the names of columns added or widened.
-    pub fn observe(&mut self, fields: &[(String, Scalar)], now: i64, changed: &mut Vec<String>) {
+    pub fn observe(
+        &mut self,
+        fields: &[(String, Scalar<'_>)],
+        now: i64,
+        changed: &mut Vec<String>,
+    ) {
         for (name, value) in fields {
             self.observe_one(name, value.column_type(), now, changed);
         }
@@ -315,6 +463,46 @@ mod tests {
         s.observe(&flatten(&Value::Object(obj)), 1, &mut changed);
         assert_eq!(s.columns.len(), MAX_COLUMNS);
         assert!(s.overflowed);
+    }
+
+    #[test]
+    fn the_streaming_reader_agrees_with_the_value_tree() {
+        let docs = [
+            r#"{"a": 1, "b": {"c": "x", "d": [1, {"e": 2}]}, "id": 3, "n": null}"#,
+            r#"{"esc": "line\nbreak \"q\" \u00e9", "big": 18446744073709551615, "neg": -5, "f": 1.5e3}"#,
+            r#"{"l1": {"l2": {"l3": {"l4": {"l5": {"l6": {"l7": {"l8": {"l9": 1}}}}}}}}}"#,
+            r#"{"名前": "テスト", "emoji 🎉": true, "": "empty key", "dup": 1, "dup": "two"}"#,
+            r#"[1, 2, 3]"#,
+            r#""just a string""#,
+            r#"{"o": {}, "arr": [], "t": true}"#,
+        ];
+        for doc in docs {
+            let mut a = CollectionSchema::default();
+            let mut b = CollectionSchema::default();
+            let mut changed = Vec::new();
+            let streamed = a.observe_json(doc.as_bytes(), 1, &mut changed).unwrap();
+            let v: Value = serde_json::from_str(doc).unwrap();
+            let tree = b.observe_value(v, 1, &mut changed);
+            let named =
+                |s: &CollectionSchema, f: Vec<(u32, Scalar<'_>)>| -> HashMap<String, String> {
+                    f.into_iter()
+                        .map(|(i, v)| {
+                            (
+                                s.columns[i as usize].name.clone(),
+                                format!("{v:?}").replace("Borrowed", "Owned"),
+                            )
+                        })
+                        .collect()
+                };
+            assert_eq!(named(&a, streamed), named(&b, tree), "{doc}");
+            let types = |s: &CollectionSchema| -> HashMap<String, ColumnType> {
+                s.columns.iter().map(|c| (c.name.clone(), c.ty)).collect()
+            };
+            assert_eq!(types(&a), types(&b), "{doc}");
+        }
+        let mut s = CollectionSchema::default();
+        assert!(s.observe_json(b"{\"a\": ", 1, &mut Vec::new()).is_err());
+        assert!(s.observe_json(b"{} trailing", 1, &mut Vec::new()).is_err());
     }
 
     #[test]

@@ -855,14 +855,19 @@ async fn main() -> anyhow::Result<()> {
     let http_events = batch_rps * BATCH as f64;
     println!(
         "| HTTP batches of {BATCH}, local bus | {:.0} events/s ({:.0} requests/s, {} connections; gateway RSS peak {:.0} MiB) |",
-        http_events, batch_rps, args.http_conns, take_scenario_peak()
+        http_events,
+        batch_rps,
+        args.http_conns,
+        take_scenario_peak()
     );
 
     let grpc_events =
         grpc_load(&gw, &token, &col, args.grpc_streams, secs, args.event_bytes).await?;
     println!(
         "| gRPC PublishStream, batches of {BATCH}, local bus | {:.0} events/s ({} streams; RSS peak {:.0} MiB) |",
-        grpc_events, args.grpc_streams, take_scenario_peak()
+        grpc_events,
+        args.grpc_streams,
+        take_scenario_peak()
     );
 
     let single = http_load(
@@ -876,7 +881,9 @@ async fn main() -> anyhow::Result<()> {
     .await?;
     println!(
         "| HTTP single-event requests, local bus | {:.0} requests/s ({} connections; RSS peak {:.0} MiB) |",
-        single, args.single_conns, take_scenario_peak()
+        single,
+        args.single_conns,
+        take_scenario_peak()
     );
 
     let (p50, p99, achieved) =
