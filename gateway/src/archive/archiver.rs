@@ -339,6 +339,7 @@ impl Archiver {
                 .max()
                 .unwrap_or(0);
             let row_count = rows.len();
+            let payload_bytes: usize = rows.iter().map(|r| r.event.payload.len()).sum();
             // The file's inferred columns: those of the schema that occur in its rows, in
             // schema order.
             let mut present = vec![false; schema.columns.len()];
@@ -358,7 +359,12 @@ impl Archiver {
             let arrow_schema = file_schema(&columns);
             // Arrow batches of CHUNK_ROWS rows, each dropped once encoded.
             let bytes = tokio::task::block_in_place(|| {
-                let mut writer = FileWriter::new(arrow_schema, slot_of)?;
+                // Files come out at about a fifth of the payload; a little more avoids regrowing.
+                let mut writer = FileWriter::with_capacity(
+                    arrow_schema,
+                    slot_of,
+                    payload_bytes / 4 + (1 << 20),
+                )?;
                 let mut rows = rows.into_iter();
                 loop {
                     let chunk: Vec<Row<'_>> = rows.by_ref().take(CHUNK_ROWS).collect();

@@ -200,8 +200,17 @@ impl FileWriter {
         schema: Arc<Schema>,
         slot_of: Vec<Option<u32>>,
     ) -> Result<Self, parquet::errors::ParquetError> {
+        Self::with_capacity(schema, slot_of, 1 << 20)
+    }
+
+    /// As [`Self::new`], with room for a file of about `bytes` (saves regrowing the buffer).
+    pub fn with_capacity(
+        schema: Arc<Schema>,
+        slot_of: Vec<Option<u32>>,
+        bytes: usize,
+    ) -> Result<Self, parquet::errors::ParquetError> {
         let writer = ArrowWriter::try_new(
-            Vec::with_capacity(1 << 20),
+            Vec::with_capacity(bytes),
             schema.clone(),
             Some(writer_properties()?),
         )?;

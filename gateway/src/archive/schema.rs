@@ -281,6 +281,10 @@ pub struct CollectionSchema {
     index: HashMap<String, usize>,
     /// Fields seen that got no column because of [`MAX_COLUMNS`].
     pub overflowed: bool,
+    /// The column of each field of the last event read, in order: events of a stream mostly
+    /// have the same fields in the same order, so the k-th field is first checked against
+    /// it (a string compare) before the name is hashed.
+    last_order: Vec<u32>,
 }
 
 impl CollectionSchema {
@@ -294,6 +298,7 @@ impl CollectionSchema {
             columns,
             index,
             overflowed: false,
+            last_order: Vec::new(),
         }
     }
 
@@ -313,10 +318,24 @@ impl CollectionSchema {
         let mut out: Vec<(u32, Scalar<'a>)> = Vec::new();
         let mut path = String::with_capacity(64);
         let mut de = serde_json::Deserializer::from_slice(payload);
+        let predicted = std::mem::take(&mut self.last_order);
+        let mut order = Vec::with_capacity(predicted.len());
         {
             let mut emit = |path: &str, scalar: Scalar<'a>| {
                 let name = column_name(path);
-                if let Some(i) = self.observe_one(&name, scalar.column_type(), now, changed) {
+                let hint = predicted
+                    .get(order.len())
+                    .map(|&i| i as usize)
+                    .filter(|&i| i < self.columns.len() && self.columns[i].name == *name);
+                let found = match hint {
+                    Some(i) => {
+                        self.widen(i, scalar.column_type(), now, changed);
+                        Some(i)
+                    }
+                    None => self.observe_one(&name, scalar.column_type(), now, changed),
+                };
+                order.push(found.map_or(u32::MAX, |i| i as u32));
+                if let Some(i) = found {
                     let i = i as u32;
                     match out.iter_mut().rev().find(|(c, _)| *c == i) {
                         Some(slot) => slot.1 = scalar,
@@ -331,6 +350,7 @@ impl CollectionSchema {
             }
             .deserialize(&mut de)?;
         }
+        self.last_order = order;
         de.end()?;
         Ok(out)
     }
@@ -358,6 +378,18 @@ impl CollectionSchema {
         out
     }
 
+    /// Widens column `i` to hold a value of type `ty` (recording the change).
+    fn widen(&mut self, i: usize, ty: ColumnType, now: i64, changed: &mut Vec<String>) {
+        let col = &mut self.columns[i];
+        let wide = col.ty.widen(ty);
+        if wide != col.ty {
+            col.widened_from = Some(col.ty);
+            col.widened_at = Some(now);
+            col.ty = wide;
+            changed.push(col.name.clone());
+        }
+    }
+
     /// Adds or widens the column `name` for a value of type `ty`; its index, if it has one.
     fn observe_one(
         &mut self,
@@ -368,14 +400,7 @@ impl CollectionSchema {
     ) -> Option<usize> {
         match self.index.get(name) {
             Some(&i) => {
-                let col = &mut self.columns[i];
-                let wide = col.ty.widen(ty);
-                if wide != col.ty {
-                    col.widened_from = Some(col.ty);
-                    col.widened_at = Some(now);
-                    col.ty = wide;
-                    changed.push(name.to_string());
-                }
+                self.widen(i, ty, now, changed);
                 Some(i)
             }
             None if self.columns.len() < MAX_COLUMNS => {
