@@ -602,6 +602,17 @@ async fn compaction_merges_small_files_with_widened_columns_and_loses_nothing() 
     let mut expected = sent.clone();
     expected.sort();
     assert_eq!(exported, expected, "export after compaction");
+    // Look-up by id reads the merged file.
+    let (status, one) = gw
+        .call(
+            Method::GET,
+            &format!("/v1/collections/{col}/events/{}", sent[3]),
+            &tok,
+            None,
+        )
+        .await;
+    assert_eq!(status, 200, "{one}");
+    assert_eq!(one["id"], sent[3]);
     // The payloads are the original bytes, and the merged file has the widened column.
     assert_eq!(
         lines

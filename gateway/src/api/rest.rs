@@ -538,27 +538,41 @@ async fn get_event(
     })?;
     let at = ulid.timestamp_ms() as i64 * 1000;
     let slack = 300_000_000; // ids are made right after received_at is taken
-    let files = state
-        .meta
-        .list_archive_files(&caller.team_id, &collection.id, at - slack, at + slack)
-        .await?;
-    for file in &files {
-        let events = crate::archive::read::read_file(&state.archive, file, i64::MIN, i64::MAX)
-            .await
-            .map_err(|e| {
-                ApiError::new(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "archive_unavailable",
-                    format!("{e}; retry shortly"),
-                )
-            })?;
-        if let Some(e) = events.into_iter().find(|e| e.id == event_id) {
-            let v: Value =
-                serde_json::from_slice(&crate::archive::read::export_line(&e)).map_err(|e| {
-                    ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string())
-                })?;
-            return Ok(Json(v));
+    // A file compacted away between listing and reading: list again (a few times at most).
+    let mut attempts = 0;
+    let found = 'search: loop {
+        let files = state
+            .meta
+            .list_archive_files(&caller.team_id, &collection.id, at - slack, at + slack)
+            .await?;
+        for file in &files {
+            match crate::archive::read::read_file(&state.archive, file, i64::MIN, i64::MAX).await {
+                Ok(events) => {
+                    if let Some(e) = events.into_iter().find(|e| e.id == event_id) {
+                        break 'search Some(e);
+                    }
+                }
+                Err(e) if e.not_found && attempts < 3 => {
+                    attempts += 1;
+                    continue 'search;
+                }
+                Err(e) => {
+                    return Err(ApiError::new(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "archive_unavailable",
+                        format!("{e}; retry shortly"),
+                    ));
+                }
+            }
         }
+        break None;
+    };
+    if let Some(e) = found {
+        let v: Value =
+            serde_json::from_slice(&crate::archive::read::export_line(&e)).map_err(|e| {
+                ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string())
+            })?;
+        return Ok(Json(v));
     }
     Err(ApiError::new(
         StatusCode::NOT_FOUND,
