@@ -177,6 +177,8 @@ fn writer_properties() -> Result<WriterProperties, parquet::errors::ParquetError
         // Bigger pages for the payload give zstd more context across similar events.
         .set_column_data_page_size_limit("payload".into(), PAYLOAD_PAGE_BYTES)
         .set_column_dictionary_enabled("payload".into(), false)
+        // Min/max of raw payload bytes help no reader and cost a compare per value.
+        .set_column_statistics_enabled("payload".into(), EnabledStatistics::None)
         .set_column_dictionary_enabled("id".into(), false)
         .set_column_bloom_filter_enabled("id".into(), true)
         .set_created_by("rewind".into())
