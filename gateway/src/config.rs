@@ -90,6 +90,15 @@ pub struct ServeArgs {
     /// How long client ids are remembered for deduplication, seconds [default: 86400].
     #[arg(long, env = "REWIND_DEDUPE_WINDOW_SECS")]
     pub dedupe_window_secs: Option<u64>,
+    /// Local bus: segments every consumer has passed are deleted once they are this old,
+    /// seconds. Shorter than the de-duplication window, a retry sent across a restart may no
+    /// longer be recognised (client ids are rebuilt from the log) [default: that window].
+    #[arg(long, env = "REWIND_BUS_RETENTION_SECS")]
+    pub bus_retention_secs: Option<u64>,
+    /// Local bus: size at which a log segment is closed and a new one started, bytes
+    /// [default: 134217728].
+    #[arg(long, env = "REWIND_BUS_SEGMENT_BYTES")]
+    pub bus_segment_bytes: Option<u64>,
     /// Most client ids remembered for deduplication [default: 1000000].
     #[arg(long, env = "REWIND_DEDUPE_MAX_KEYS")]
     pub dedupe_max_keys: Option<usize>,
@@ -126,6 +135,8 @@ pub struct FileConfig {
     pub rate_limit_max_keys: Option<usize>,
     pub id_field: Option<String>,
     pub dedupe_window_secs: Option<u64>,
+    pub bus_retention_secs: Option<u64>,
+    pub bus_segment_bytes: Option<u64>,
     pub dedupe_max_keys: Option<usize>,
     pub log_format: Option<String>,
     pub shutdown_grace_secs: Option<u64>,
@@ -192,6 +203,10 @@ pub struct Config {
     pub rate_limit: RateLimitConfig,
     pub id_field: Option<String>,
     pub dedupe_window: Duration,
+    /// Local bus retention of consumed segments.
+    pub bus_retention: Duration,
+    /// Local bus segment size.
+    pub bus_segment_bytes: u64,
     pub dedupe_max_keys: usize,
     pub log_format: LogFormat,
     pub shutdown_grace: Duration,
@@ -414,6 +429,20 @@ impl ServeArgs {
                 self.dedupe_window_secs
                     .or(file.dedupe_window_secs)
                     .unwrap_or(86_400),
+            ),
+            bus_segment_bytes: self
+                .bus_segment_bytes
+                .or(file.bus_segment_bytes)
+                .unwrap_or(128 << 20)
+                .max(4096),
+            bus_retention: Duration::from_secs(
+                self.bus_retention_secs
+                    .or(file.bus_retention_secs)
+                    .unwrap_or(
+                        self.dedupe_window_secs
+                            .or(file.dedupe_window_secs)
+                            .unwrap_or(86_400),
+                    ),
             ),
             dedupe_max_keys: self
                 .dedupe_max_keys

@@ -45,7 +45,9 @@ pub async fn open_bus(config: &Config) -> anyhow::Result<Arc<dyn Bus>> {
     Ok(match &config.bus {
         BusConfig::Local => Arc::new(LocalBus::open(
             &config.data_dir.join("bus"),
-            LocalBusOptions::default(),
+            LocalBusOptions {
+                segment_bytes: config.bus_segment_bytes,
+            },
         )?),
         BusConfig::Nats { url } => {
             let bus = NatsBus::start(url);
@@ -122,6 +124,25 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     let archive_status = archiver.status.clone();
     let (archiver_stop, archiver_stop_rx) = tokio::sync::watch::channel(false);
     let archiver_task = tokio::spawn(archiver.run(archiver_stop_rx));
+    {
+        // Local bus retention: consumed segments past the retention age go, once a minute.
+        let (bus, keep) = (bus.clone(), config.bus_retention);
+        let every = keep.clamp(
+            std::time::Duration::from_secs(1),
+            std::time::Duration::from_secs(60),
+        );
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(every).await;
+                let older_than = std::time::SystemTime::now() - keep;
+                match bus.retain_before(older_than).await {
+                    Ok(n) if n > 0 => tracing::info!(segments = n, "bus retention"),
+                    Ok(_) => {}
+                    Err(e) => tracing::warn!(error = %e, "bus retention failed; will retry"),
+                }
+            }
+        });
+    }
     if let Some(every) = config.archive_compact {
         let (store, meta) = (archive_store.clone(), meta.clone());
         let options = crate::archive::compact::CompactOptions {

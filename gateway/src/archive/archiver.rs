@@ -278,6 +278,11 @@ impl Archiver {
                         tracing::warn!(error = %e, "bus ack failed after archiving; the message will be skipped on redelivery");
                     }
                 }
+                // Save the consumer's progress now (not only every so often), so the bus can
+                // drop what is archived and a restart does not re-read it.
+                if let Err(e) = consumer.commit().await {
+                    tracing::warn!(error = %e, "saving the archiver's bus position failed; it will be retried");
+                }
                 self.set_error(None);
                 None
             }

@@ -271,6 +271,48 @@ impl LocalBus {
         })
     }
 
+    /// Deletes closed segments that every consumer (every offset file in `consumers/`) has
+    /// committed past and that were last written before `older_than`. With no consumer at
+    /// all, nothing goes. Returns how many segments were deleted.
+    pub fn apply_retention(&self, older_than: std::time::SystemTime) -> Result<usize, BusError> {
+        let dir = self.shared.dir.join("consumers");
+        let mut min_committed: Option<Position> = None;
+        for entry in std::fs::read_dir(&dir).map_err(|e| io_err("cannot list", &dir, e))? {
+            let entry = entry.map_err(|e| io_err("cannot list", &dir, e))?;
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let Some(consumer) = name.strip_suffix(".offset") else {
+                continue;
+            };
+            let committed = self.read_committed(consumer)?;
+            min_committed = Some(min_committed.map_or(committed, |m| m.min(committed)));
+        }
+        let Some(min_committed) = min_committed else {
+            return Ok(0);
+        };
+        let doomed: Vec<Segment> = {
+            let mut segments = self.shared.segments.write().expect("lock");
+            let mut doomed = Vec::new();
+            // Never the last (active) segment; only a prefix, so the kept ones stay contiguous.
+            while segments.len() > 1 {
+                let end = segments[1].base;
+                let old_enough = std::fs::metadata(&segments[0].path)
+                    .and_then(|m| m.modified())
+                    .is_ok_and(|t| t < older_than);
+                if end <= min_committed && old_enough {
+                    doomed.push(segments.remove(0));
+                } else {
+                    break;
+                }
+            }
+            doomed
+        };
+        for seg in &doomed {
+            std::fs::remove_file(&seg.path).map_err(|e| io_err("cannot delete", &seg.path, e))?;
+            tracing::info!(segment = %seg.path.display(), "bus segment removed by retention");
+        }
+        Ok(doomed.len())
+    }
+
     /// Offset of the next record to be written; every lower offset is durable.
     pub fn durable_head(&self) -> Position {
         *self.durable.borrow()
@@ -397,7 +439,8 @@ impl Writer {
 struct LogReader {
     shared: Arc<Shared>,
     next: Position,
-    current: Option<(usize, BufReader<File>)>,
+    /// The open segment (by base offset: retention may remove earlier segments meanwhile).
+    current: Option<(Position, BufReader<File>)>,
 }
 
 impl LogReader {
@@ -412,6 +455,18 @@ impl LogReader {
     /// Opens the segment holding `self.next` and skips to it.
     fn open_at_next(&mut self) -> Result<(), BusError> {
         let segments = self.shared.segments.read().expect("lock").clone();
+        if let Some(first) = segments.first()
+            && self.next < first.base
+        {
+            // Removed by retention (every consumer had passed it): a reader starting there
+            // (a new consumer) begins with the oldest record still kept.
+            tracing::info!(
+                from = self.next,
+                to = first.base,
+                "bus records before the oldest kept segment were removed by retention; starting at the oldest kept"
+            );
+            self.next = first.base;
+        }
         let index = segments
             .iter()
             .rposition(|s| s.base <= self.next)
@@ -438,7 +493,7 @@ impl LogReader {
                 }
             }
         }
-        self.current = Some((index, reader));
+        self.current = Some((seg.base, reader));
         Ok(())
     }
 
@@ -457,7 +512,7 @@ impl LogReader {
             if self.current.is_none() {
                 self.open_at_next()?;
             }
-            let (index, reader) = self.current.as_mut().expect("opened");
+            let (_, reader) = self.current.as_mut().expect("opened");
             match read_record(reader) {
                 Ok(Some((offset, body))) => {
                     if offset != self.next {
@@ -476,9 +531,9 @@ impl LogReader {
                 Ok(None) => {
                     // End of this segment: the next one must start here.
                     let segments = self.shared.segments.read().expect("lock");
-                    match segments.get(*index + 1) {
-                        Some(seg) if seg.base == self.next => self.current = None,
-                        _ => {
+                    match segments.iter().find(|seg| seg.base == self.next) {
+                        Some(_) => self.current = None,
+                        None => {
                             return Err(BusError::Corrupt {
                                 position: self.next,
                                 detail: "segment ended before the durable head".into(),
@@ -540,7 +595,16 @@ impl Bus for LocalBus {
         {
             return Err(BusError::ConsumerBusy(name.into()));
         }
-        let committed = self.read_committed(name)?;
+        // Records removed by retention cannot be read: a consumer behind them (a new one)
+        // starts at the oldest record kept.
+        let oldest = self
+            .shared
+            .segments
+            .read()
+            .expect("lock")
+            .first()
+            .map_or(0, |s| s.base);
+        let committed = self.read_committed(name)?.max(oldest);
         Ok(Box::new(LocalConsumer {
             name: name.into(),
             offset_path: self.consumer_offset_path(name),
@@ -579,6 +643,10 @@ impl Bus for LocalBus {
                 .unwrap_or_else(|| format!("{} messages in {}", head, self.shared.dir.display())),
             consumer_lag,
         }
+    }
+
+    async fn retain_before(&self, older_than: std::time::SystemTime) -> Result<usize, BusError> {
+        self.apply_retention(older_than)
     }
 
     async fn recent_client_ids(&self, since_micros: i64) -> Result<Vec<SeenClientId>, BusError> {
@@ -789,6 +857,58 @@ mod tests {
             );
         }
         out
+    }
+
+    #[tokio::test]
+    async fn retention_deletes_only_segments_every_consumer_passed() {
+        let dir = tempfile::tempdir().unwrap();
+        let bus = LocalBus::open(
+            dir.path(),
+            LocalBusOptions {
+                segment_bytes: 4096,
+            },
+        )
+        .unwrap();
+        for i in 0..150 {
+            bus.append(&batch(3, &i.to_string()), "").await.unwrap();
+        }
+        let segments_before = list_segments(dir.path()).unwrap().len();
+        assert!(segments_before >= 4);
+        let future = std::time::SystemTime::now() + Duration::from_secs(3600);
+        // No consumer yet: nothing goes.
+        assert_eq!(bus.apply_retention(future).unwrap(), 0);
+        // A consumer at 100 and one at 40: only what both passed may go.
+        let mut fast = bus.consumer("fast").await.unwrap();
+        for d in drain(&mut fast, 100).await {
+            fast.ack(d).await.unwrap();
+        }
+        fast.commit().await.unwrap();
+        let mut slow = bus.consumer("slow").await.unwrap();
+        for d in drain(&mut slow, 40).await {
+            slow.ack(d).await.unwrap();
+        }
+        slow.commit().await.unwrap();
+        // Too young: kept.
+        let past = std::time::SystemTime::now() - Duration::from_secs(3600);
+        assert_eq!(bus.apply_retention(past).unwrap(), 0);
+        let removed = bus.apply_retention(future).unwrap();
+        assert!(removed >= 1, "a segment below offset 40 should go");
+        let kept = list_segments(dir.path()).unwrap();
+        assert_eq!(kept.len(), segments_before - removed);
+        assert!(
+            kept[0].base <= 40,
+            "the slow consumer's next record is kept"
+        );
+        // Both consumers go on where they were, across the deletion.
+        let rest = drain(&mut slow, 110).await;
+        assert_eq!(rest.first().unwrap().position, 40);
+        assert_eq!(rest.last().unwrap().position, 149);
+        let rest = drain(&mut fast, 50).await;
+        assert_eq!(rest.first().unwrap().position, 100);
+        // A new consumer starts at the oldest record kept.
+        let mut fresh = bus.consumer("fresh").await.unwrap();
+        let first = drain(&mut fresh, 1).await;
+        assert_eq!(first[0].position, kept[0].base);
     }
 
     #[tokio::test]

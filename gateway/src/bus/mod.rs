@@ -78,6 +78,13 @@ pub trait Bus: Send + Sync {
     /// cheaply (the local log can; JetStream relies on its own `Nats-Msg-Id` window instead).
     async fn recent_client_ids(&self, since_micros: i64) -> Result<Vec<SeenClientId>, BusError>;
 
+    /// Deletes what every consumer has passed and that is older than `older_than`, where the
+    /// backend keeps history itself (the local log); JetStream applies its stream limits.
+    /// Returns how many units (segments) went.
+    async fn retain_before(&self, _older_than: std::time::SystemTime) -> Result<usize, BusError> {
+        Ok(0)
+    }
+
     /// Stops taking appends, finishes those in flight, and flushes.
     async fn close(&self);
 }
