@@ -470,27 +470,35 @@ pub(crate) async fn kill_9_scenario(garage: Option<&Garage>) {
     );
 }
 
+/// Copies Garage's objects under their keys into a temporary directory (so DuckDB reads
+/// them without a network extension).
+pub(crate) async fn copy_out(garage: &Garage, keys: &[String]) -> tempfile::TempDir {
+    use object_store::ObjectStoreExt;
+    let local = tempfile::tempdir().unwrap();
+    let store = garage.store();
+    for key in keys {
+        let bytes = store
+            .get(&object_store::path::Path::from(key.as_str()))
+            .await
+            .unwrap()
+            .bytes()
+            .await
+            .unwrap();
+        let path = local.path().join(key);
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(path, bytes).unwrap();
+    }
+    local
+}
+
 /// Rows in every archive object, counted by DuckDB (objects in Garage are copied out first).
 pub(crate) async fn archive_rows_by_duckdb(gw: &Gateway, garage: Option<&Garage>) -> usize {
-    let local = tempfile::tempdir().unwrap();
+    let copied;
     let root = match garage {
         None => gw.data_dir.join("archive"),
         Some(g) => {
-            use object_store::ObjectStoreExt;
-            let store = g.store();
-            for key in archive_objects(gw, garage).await {
-                let bytes = store
-                    .get(&object_store::path::Path::from(key.as_str()))
-                    .await
-                    .unwrap()
-                    .bytes()
-                    .await
-                    .unwrap();
-                let path = local.path().join(&key);
-                std::fs::create_dir_all(path.parent().unwrap()).unwrap();
-                std::fs::write(path, bytes).unwrap();
-            }
-            local.path().to_path_buf()
+            copied = copy_out(g, &archive_objects(gw, garage).await).await;
+            copied.path().to_path_buf()
         }
     };
     duckdb(&root, &["select count(*) from {glob}"])[0]

@@ -5,12 +5,12 @@
 use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
-use object_store::ObjectStoreExt;
-use object_store::path::Path as ObjectPath;
 use reqwest::Method;
 use serde_json::Value;
 
-use crate::archive::{archive_objects, duckdb, export, ids, kill_9_scenario, wait_for_export};
+use crate::archive::{
+    archive_objects, copy_out, duckdb, export, ids, kill_9_scenario, wait_for_export,
+};
 use crate::support::{Garage, Gateway};
 
 async fn gateway_on(garage: &Garage, extra: &[&str]) -> Gateway {
@@ -98,22 +98,9 @@ async fn archive_on_garage_exports_compacts_and_is_readable_by_duckdb() {
     expected.sort();
     assert_eq!(exported, expected);
 
-    let store = garage.store();
     // DuckDB reads the objects as they are (copied out with their keys: no network
     // extension is needed that way).
-    let local = tempfile::tempdir().unwrap();
-    for key in &objects {
-        let bytes = store
-            .get(&ObjectPath::from(key.as_str()))
-            .await
-            .unwrap()
-            .bytes()
-            .await
-            .unwrap();
-        let path = local.path().join(key);
-        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
-        std::fs::write(path, bytes).unwrap();
-    }
+    let local = copy_out(&garage, &objects).await;
     let out = duckdb(
         &local.path().join("lake"),
         &[

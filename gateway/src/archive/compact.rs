@@ -17,14 +17,14 @@ use std::time::Duration;
 
 use arrow::array::{ArrayRef, new_null_array};
 use arrow::compute::cast;
-use arrow::datatypes::{DataType, Field, Schema};
+use arrow::datatypes::{Field, Schema};
 use arrow::record_batch::RecordBatch;
 use object_store::path::Path as ObjectPath;
 use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload};
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use parquet::file::metadata::ParquetMetaDataReader;
 
-use super::parquet::FileWriter;
+use super::parquet::{FileWriter, arrow_type};
 use super::schema::ColumnType;
 use crate::ids::{new_id, now_micros};
 use crate::meta::{ArchiveFile, Metastore};
@@ -94,15 +94,6 @@ fn plan(files: Vec<ArchiveFile>, target: u64) -> Vec<Vec<ArchiveFile>> {
         }
     }
     runs
-}
-
-fn arrow_type(t: ColumnType) -> DataType {
-    match t {
-        ColumnType::Bool => DataType::Boolean,
-        ColumnType::Int64 => DataType::Int64,
-        ColumnType::Float64 => DataType::Float64,
-        ColumnType::Utf8 => DataType::Utf8,
-    }
 }
 
 /// One compaction pass over every collection.

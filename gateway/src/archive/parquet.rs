@@ -44,7 +44,8 @@ fn base_fields() -> Vec<Field> {
     ]
 }
 
-fn arrow_type(t: ColumnType) -> DataType {
+/// The Arrow type of an inferred column.
+pub(crate) fn arrow_type(t: ColumnType) -> DataType {
     match t {
         ColumnType::Bool => DataType::Boolean,
         ColumnType::Int64 => DataType::Int64,

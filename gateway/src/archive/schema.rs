@@ -108,8 +108,10 @@ impl Scalar<'_> {
     }
 }
 
+/// The reference reader over a `Value` tree (tests check the streaming reader against it).
 /// Walks a JSON object's leaves by value (strings are moved, not copied), calling `emit`
 /// with each dotted path and scalar. `path` is a reusable buffer.
+#[cfg(test)]
 fn walk(
     value: Value,
     path: &mut String,
@@ -253,7 +255,8 @@ fn column_name(path: &str) -> std::borrow::Cow<'_, str> {
     }
 }
 
-/// Flattens a JSON object into `(column name, scalar)` pairs.
+/// Flattens a JSON object into `(column name, scalar)` pairs (the reference, for tests).
+#[cfg(test)]
 pub fn flatten(value: &Value) -> Vec<(String, Scalar<'static>)> {
     let mut out = Vec::new();
     if value.is_object() {
@@ -355,9 +358,11 @@ impl CollectionSchema {
         Ok(out)
     }
 
+    /// The reference for [`Self::observe_json`], over a `Value` tree (tests only).
     /// Takes one JSON payload into account (adding and widening columns, recording their
     /// names in `changed`) and returns its fields as (column index, value); fields without a
     /// column (past [`MAX_COLUMNS`]) are left out.
+    #[cfg(test)]
     pub fn observe_value(
         &mut self,
         value: Value,
@@ -424,6 +429,7 @@ impl CollectionSchema {
     }
 
     /// Takes one flattened event into account; returns the names of columns added or widened.
+    #[cfg(test)]
     pub fn observe(
         &mut self,
         fields: &[(String, Scalar<'_>)],
