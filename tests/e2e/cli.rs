@@ -160,3 +160,56 @@ async fn cli_exports_with_a_time_range_and_a_filter() {
     assert!(!ok);
     assert!(err.contains("column 5"), "{err}");
 }
+
+#[tokio::test]
+async fn bus_forget_removes_a_stale_consumer_only_while_the_gateway_is_stopped() {
+    let mut gw = Gateway::start(&[]).await;
+    let (admin, col) = gw.team_with_collection("acme", "orders").await;
+    let tok = gw.token(&admin, &["ingest"]).await;
+    let resp = gw
+        .send(
+            &tok,
+            &col,
+            "application/json",
+            r#"[{"a":1},{"a":2}]"#.to_string(),
+        )
+        .await;
+    assert_eq!(resp.status(), 202);
+    let forget = |gw: &Gateway, name: &str| {
+        Command::new(rewind_bin())
+            .args(["bus", "forget", name, "--data-dir"])
+            .arg(&gw.data_dir)
+            .env("REWIND_ROOT_TOKEN", ROOT)
+            .output()
+            .unwrap()
+    };
+    // While the gateway runs, the log is locked.
+    let out = forget(&gw, "archiver");
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("in use"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(gw.terminate().success());
+    // A consumer that read and acknowledged, then went away.
+    let read = crate::support::bus_read(&gw.data_dir, &gw.args, &["--consumer", "audit", "--ack"]);
+    assert_eq!(read.len(), 2);
+    let offsets = gw.data_dir.join("bus/consumers/audit.offset");
+    assert!(offsets.exists());
+    let out = forget(&gw, "audit");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stderr)
+            .contains("forgot consumer audit (it was at position 1)")
+    );
+    assert!(!offsets.exists());
+    // An unknown name is an error that says so.
+    let out = forget(&gw, "audit");
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no consumer named"));
+}

@@ -313,6 +313,30 @@ impl LocalBus {
         Ok(doomed.len())
     }
 
+    /// Deletes a durable consumer's saved position (it must not be open); returns where it
+    /// was. A consumer opened later under that name starts at the oldest record kept.
+    pub fn forget_consumer(&self, name: &str) -> Result<Position, BusError> {
+        if self
+            .shared
+            .open_consumers
+            .lock()
+            .expect("lock")
+            .contains(name)
+        {
+            return Err(BusError::ConsumerBusy(name.into()));
+        }
+        let path = self.consumer_offset_path(name);
+        if !path.exists() {
+            return Err(BusError::Rejected(format!(
+                "the bus has no consumer named {name:?} (no {})",
+                path.display()
+            )));
+        }
+        let position = self.read_committed(name)?;
+        std::fs::remove_file(&path).map_err(|e| io_err("cannot delete", &path, e))?;
+        Ok(position)
+    }
+
     /// Offset of the next record to be written; every lower offset is durable.
     pub fn durable_head(&self) -> Position {
         *self.durable.borrow()

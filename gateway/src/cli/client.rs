@@ -8,7 +8,8 @@ use anyhow::{Context, anyhow, bail};
 use serde_json::{Value, json};
 
 use super::{
-    BusReadArgs, CollectionCommand, ExportArgs, Remote, SendArgs, TeamCommand, TokenCommand,
+    BusForgetArgs, BusReadArgs, CollectionCommand, ExportArgs, Remote, SendArgs, TeamCommand,
+    TokenCommand,
 };
 
 struct Client {
@@ -280,6 +281,25 @@ pub async fn send(args: SendArgs) -> anyhow::Result<()> {
         }
     }
     eprintln!("rewind send: {sent} events stored in {}", args.collection);
+    Ok(())
+}
+
+pub fn bus_forget(args: BusForgetArgs) -> anyhow::Result<()> {
+    let config = args.serve.resolve()?;
+    if !matches!(config.bus, crate::config::BusConfig::Local) {
+        anyhow::bail!(
+            "`rewind bus forget` is for the local bus; on NATS, delete the durable consumer with the nats CLI"
+        );
+    }
+    let bus = crate::bus::local::LocalBus::open(
+        &config.data_dir.join("bus"),
+        crate::bus::local::LocalBusOptions::default(),
+    )?;
+    let position = bus.forget_consumer(&args.consumer)?;
+    eprintln!(
+        "rewind bus: forgot consumer {} (it was at position {position})",
+        args.consumer
+    );
     Ok(())
 }
 

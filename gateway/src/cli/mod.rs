@@ -147,6 +147,17 @@ pub enum BusCommand {
     /// Print the events on the bus as NDJSON, through a durable consumer, until the bus has
     /// been idle for --idle-ms. For the local bus the gateway must be stopped.
     Read(BusReadArgs),
+    /// Forget a durable consumer of the local bus (its saved position), so it no longer holds
+    /// back retention (docs/durability.md). The gateway must be stopped.
+    Forget(BusForgetArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct BusForgetArgs {
+    #[command(flatten)]
+    pub serve: Box<ServeArgs>,
+    /// The consumer's name (the file name in <data-dir>/bus/consumers/, without `.offset`).
+    pub consumer: String,
 }
 
 #[derive(Debug, Args)]
@@ -179,5 +190,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Bus {
             command: BusCommand::Read(args),
         } => client::bus_read(args).await,
+        Command::Bus {
+            command: BusCommand::Forget(args),
+        } => client::bus_forget(args),
     }
 }
