@@ -243,14 +243,3 @@ impl FileWriter {
         Ok(Bytes::from(self.writer.into_inner()?))
     }
 }
-
-/// Encodes a record batch as one Parquet file (compaction and tests).
-pub fn encode(batch: &RecordBatch) -> Result<Bytes, parquet::errors::ParquetError> {
-    let mut writer = ArrowWriter::try_new(
-        Vec::with_capacity(1 << 20),
-        batch.schema(),
-        Some(writer_properties()?),
-    )?;
-    writer.write(batch)?;
-    Ok(Bytes::from(writer.into_inner()?))
-}
