@@ -143,6 +143,58 @@ fn column_from_row(row: &AnyRow) -> Result<StoredColumn, sqlx::Error> {
 const ARCHIVE_FILE_COLUMNS: &str = "id, team_id, collection_id, path, rows, bytes, min_received_at, max_received_at, \
      min_position, max_position, schema_version, created_at";
 
+/// Registers one file in the manifest (inside the caller's transaction).
+async fn insert_archive_file(
+    conn: &mut sqlx::AnyConnection,
+    f: &ArchiveFile,
+) -> Result<(), sqlx::Error> {
+    sqlx::query(&format!(
+        "INSERT INTO archive_files ({ARCHIVE_FILE_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)"
+    ))
+    .bind(&f.id)
+    .bind(&f.team_id)
+    .bind(&f.collection_id)
+    .bind(&f.path)
+    .bind(f.rows)
+    .bind(f.bytes)
+    .bind(f.min_received_at)
+    .bind(f.max_received_at)
+    .bind(f.min_position)
+    .bind(f.max_position)
+    .bind(f.schema_version)
+    .bind(f.created_at)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+/// Records an object as pending (about to be written, or to be deleted).
+async fn insert_pending(
+    conn: &mut sqlx::AnyConnection,
+    path: &str,
+    owner: &str,
+    at: i64,
+) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "INSERT INTO archive_pending (path, owner, created_at) VALUES ($1, $2, $3) \
+         ON CONFLICT (path) DO NOTHING",
+    )
+    .bind(path)
+    .bind(owner)
+    .bind(at)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+async fn delete_pending(conn: &mut sqlx::AnyConnection, path: &str) -> Result<(), sqlx::Error> {
+    sqlx::query("DELETE FROM archive_pending WHERE path = $1")
+        .bind(path)
+        .execute(conn)
+        .await?;
+    Ok(())
+}
+
 const TOKEN_COLUMNS: &str = "id, team_id, name, hash, prefix, scopes, created_at, revoked_at";
 
 async fn insert_token<'c, E>(executor: E, t: &TokenRecord) -> Result<(), MetaError>
@@ -284,27 +336,8 @@ impl Metastore for SqlMetastore {
     ) -> Result<(), MetaError> {
         let mut tx = self.pool.begin().await?;
         for f in files {
-            sqlx::query(&format!(
-                "INSERT INTO archive_files ({ARCHIVE_FILE_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)"
-            ))
-            .bind(&f.id)
-            .bind(&f.team_id)
-            .bind(&f.collection_id)
-            .bind(&f.path)
-            .bind(f.rows)
-            .bind(f.bytes)
-            .bind(f.min_received_at)
-            .bind(f.max_received_at)
-            .bind(f.min_position)
-            .bind(f.max_position)
-            .bind(f.schema_version)
-            .bind(f.created_at)
-            .execute(&mut *tx)
-            .await?;
-            sqlx::query("DELETE FROM archive_pending WHERE path = $1")
-                .bind(&f.path)
-                .execute(&mut *tx)
-                .await?;
+            insert_archive_file(&mut tx, f).await?;
+            delete_pending(&mut tx, &f.path).await?;
         }
         sqlx::query(
             "INSERT INTO archive_checkpoints (collection_id, position) VALUES ($1, $2) \
@@ -403,38 +436,10 @@ impl Metastore for SqlMetastore {
                 tx.rollback().await?;
                 return Ok(false);
             }
-            sqlx::query(
-                "INSERT INTO archive_pending (path, owner, created_at) VALUES ($1, $2, $3) \
-                 ON CONFLICT (path) DO NOTHING",
-            )
-            .bind(&f.path)
-            .bind(owner)
-            .bind(merged.created_at)
-            .execute(&mut *tx)
-            .await?;
+            insert_pending(&mut tx, &f.path, owner, merged.created_at).await?;
         }
-        sqlx::query("DELETE FROM archive_pending WHERE path = $1")
-            .bind(&merged.path)
-            .execute(&mut *tx)
-            .await?;
-        let f = merged;
-        sqlx::query(&format!(
-            "INSERT INTO archive_files ({ARCHIVE_FILE_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)"
-        ))
-        .bind(&f.id)
-        .bind(&f.team_id)
-        .bind(&f.collection_id)
-        .bind(&f.path)
-        .bind(f.rows)
-        .bind(f.bytes)
-        .bind(f.min_received_at)
-        .bind(f.max_received_at)
-        .bind(f.min_position)
-        .bind(f.max_position)
-        .bind(f.schema_version)
-        .bind(f.created_at)
-        .execute(&mut *tx)
-        .await?;
+        delete_pending(&mut tx, &merged.path).await?;
+        insert_archive_file(&mut tx, merged).await?;
         tx.commit().await?;
         Ok(true)
     }
@@ -447,15 +452,7 @@ impl Metastore for SqlMetastore {
     ) -> Result<(), MetaError> {
         let mut tx = self.pool.begin().await?;
         for path in paths {
-            sqlx::query(
-                "INSERT INTO archive_pending (path, owner, created_at) VALUES ($1, $2, $3) \
-                 ON CONFLICT (path) DO NOTHING",
-            )
-            .bind(path)
-            .bind(owner)
-            .bind(now)
-            .execute(&mut *tx)
-            .await?;
+            insert_pending(&mut tx, path, owner, now).await?;
         }
         tx.commit().await?;
         Ok(())
@@ -488,10 +485,7 @@ impl Metastore for SqlMetastore {
     async fn remove_pending_objects(&self, paths: &[String]) -> Result<(), MetaError> {
         let mut tx = self.pool.begin().await?;
         for path in paths {
-            sqlx::query("DELETE FROM archive_pending WHERE path = $1")
-                .bind(path)
-                .execute(&mut *tx)
-                .await?;
+            delete_pending(&mut tx, path).await?;
         }
         tx.commit().await?;
         Ok(())
