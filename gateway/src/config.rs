@@ -40,6 +40,16 @@ pub struct ServeArgs {
     /// Search backend: `embedded` or `http(s)://meilisearch:7700` [default: embedded].
     #[arg(long, env = "REWIND_SEARCH")]
     pub search: Option<String>,
+    /// Meilisearch API key (the master key or a key with access to `rewind-*` indexes).
+    #[arg(long, env = "REWIND_MEILI_KEY", hide_env_values = true)]
+    pub meili_key: Option<String>,
+    /// How long events stay in the search index, seconds; a collection can set its own
+    /// (`search_window_secs`). Older ranges are read from the archive [default: 604800 (7 days)].
+    #[arg(long, env = "REWIND_SEARCH_WINDOW_SECS")]
+    pub search_window_secs: Option<u64>,
+    /// Memory the embedded index may buffer before writing a segment, bytes [default: 67108864].
+    #[arg(long, env = "REWIND_SEARCH_MEMORY_BYTES")]
+    pub search_memory_bytes: Option<usize>,
     /// Longest an event waits before it is written to a Parquet file, seconds [default: 60].
     #[arg(long, env = "REWIND_ARCHIVE_FLUSH_SECS")]
     pub archive_flush_secs: Option<u64>,
@@ -120,6 +130,9 @@ pub struct FileConfig {
     pub metastore: Option<String>,
     pub archive: Option<String>,
     pub search: Option<String>,
+    pub meili_key: Option<String>,
+    pub search_window_secs: Option<u64>,
+    pub search_memory_bytes: Option<usize>,
     pub archive_flush_secs: Option<u64>,
     pub allow_private_destinations: Option<bool>,
     pub archive_target_bytes: Option<usize>,
@@ -192,6 +205,10 @@ pub struct Config {
     pub metastore: MetastoreConfig,
     pub archive: String,
     pub search: String,
+    pub meili_key: Option<String>,
+    /// Default hot window of the search index.
+    pub search_window: Duration,
+    pub search_memory_bytes: usize,
     pub archive_flush: Duration,
     pub archive_target_bytes: usize,
     pub archive_max_buffered_bytes: usize,
@@ -376,6 +393,17 @@ impl ServeArgs {
             metastore,
             archive,
             search,
+            meili_key: pick(&self.meili_key, &file.meili_key).filter(|k| !k.is_empty()),
+            search_window: Duration::from_secs(
+                self.search_window_secs
+                    .or(file.search_window_secs)
+                    .unwrap_or(7 * 86_400),
+            ),
+            search_memory_bytes: self
+                .search_memory_bytes
+                .or(file.search_memory_bytes)
+                .unwrap_or(64 << 20)
+                .max(16 << 20),
             archive_flush: Duration::from_secs(
                 self.archive_flush_secs
                     .or(file.archive_flush_secs)

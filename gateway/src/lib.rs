@@ -15,4 +15,5 @@ pub mod meta;
 pub mod metrics;
 pub mod proto;
 pub mod query;
+pub mod search;
 pub mod server;

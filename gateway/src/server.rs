@@ -193,9 +193,11 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
             }
         });
     }
+    let search = start_search(&config, &bus, &meta, &instance, shutdown_rx_for_search(&archiver_stop)).await?;
     let state = Arc::new(AppState {
         archive: archive_store,
         archive_status,
+        search: search.service,
         meta: meta.clone(),
         auth: Authenticator::new(root_token, meta.clone()),
         ingest,
@@ -232,16 +234,93 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
             tokio::time::sleep(grace).await;
         } => tracing::warn!(?grace, "in-flight requests did not finish within the grace period; their clients get no ack"),
     }
-    // The archiver writes what it holds, then the bus flushes.
+    // The archiver and the indexer write what they hold, then the bus flushes.
     let _ = archiver_stop.send(true);
     if tokio::time::timeout(grace, archiver_task).await.is_err() {
         tracing::warn!(
             "the archiver did not finish in the grace period; the bus redelivers what it held"
         );
     }
+    if tokio::time::timeout(grace, search.indexer_task).await.is_err() {
+        tracing::warn!(
+            "the indexer did not finish in the grace period; the bus redelivers what it held"
+        );
+    }
     bus.close().await;
     tracing::info!("stopped");
     Ok(())
+}
+
+fn shutdown_rx_for_search(
+    stop: &tokio::sync::watch::Sender<bool>,
+) -> tokio::sync::watch::Receiver<bool> {
+    stop.subscribe()
+}
+
+struct Search {
+    service: crate::search::SearchService,
+    indexer_task: tokio::task::JoinHandle<()>,
+}
+
+/// Opens the configured search index and starts the indexer and the hot-window job.
+async fn start_search(
+    config: &Config,
+    bus: &Arc<dyn Bus>,
+    meta: &Arc<dyn Metastore>,
+    instance: &str,
+    stop: tokio::sync::watch::Receiver<bool>,
+) -> anyhow::Result<Search> {
+    use crate::search::indexer::{self, HotWindows, Indexer, IndexerOptions};
+    let (index, consumer): (Arc<dyn crate::search::SearchIndex>, String) =
+        if config.search == "embedded" {
+            let index = crate::search::embedded::EmbeddedIndex::open(
+                &config.data_dir.join("search"),
+                &crate::search::embedded::EmbeddedOptions {
+                    writer_memory_bytes: config.search_memory_bytes,
+                    writer_threads: 1,
+                },
+            )?;
+            // One index per gateway: with a shared bus each gateway reads every event.
+            let consumer = match config.bus {
+                BusConfig::Local => indexer::CONSUMER.to_string(),
+                BusConfig::Nats { .. } => format!("{}-{instance}", indexer::CONSUMER),
+            };
+            (Arc::new(index), consumer)
+        } else {
+            let index =
+                crate::search::meili::MeiliIndex::new(&config.search, config.meili_key.as_deref())?;
+            (Arc::new(index), indexer::CONSUMER.to_string())
+        };
+    let windows = Arc::new(HotWindows::new(config.search_window));
+    if let Err(e) = windows.refresh(meta.as_ref()).await {
+        tracing::warn!(error = %e, "cannot read collections' search windows yet; using the default");
+    }
+    let indexer = Indexer::new(
+        bus.clone(),
+        index.clone(),
+        windows.clone(),
+        IndexerOptions {
+            consumer: consumer.clone(),
+            ..IndexerOptions::default()
+        },
+    );
+    let status = indexer.status.clone();
+    let indexer_task = tokio::spawn(indexer.run(stop));
+    tokio::spawn(indexer::run_window_job(
+        index.clone(),
+        meta.clone(),
+        windows.clone(),
+        std::time::Duration::from_secs(60),
+    ));
+    Ok(Search {
+        service: crate::search::SearchService {
+            index,
+            windows,
+            status,
+            consumer,
+        },
+        indexer_task,
+    })
 }
 
 async fn shutdown_signal() {

@@ -107,17 +107,49 @@ pub async fn create_collection(
     meta: &dyn Metastore,
     who: &Principal,
     name: &str,
+    search_window_secs: Option<i64>,
 ) -> Result<Collection, ApiError> {
     let caller = who.require(Scope::Admin)?;
     validate_name("collection", name).map_err(ApiError::bad_request)?;
+    validate_search_window(search_window_secs)?;
     let collection = Collection {
         id: new_id("col"),
         team_id: caller.team_id.clone(),
         name: name.into(),
         created_at: now_micros(),
+        search_window_secs,
     };
     meta.create_collection(&collection).await?;
     Ok(collection)
+}
+
+/// Longest search window a collection may ask for: ten years.
+pub const MAX_SEARCH_WINDOW_SECS: i64 = 10 * 366 * 86_400;
+
+fn validate_search_window(secs: Option<i64>) -> Result<(), ApiError> {
+    match secs {
+        Some(s) if !(0..=MAX_SEARCH_WINDOW_SECS).contains(&s) => Err(ApiError::bad_request(format!(
+            "`search_window_secs` must be between 0 (index nothing) and {MAX_SEARCH_WINDOW_SECS} (ten years), or null for the gateway's default"
+        ))),
+        _ => Ok(()),
+    }
+}
+
+/// Changes how long a collection's events stay in the search index (`None`: the default).
+pub async fn set_search_window(
+    meta: &dyn Metastore,
+    who: &Principal,
+    id_or_name: &str,
+    secs: Option<i64>,
+) -> Result<Collection, ApiError> {
+    let caller = who.require(Scope::Admin)?;
+    validate_search_window(secs)?;
+    let mut c = get_collection(meta, &caller.team_id, id_or_name).await?;
+    if !meta.set_search_window(&caller.team_id, &c.id, secs).await? {
+        return Err(ApiError::collection_not_found(id_or_name));
+    }
+    c.search_window_secs = secs;
+    Ok(c)
 }
 
 /// A collection of the caller's team, or 404 (also for another team's collection).

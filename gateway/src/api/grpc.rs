@@ -173,7 +173,8 @@ impl CollectionService for Grpc {
     ) -> Result<Response<pb::Collection>, Status> {
         let who = self.principal(&request).await?;
         let c =
-            admin::create_collection(self.0.meta.as_ref(), &who, &request.get_ref().name).await?;
+            admin::create_collection(self.0.meta.as_ref(), &who, &request.get_ref().name, None)
+                .await?;
         Ok(Response::new(collection_pb(c)))
     }
 

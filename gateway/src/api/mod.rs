@@ -6,6 +6,7 @@ pub mod admin;
 pub mod error;
 pub mod grpc;
 pub mod rest;
+pub mod search;
 
 use std::sync::Arc;
 
@@ -29,6 +30,8 @@ pub struct AppState {
     /// The archive's object store and the archiver's status.
     pub archive: Arc<dyn object_store::ObjectStore>,
     pub archive_status: Arc<crate::archive::archiver::ArchiveStatus>,
+    /// The search index, its hot windows and the indexer's status.
+    pub search: crate::search::SearchService,
     /// The gRPC decode limit (bytes), the same as the REST body limit.
     pub max_message_bytes: usize,
 }

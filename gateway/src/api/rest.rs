@@ -36,8 +36,14 @@ pub fn router(state: Arc<AppState>) -> Router {
             "/v1/collections",
             post(create_collection).get(list_collections),
         )
-        .route("/v1/collections/{id}", get(get_collection))
-        .route("/v1/collections/{id}/events", post(ingest_events))
+        .route(
+            "/v1/collections/{id}",
+            get(get_collection).patch(patch_collection),
+        )
+        .route(
+            "/v1/collections/{id}/events",
+            post(ingest_events).get(search_events),
+        )
         .route("/v1/collections/{id}/events/{event_id}", get(get_event))
         .route("/v1/collections/{id}/export", get(export))
         .route("/v1/collections/{id}/schema", get(schema))
@@ -207,6 +213,20 @@ struct NameBody {
     name: String,
 }
 
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CollectionBody {
+    name: String,
+    #[serde(default)]
+    search_window_secs: Option<i64>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CollectionPatch {
+    search_window_secs: Option<i64>,
+}
+
 async fn create_team(
     State((state, _)): St,
     Auth(who): Auth,
@@ -265,16 +285,37 @@ async fn revoke_token(
 }
 
 fn collection_json(c: &Collection) -> Value {
-    json!({"id": c.id, "name": c.name, "created_at": micros_to_rfc3339(c.created_at)})
+    json!({"id": c.id, "name": c.name, "created_at": micros_to_rfc3339(c.created_at),
+           "search_window_secs": c.search_window_secs})
 }
 
 async fn create_collection(
     State((state, _)): St,
     Auth(who): Auth,
-    JsonBody(body): JsonBody<NameBody>,
+    JsonBody(body): JsonBody<CollectionBody>,
 ) -> Result<impl IntoResponse, ApiError> {
-    let c = admin::create_collection(state.meta.as_ref(), &who, &body.name).await?;
+    let c = admin::create_collection(
+        state.meta.as_ref(),
+        &who,
+        &body.name,
+        body.search_window_secs,
+    )
+    .await?;
+    state.search.windows.set(&c.id, c.search_window_secs);
     Ok((StatusCode::CREATED, Json(collection_json(&c))))
+}
+
+/// `PATCH /v1/collections/{id}` `{"search_window_secs": N | null}`.
+async fn patch_collection(
+    State((state, _)): St,
+    Auth(who): Auth,
+    Path(id): Path<String>,
+    JsonBody(body): JsonBody<CollectionPatch>,
+) -> Result<Json<Value>, ApiError> {
+    let c = admin::set_search_window(state.meta.as_ref(), &who, &id, body.search_window_secs)
+        .await?;
+    state.search.windows.set(&c.id, c.search_window_secs);
+    Ok(Json(collection_json(&c)))
 }
 
 async fn list_collections(State((state, _)): St, Auth(who): Auth) -> Result<Json<Value>, ApiError> {
@@ -453,6 +494,126 @@ pub(crate) fn parse_filter(filter: Option<&str>) -> Result<Option<crate::query::
             ),
         )
     })
+}
+
+#[derive(Deserialize)]
+struct SearchQuery {
+    q: Option<String>,
+    filter: Option<String>,
+    from: Option<String>,
+    to: Option<String>,
+    limit: Option<String>,
+    cursor: Option<String>,
+    facet: Option<String>,
+}
+
+/// Builds a [`crate::search::SearchRequest`] from API parameters (shared with gRPC); the
+/// collection must already be the caller's.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn search_request(
+    team_id: &str,
+    collection_id: &str,
+    q: Option<&str>,
+    filter: Option<&str>,
+    from: Option<&str>,
+    to: Option<&str>,
+    limit: Option<usize>,
+    cursor: Option<&str>,
+    facet: Option<&str>,
+) -> Result<(crate::search::SearchRequest, bool), ApiError> {
+    let filter = parse_filter(filter)?;
+    let from = parse_time("from", from, i64::MIN)?;
+    let to = parse_time("to", to, i64::MAX)?;
+    if from >= to {
+        return Err(ApiError::bad_request(
+            "`from` must be before `to` (the range is [from, to))",
+        ));
+    }
+    let cursor = match cursor {
+        None | Some("") => None,
+        Some(c) => Some(crate::search::Cursor::decode(c).map_err(|m| {
+            ApiError::new(StatusCode::BAD_REQUEST, "invalid_cursor", m)
+        })?),
+    };
+    let facet = facet.filter(|f| !f.is_empty()).map(str::to_string);
+    let (limit, capped) = super::search::cap_limit(limit);
+    Ok((
+        crate::search::SearchRequest {
+            team_id: team_id.to_string(),
+            collection_id: collection_id.to_string(),
+            filter,
+            q: q.filter(|q| !q.trim().is_empty()).map(str::to_string),
+            from,
+            to,
+            limit,
+            cursor,
+            facet,
+        },
+        capped,
+    ))
+}
+
+/// `GET /v1/collections/{id}/events`: newest first, from the search index within the
+/// collection's window and from the archive before it.
+async fn search_events(
+    State((state, _)): St,
+    Auth(who): Auth,
+    Path(id): Path<String>,
+    axum::extract::Query(p): axum::extract::Query<SearchQuery>,
+) -> Result<Response, ApiError> {
+    let caller = who.require(Scope::Read)?;
+    let collection = admin::get_collection(state.meta.as_ref(), &caller.team_id, &id).await?;
+    let limit = match p.limit.as_deref() {
+        None | Some("") => None,
+        Some(l) => Some(l.parse::<usize>().map_err(|_| {
+            ApiError::bad_request(format!("`limit` {l:?} is not a whole number"))
+        })?),
+    };
+    let (request, capped) = search_request(
+        &caller.team_id,
+        &collection.id,
+        p.q.as_deref(),
+        p.filter.as_deref(),
+        p.from.as_deref(),
+        p.to.as_deref(),
+        limit,
+        p.cursor.as_deref(),
+        p.facet.as_deref(),
+    )?;
+    let facet_field = request.facet.clone();
+    let limit = request.limit;
+    let outcome = super::search::search(&state, request, capped).await?;
+    // Events are written as export lines (payload bytes verbatim), the rest with serde.
+    let mut body = Vec::with_capacity(256 + outcome.page.events.iter().map(|e| e.payload.len() + 96).sum::<usize>());
+    body.extend_from_slice(b"{\"events\":[");
+    for (i, e) in outcome.page.events.iter().enumerate() {
+        if i > 0 {
+            body.push(b',');
+        }
+        let line = crate::archive::read::export_line(e);
+        body.extend_from_slice(&line[..line.len() - 1]);
+    }
+    body.extend_from_slice(b"],");
+    let mut tail = json!({
+        "next_cursor": outcome.page.next_cursor.as_ref().map(|c| c.encode()),
+        "source": outcome.source.as_str(),
+        "index_from": micros_to_rfc3339(outcome.index_from),
+        "limit": limit,
+    });
+    if outcome.limit_capped {
+        tail["limit_capped"] = json!(true);
+    }
+    if let (Some(field), Some(values)) = (facet_field, outcome.page.facets) {
+        tail["facets"] = json!({
+            "field": field,
+            "values": values.iter().map(|(v, n)| json!({"value": v, "count": n})).collect::<Vec<_>>(),
+        });
+    }
+    let tail = serde_json::to_vec(&tail).map_err(|e| {
+        ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string())
+    })?;
+    body.extend_from_slice(&tail[1..]);
+    Ok(([(header::CONTENT_TYPE, "application/json")], body).into_response())
 }
 
 /// `GET /v1/collections/{id}/export`: every archived event in `[from, to)`, oldest first, as

@@ -130,6 +130,28 @@ impl Metastore for CachedMetastore {
         self.inner.list_collections(team_id).await
     }
 
+    async fn set_search_window(
+        &self,
+        team_id: &str,
+        collection_id: &str,
+        secs: Option<i64>,
+    ) -> Result<bool, MetaError> {
+        let changed = self
+            .inner
+            .set_search_window(team_id, collection_id, secs)
+            .await?;
+        // Cached by id and by name: drop every entry of the collection.
+        self.collections
+            .write()
+            .expect("lock")
+            .retain(|_, c| !(c.team_id == team_id && c.id == collection_id));
+        Ok(changed)
+    }
+
+    async fn all_collections(&self) -> Result<Vec<Collection>, MetaError> {
+        self.inner.all_collections().await
+    }
+
     async fn register_archive_files(
         &self,
         files: &[ArchiveFile],

@@ -115,6 +115,7 @@ async fn contract_suite(store: &dyn Metastore) {
         team_id: a.id.clone(),
         name: "orders".into(),
         created_at: now_micros(),
+        search_window_secs: None,
     };
     store.create_collection(&orders_a).await.unwrap();
     let orders_b = Collection {
@@ -122,6 +123,7 @@ async fn contract_suite(store: &dyn Metastore) {
         team_id: b.id.clone(),
         name: "orders".into(),
         created_at: now_micros(),
+        search_window_secs: None,
     };
     store.create_collection(&orders_b).await.unwrap();
     let again = Collection {
@@ -156,6 +158,7 @@ async fn contract_suite(store: &dyn Metastore) {
         team_id: a.id.clone(),
         name: "users".into(),
         created_at: now_micros(),
+        search_window_secs: None,
     };
     store.create_collection(&users).await.unwrap();
     let names: Vec<String> = store
@@ -170,6 +173,37 @@ async fn contract_suite(store: &dyn Metastore) {
         store.list_collections(&b.id).await.unwrap(),
         vec![orders_b.clone()]
     );
+    // Search windows: set and reset within the team only.
+    assert!(
+        !store
+            .set_search_window(&b.id, &orders_a.id, Some(60))
+            .await
+            .unwrap()
+    );
+    assert!(
+        store
+            .set_search_window(&a.id, &orders_a.id, Some(3600))
+            .await
+            .unwrap()
+    );
+    let got = store
+        .get_collection(&a.id, &orders_a.id)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(got.search_window_secs, Some(3600));
+    assert!(
+        store
+            .all_collections()
+            .await
+            .unwrap()
+            .iter()
+            .any(|c| c.id == orders_b.id && c.search_window_secs.is_none())
+    );
+    store
+        .set_search_window(&a.id, &orders_a.id, None)
+        .await
+        .unwrap();
 
     // The archive manifest: files and checkpoint in one step, listed by time, per team.
     let file = |min: i64, max: i64, pos: i64| ArchiveFile {

@@ -41,6 +41,8 @@ pub struct Collection {
     pub team_id: String,
     pub name: String,
     pub created_at: i64,
+    /// How long its events stay searchable in the index; `None`: the gateway's default.
+    pub search_window_secs: Option<i64>,
 }
 
 /// A Parquet file registered in the archive manifest. Readers see only registered files.
@@ -114,6 +116,17 @@ pub trait Metastore: Send + Sync {
         id_or_name: &str,
     ) -> Result<Option<Collection>, MetaError>;
     async fn list_collections(&self, team_id: &str) -> Result<Vec<Collection>, MetaError>;
+    /// Sets (or, with `None`, resets to the default) a collection's search window; false if
+    /// the team has no such collection.
+    async fn set_search_window(
+        &self,
+        team_id: &str,
+        collection_id: &str,
+        secs: Option<i64>,
+    ) -> Result<bool, MetaError>;
+    /// Every collection of every team (for the gateway's background jobs, never for an API
+    /// answer).
+    async fn all_collections(&self) -> Result<Vec<Collection>, MetaError>;
 
     /// Registers archive files, moves the collection's archive checkpoint to `position`, and
     /// records new or widened columns — all in one transaction, so after a crash either the

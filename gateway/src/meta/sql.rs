@@ -109,6 +109,7 @@ fn collection_from_row(row: &AnyRow) -> Result<Collection, sqlx::Error> {
         team_id: row.try_get("team_id")?,
         name: row.try_get("name")?,
         created_at: row.try_get("created_at")?,
+        search_window_secs: row.try_get("search_window_secs")?,
     })
 }
 
@@ -286,12 +287,13 @@ impl Metastore for SqlMetastore {
 
     async fn create_collection(&self, c: &Collection) -> Result<(), MetaError> {
         sqlx::query(
-            "INSERT INTO collections (id, team_id, name, created_at) VALUES ($1, $2, $3, $4)",
+            "INSERT INTO collections (id, team_id, name, created_at, search_window_secs) VALUES ($1, $2, $3, $4, $5)",
         )
         .bind(&c.id)
         .bind(&c.team_id)
         .bind(&c.name)
         .bind(c.created_at)
+        .bind(c.search_window_secs)
         .execute(&self.pool)
         .await
         .map_err(|e| map_insert_error(e, "collection", &c.name))?;
@@ -304,7 +306,7 @@ impl Metastore for SqlMetastore {
         id_or_name: &str,
     ) -> Result<Option<Collection>, MetaError> {
         let row = sqlx::query(
-            "SELECT id, team_id, name, created_at FROM collections \
+            "SELECT id, team_id, name, created_at, search_window_secs FROM collections \
              WHERE team_id = $1 AND (id = $2 OR name = $2) ORDER BY (id = $2) DESC LIMIT 1",
         )
         .bind(team_id)
@@ -316,9 +318,38 @@ impl Metastore for SqlMetastore {
 
     async fn list_collections(&self, team_id: &str) -> Result<Vec<Collection>, MetaError> {
         let rows = sqlx::query(
-            "SELECT id, team_id, name, created_at FROM collections WHERE team_id = $1 ORDER BY name",
+            "SELECT id, team_id, name, created_at, search_window_secs FROM collections WHERE team_id = $1 ORDER BY name",
         )
         .bind(team_id)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows
+            .iter()
+            .map(collection_from_row)
+            .collect::<Result<_, _>>()?)
+    }
+
+    async fn set_search_window(
+        &self,
+        team_id: &str,
+        collection_id: &str,
+        secs: Option<i64>,
+    ) -> Result<bool, MetaError> {
+        let done = sqlx::query(
+            "UPDATE collections SET search_window_secs = $1 WHERE team_id = $2 AND id = $3",
+        )
+        .bind(secs)
+        .bind(team_id)
+        .bind(collection_id)
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    async fn all_collections(&self) -> Result<Vec<Collection>, MetaError> {
+        let rows = sqlx::query(
+            "SELECT id, team_id, name, created_at, search_window_secs FROM collections ORDER BY id",
+        )
         .fetch_all(&self.pool)
         .await?;
         Ok(rows

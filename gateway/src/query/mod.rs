@@ -16,6 +16,7 @@
 //! - `EXISTS` is true when the field is present, even when it is `null`.
 
 pub mod parse;
+pub mod text;
 
 pub use parse::{ParseError, parse};
 
@@ -100,7 +101,8 @@ fn scalars<'a>(v: &'a Value, out: &mut Vec<&'a Value>) {
     }
 }
 
-fn number_of(v: &Value) -> Option<f64> {
+/// The number a value reads as: a JSON number, or a string holding a finite one.
+pub fn number_of(v: &Value) -> Option<f64> {
     match v {
         Value::Number(n) => n.as_f64(),
         Value::String(s) => s.parse::<f64>().ok().filter(|n| n.is_finite()),

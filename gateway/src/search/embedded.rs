@@ -1,0 +1,713 @@
+//! The embedded search backend: one tantivy index in `<data-dir>/search`.
+//!
+//! Fields: `scope` (team + collection, a mandatory term of every query), `id`,
+//! `received_at` (fast, for ranges and newest-first order), the id's 128 bits as two fast
+//! fields (ties on `received_at` are ordered by id), `kw` (the payload's path terms from
+//! [`super::flatten`]), `facet` (a fast column of `path → value` for facet counts), `text`
+//! (the words of [`crate::query::text`]), and the stored `content_type` and `payload`.
+//!
+//! Each batch is committed with the highest bus position it holds as the commit payload. An
+//! event at or below that position may be in the index already (the bus redelivers after a
+//! crash), so it replaces any copy by id; newer events are simply added.
+
+use std::ops::Bound;
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use tantivy::collector::{Collector, SegmentCollector, TopDocs};
+use tantivy::query::{
+    AllQuery, BooleanQuery, EmptyQuery, InvertedIndexRangeQuery, Occur, Query, RangeQuery,
+    TermQuery,
+};
+use tantivy::schema::{
+    BytesOptions, FAST, Field, INDEXED, IndexRecordOption, NumericOptions, STORED, STRING, Schema,
+    TextFieldIndexing, TextOptions, Value,
+};
+use tantivy::{
+    DocAddress, DocId, Index, IndexReader, IndexWriter, ReloadPolicy, SegmentReader,
+    TantivyDocument, Term,
+};
+
+use super::flatten::{self, SEP};
+use super::{
+    Cursor, IndexDoc, MAX_FACET_VALUES, SearchError, SearchHealth, SearchIndex, SearchPage,
+    SearchRequest,
+};
+use crate::archive::read::ArchivedEvent;
+use crate::query::{CmpOp, Expr, Literal};
+
+/// A facet field with more distinct values than this (in one index segment) is not counted.
+const MAX_FACET_DISTINCT: usize = 100_000;
+
+#[derive(Debug, Clone)]
+pub struct EmbeddedOptions {
+    /// Memory tantivy may use for documents not yet written to a segment.
+    pub writer_memory_bytes: usize,
+    /// Indexing threads.
+    pub writer_threads: usize,
+}
+
+impl Default for EmbeddedOptions {
+    fn default() -> Self {
+        Self {
+            writer_memory_bytes: 64 << 20,
+            writer_threads: 1,
+        }
+    }
+}
+
+#[derive(Clone, Copy)]
+struct Fields {
+    scope: Field,
+    id: Field,
+    received_at: Field,
+    id_hi: Field,
+    id_lo: Field,
+    kw: Field,
+    facet: Field,
+    text: Field,
+    content_type: Field,
+    payload: Field,
+}
+
+fn schema() -> (Schema, Fields) {
+    let mut b = Schema::builder();
+    let raw = TextOptions::default().set_indexing_options(
+        TextFieldIndexing::default()
+            .set_tokenizer("raw")
+            .set_index_option(IndexRecordOption::Basic),
+    );
+    let fields = Fields {
+        scope: b.add_text_field("scope", raw.clone()),
+        id: b.add_text_field("id", STRING | STORED),
+        received_at: b.add_i64_field(
+            "received_at",
+            NumericOptions::default()
+                .set_indexed()
+                .set_fast()
+                .set_stored(),
+        ),
+        id_hi: b.add_u64_field("id_hi", FAST),
+        id_lo: b.add_u64_field("id_lo", FAST),
+        kw: b.add_text_field("kw", raw),
+        facet: b.add_text_field("facet", TextOptions::default().set_fast(Some("raw"))),
+        text: b.add_text_field(
+            "text",
+            TextOptions::default().set_indexing_options(
+                TextFieldIndexing::default()
+                    .set_tokenizer(crate::query::text::ANALYZER)
+                    .set_index_option(IndexRecordOption::Basic),
+            ),
+        ),
+        content_type: b.add_text_field("content_type", STORED),
+        payload: b.add_bytes_field("payload", BytesOptions::default().set_stored()),
+    };
+    let _ = INDEXED;
+    (b.build(), fields)
+}
+
+fn scope_key(team_id: &str, collection_id: &str) -> String {
+    format!("{team_id}/{collection_id}")
+}
+
+fn id_bits(id: &str) -> (u64, u64) {
+    let v = ulid::Ulid::from_string(id).map(u128::from).unwrap_or(0);
+    ((v >> 64) as u64, v as u64)
+}
+
+fn internal(e: impl std::fmt::Display) -> SearchError {
+    SearchError::Internal(e.to_string())
+}
+
+pub struct EmbeddedIndex {
+    index: Index,
+    reader: IndexReader,
+    writer: Arc<Mutex<IndexWriter>>,
+    fields: Fields,
+    /// Highest bus position committed to the index.
+    checkpoint: Arc<AtomicU64>,
+    dir: std::path::PathBuf,
+}
+
+impl EmbeddedIndex {
+    /// Opens (or creates) the index in `dir`.
+    pub fn open(dir: &Path, options: &EmbeddedOptions) -> Result<Self, SearchError> {
+        std::fs::create_dir_all(dir).map_err(|e| {
+            SearchError::Unavailable(format!(
+                "cannot create the search index directory {}: {e}",
+                dir.display()
+            ))
+        })?;
+        let (schema, fields) = schema();
+        let directory = tantivy::directory::MmapDirectory::open(dir).map_err(internal)?;
+        let index = Index::open_or_create(directory, schema).map_err(|e| {
+            SearchError::Internal(format!(
+                "cannot open the search index in {}: {e}. If it was written by another Rewind version, stop the gateway, delete that directory and start again (recent events are re-indexed from the bus as far as it retains them)",
+                dir.display()
+            ))
+        })?;
+        index
+            .tokenizers()
+            .register(crate::query::text::ANALYZER, crate::query::text::analyzer());
+        let checkpoint = index
+            .load_metas()
+            .map_err(internal)?
+            .payload
+            .and_then(|p| p.parse::<u64>().ok())
+            .unwrap_or(0);
+        let writer = index
+            .writer_with_num_threads(
+                options.writer_threads.max(1),
+                options.writer_memory_bytes.max(15 << 20) * options.writer_threads.max(1),
+            )
+            .map_err(|e| {
+                SearchError::Unavailable(format!(
+                    "cannot open the search index for writing ({e}); is another gateway using the data dir {}?",
+                    dir.display()
+                ))
+            })?;
+        let reader = index
+            .reader_builder()
+            .reload_policy(ReloadPolicy::Manual)
+            .try_into()
+            .map_err(internal)?;
+        Ok(Self {
+            index,
+            reader,
+            writer: Arc::new(Mutex::new(writer)),
+            fields,
+            checkpoint: Arc::new(AtomicU64::new(checkpoint)),
+            dir: dir.to_path_buf(),
+        })
+    }
+
+    fn document(&self, d: &IndexDoc) -> TantivyDocument {
+        let f = &self.fields;
+        let mut doc = TantivyDocument::new();
+        doc.add_text(f.scope, scope_key(&d.team_id, &d.collection_id));
+        doc.add_text(f.id, &d.id);
+        doc.add_i64(f.received_at, d.received_at);
+        let (hi, lo) = id_bits(&d.id);
+        doc.add_u64(f.id_hi, hi);
+        doc.add_u64(f.id_lo, lo);
+        doc.add_text(f.content_type, &d.content_type);
+        doc.add_bytes(f.payload, &d.payload);
+        let value = if d.content_type == "application/json" {
+            serde_json::from_slice(&d.payload).unwrap_or(serde_json::Value::Null)
+        } else {
+            serde_json::Value::Null
+        };
+        let flat = flatten::flatten(&value);
+        for t in &flat.terms {
+            doc.add_text(f.kw, t);
+        }
+        for t in &flat.facets {
+            doc.add_text(f.facet, t);
+        }
+        doc.add_text(
+            f.text,
+            crate::query::text::event_text(&d.content_type, &d.payload, &value),
+        );
+        doc
+    }
+}
+
+/// A compiled filter: the query and whether it selects exactly what the filter does (else it
+/// selects a superset, to be checked event by event).
+struct Compiled {
+    query: Box<dyn Query>,
+    exact: bool,
+}
+
+fn term(f: Field, text: &str) -> Term {
+    Term::from_field_text(f, text)
+}
+
+fn term_query(f: Field, text: &str) -> Box<dyn Query> {
+    Box::new(TermQuery::new(term(f, text), IndexRecordOption::Basic))
+}
+
+fn any_of(queries: Vec<Box<dyn Query>>) -> Box<dyn Query> {
+    match queries.len() {
+        0 => Box::new(EmptyQuery),
+        1 => queries.into_iter().next().expect("one"),
+        _ => Box::new(BooleanQuery::new(
+            queries.into_iter().map(|q| (Occur::Should, q)).collect(),
+        )),
+    }
+}
+
+fn negate(inner: Compiled) -> Compiled {
+    if !inner.exact {
+        return Compiled {
+            query: Box::new(AllQuery),
+            exact: false,
+        };
+    }
+    Compiled {
+        query: Box::new(BooleanQuery::new(vec![
+            (Occur::Must, Box::new(AllQuery)),
+            (Occur::MustNot, inner.query),
+        ])),
+        exact: true,
+    }
+}
+
+fn equals(kw: Field, path: &str, lit: &Literal) -> Compiled {
+    if let Some(n) = lit.number {
+        return Compiled {
+            query: term_query(kw, &flatten::number_term(path, n)),
+            exact: true,
+        };
+    }
+    let exact = lit.text.len() < flatten::MAX_TERM_TEXT;
+    let mut options = vec![term_query(kw, &flatten::string_term(path, &lit.text))];
+    if lit.text == "true" || lit.text == "false" {
+        options.push(term_query(
+            kw,
+            &flatten::bool_term(path, lit.text == "true"),
+        ));
+    }
+    Compiled {
+        query: any_of(options),
+        exact,
+    }
+}
+
+fn compare(kw: Field, path: &str, op: CmpOp, lit: &Literal) -> Compiled {
+    let (kind, value) = match lit.number {
+        Some(n) => ("n:", flatten::encode_f64(n)),
+        None if lit.text.len() >= flatten::MAX_TERM_TEXT => {
+            // Bounds cannot be expressed on cut terms: every string of the field is a candidate.
+            let (lo, hi) = flatten::kind_bounds(path, "s:");
+            return Compiled {
+                query: Box::new(InvertedIndexRangeQuery::new(
+                    Bound::Included(term(kw, &lo)),
+                    Bound::Excluded(term(kw, &hi)),
+                )),
+                exact: false,
+            };
+        }
+        None => ("s:", lit.text.clone()),
+    };
+    let (lo, hi) = flatten::kind_bounds(path, kind);
+    let at = term(kw, &format!("{path}{SEP}{kind}{value}"));
+    let (lower, upper) = match op {
+        CmpOp::Gt => (Bound::Excluded(at), Bound::Excluded(term(kw, &hi))),
+        CmpOp::Ge => (Bound::Included(at), Bound::Excluded(term(kw, &hi))),
+        CmpOp::Lt => (Bound::Included(term(kw, &lo)), Bound::Excluded(at)),
+        CmpOp::Le => (Bound::Included(term(kw, &lo)), Bound::Included(at)),
+        CmpOp::Eq | CmpOp::Ne => unreachable!("handled by equals"),
+    };
+    Compiled {
+        query: Box::new(InvertedIndexRangeQuery::new(lower, upper)),
+        exact: true,
+    }
+}
+
+fn compile(kw: Field, expr: &Expr) -> Compiled {
+    match expr {
+        Expr::And(parts) | Expr::Or(parts) => {
+            let occur = if matches!(expr, Expr::And(_)) {
+                Occur::Must
+            } else {
+                Occur::Should
+            };
+            let compiled: Vec<Compiled> = parts.iter().map(|p| compile(kw, p)).collect();
+            let exact = compiled.iter().all(|c| c.exact);
+            Compiled {
+                query: Box::new(BooleanQuery::new(
+                    compiled.into_iter().map(|c| (occur, c.query)).collect(),
+                )),
+                exact,
+            }
+        }
+        Expr::Not(inner) => negate(compile(kw, inner)),
+        Expr::Exists(path) => Compiled {
+            query: term_query(kw, &flatten::exists_term(path)),
+            exact: true,
+        },
+        Expr::Cmp(path, CmpOp::Eq, lit) => equals(kw, path, lit),
+        Expr::Cmp(path, CmpOp::Ne, lit) => negate(equals(kw, path, lit)),
+        Expr::Cmp(path, op, lit) => compare(kw, path, *op, lit),
+        Expr::In(path, lits) => {
+            let compiled: Vec<Compiled> = lits.iter().map(|l| equals(kw, path, l)).collect();
+            let exact = compiled.iter().all(|c| c.exact);
+            Compiled {
+                query: any_of(compiled.into_iter().map(|c| c.query).collect()),
+                exact,
+            }
+        }
+    }
+}
+
+/// Newest-first sort key: `(received_at, id)`; events at or after the cursor sort last.
+type SortKey = (i64, u64, u64);
+const EXCLUDED: SortKey = (i64::MIN, 0, 0);
+
+/// Counts a facet field's values over every matching document.
+struct FacetCollector {
+    field: String,
+    path: String,
+}
+
+struct FacetSegment {
+    column: Option<tantivy::columnar::StrColumn>,
+    lo: u64,
+    values: Vec<String>,
+    counts: Vec<u64>,
+}
+
+impl Collector for FacetCollector {
+    type Fruit = Result<Vec<(String, u64)>, String>;
+    type Child = FacetSegment;
+
+    fn for_segment(&self, _: u32, segment: &SegmentReader) -> tantivy::Result<FacetSegment> {
+        let column = segment.fast_fields().str(&self.field)?;
+        let mut values = Vec::new();
+        let mut lo = 0;
+        if let Some(col) = &column {
+            let prefix = format!("{}{SEP}", self.path);
+            let end = format!("{}\u{1}", self.path);
+            let mut stream = col
+                .dictionary()
+                .range()
+                .ge(prefix.as_bytes())
+                .lt(end.as_bytes())
+                .into_stream()?;
+            let mut first = true;
+            while stream.advance() {
+                if first {
+                    lo = stream.term_ord();
+                    first = false;
+                }
+                values.push(String::from_utf8_lossy(&stream.key()[prefix.len()..]).into_owned());
+                if values.len() > MAX_FACET_DISTINCT {
+                    break;
+                }
+            }
+        }
+        let counts = vec![0; values.len()];
+        Ok(FacetSegment {
+            column,
+            lo,
+            values,
+            counts,
+        })
+    }
+
+    fn requires_scoring(&self) -> bool {
+        false
+    }
+
+    fn merge_fruits(
+        &self,
+        fruits: Vec<Result<Vec<(String, u64)>, String>>,
+    ) -> tantivy::Result<Self::Fruit> {
+        let mut total: std::collections::HashMap<String, u64> = Default::default();
+        for fruit in fruits {
+            match fruit {
+                Ok(values) => {
+                    for (v, n) in values {
+                        *total.entry(v).or_default() += n;
+                    }
+                }
+                Err(e) => return Ok(Err(e)),
+            }
+        }
+        let mut out: Vec<(String, u64)> = total.into_iter().collect();
+        out.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+        out.truncate(MAX_FACET_VALUES);
+        Ok(Ok(out))
+    }
+}
+
+impl SegmentCollector for FacetSegment {
+    type Fruit = Result<Vec<(String, u64)>, String>;
+
+    fn collect(&mut self, doc: DocId, _: f32) {
+        let Some(col) = &self.column else { return };
+        let (lo, n) = (self.lo, self.counts.len() as u64);
+        for ord in col.term_ords(doc) {
+            if ord >= lo && ord - lo < n {
+                self.counts[(ord - lo) as usize] += 1;
+            }
+        }
+    }
+
+    fn harvest(self) -> Self::Fruit {
+        if self.values.len() > MAX_FACET_DISTINCT {
+            return Err(format!(
+                "the field has more than {MAX_FACET_DISTINCT} distinct values; facet counts are for fields with fewer"
+            ));
+        }
+        Ok(self
+            .values
+            .into_iter()
+            .zip(self.counts)
+            .filter(|(_, n)| *n > 0)
+            .collect())
+    }
+}
+
+impl EmbeddedIndex {
+    fn run_search(&self, request: &SearchRequest) -> Result<SearchPage, SearchError> {
+        let f = self.fields;
+        let searcher = self.reader.searcher();
+        let mut clauses: Vec<(Occur, Box<dyn Query>)> = vec![(
+            Occur::Must,
+            term_query(
+                f.scope,
+                &scope_key(&request.team_id, &request.collection_id),
+            ),
+        )];
+        let mut to = request.to;
+        if let Some(c) = &request.cursor {
+            to = to.min(c.received_at.saturating_add(1));
+        }
+        if request.from > i64::MIN || to < i64::MAX {
+            clauses.push((
+                Occur::Must,
+                Box::new(RangeQuery::new(
+                    Bound::Included(Term::from_field_i64(f.received_at, request.from)),
+                    Bound::Excluded(Term::from_field_i64(f.received_at, to)),
+                )),
+            ));
+        }
+        let mut exact = true;
+        if let Some(filter) = &request.filter {
+            let c = compile(f.kw, filter);
+            exact = c.exact;
+            clauses.push((Occur::Must, c.query));
+        }
+        if let Some(q) = &request.q {
+            for w in crate::query::text::words(q) {
+                clauses.push((Occur::Must, term_query(f.text, &w)));
+            }
+        }
+        let query = BooleanQuery::new(clauses);
+        let cursor = request.cursor.as_ref().map(|c| {
+            let (hi, lo) = id_bits(&c.id);
+            (c.received_at, hi, lo)
+        });
+        let facets = match &request.facet {
+            Some(field) => {
+                match searcher
+                    .search(
+                        &query,
+                        &FacetCollector {
+                            field: "facet".into(),
+                            path: field.clone(),
+                        },
+                    )
+                    .map_err(internal)?
+                {
+                    Ok(v) => Some(v),
+                    Err(e) => return Err(SearchError::Internal(e)),
+                }
+            }
+            None => None,
+        };
+
+        // Exact: one pass of limit + 1. Superset: pages of candidates, each checked.
+        let want = request.limit + 1;
+        let mut events: Vec<ArchivedEvent> = Vec::with_capacity(want);
+        let mut after = cursor;
+        loop {
+            let fetch = if exact { want } else { (want * 4).max(64) };
+            let top = TopDocs::with_limit(fetch).custom_score(move |seg: &SegmentReader| {
+                let ff = seg.fast_fields();
+                let ra = ff
+                    .i64("received_at")
+                    .expect("received_at is a fast field")
+                    .first_or_default_col(0);
+                let hi = ff
+                    .u64("id_hi")
+                    .expect("id_hi is a fast field")
+                    .first_or_default_col(0);
+                let lo = ff
+                    .u64("id_lo")
+                    .expect("id_lo is a fast field")
+                    .first_or_default_col(0);
+                move |doc: DocId| {
+                    let key = (ra.get_val(doc), hi.get_val(doc), lo.get_val(doc));
+                    match after {
+                        Some(c) if key >= c => EXCLUDED,
+                        _ => key,
+                    }
+                }
+            });
+            let hits: Vec<(SortKey, DocAddress)> = searcher.search(&query, &top).map_err(internal)?;
+            let fetched = hits.len();
+            let mut last = None;
+            for (key, addr) in hits {
+                if key == EXCLUDED {
+                    last = None;
+                    break;
+                }
+                last = Some(key);
+                let doc: TantivyDocument = searcher.doc(addr).map_err(internal)?;
+                let event = ArchivedEvent {
+                    id: doc
+                        .get_first(f.id)
+                        .and_then(|v| v.as_str())
+                        .unwrap_or_default()
+                        .to_string(),
+                    received_at: key.0,
+                    content_type: doc
+                        .get_first(f.content_type)
+                        .and_then(|v| v.as_str())
+                        .unwrap_or_default()
+                        .to_string(),
+                    payload: Bytes::copy_from_slice(
+                        doc.get_first(f.payload)
+                            .and_then(|v| v.as_bytes())
+                            .unwrap_or_default(),
+                    ),
+                };
+                if exact || super::selects(request, &event) {
+                    events.push(event);
+                    if events.len() == want {
+                        break;
+                    }
+                }
+            }
+            if exact || events.len() == want || fetched < fetch || last.is_none() {
+                break;
+            }
+            after = last;
+        }
+        let mut next_cursor = None;
+        if events.len() > request.limit {
+            events.truncate(request.limit);
+            let last = events.last().expect("limit >= 1");
+            next_cursor = Some(Cursor {
+                received_at: last.received_at,
+                id: last.id.clone(),
+            });
+        }
+        Ok(SearchPage {
+            events,
+            next_cursor,
+            facets,
+        })
+    }
+}
+
+#[async_trait]
+impl SearchIndex for EmbeddedIndex {
+    fn kind(&self) -> &'static str {
+        "embedded"
+    }
+
+    async fn index(&self, docs: Vec<IndexDoc>) -> Result<(), SearchError> {
+        if docs.is_empty() {
+            return Ok(());
+        }
+        let this = self.clone_handles();
+        tokio::task::spawn_blocking(move || {
+            let documents: Vec<(bool, String, TantivyDocument)> = {
+                let checkpoint = this.checkpoint.load(Ordering::Acquire);
+                docs.iter()
+                    .map(|d| (d.position <= checkpoint, d.id.clone(), this.document(d)))
+                    .collect()
+            };
+            let max_position = docs.iter().map(|d| d.position).max().unwrap_or(0);
+            let mut writer = this.writer.lock().expect("index writer lock");
+            for (maybe_indexed, id, doc) in documents {
+                if maybe_indexed {
+                    writer.delete_term(term(this.fields.id, &id));
+                }
+                if let Err(e) = writer.add_document(doc) {
+                    let _ = writer.rollback();
+                    return Err(internal(e));
+                }
+            }
+            let new_checkpoint = max_position.max(this.checkpoint.load(Ordering::Acquire));
+            let mut prepared = match writer.prepare_commit() {
+                Ok(p) => p,
+                Err(e) => {
+                    let _ = writer.rollback();
+                    return Err(internal(e));
+                }
+            };
+            prepared.set_payload(&new_checkpoint.to_string());
+            prepared.commit().map_err(internal)?;
+            drop(writer);
+            this.checkpoint.store(new_checkpoint, Ordering::Release);
+            this.reader.reload().map_err(internal)
+        })
+        .await
+        .map_err(internal)?
+    }
+
+    async fn search(&self, request: &SearchRequest) -> Result<SearchPage, SearchError> {
+        let this = self.clone_handles();
+        let request = request.clone();
+        tokio::task::spawn_blocking(move || this.run_search(&request))
+            .await
+            .map_err(internal)?
+    }
+
+    async fn delete_before(
+        &self,
+        team_id: &str,
+        collection_id: &str,
+        before: i64,
+    ) -> Result<(), SearchError> {
+        let this = self.clone_handles();
+        let scope = scope_key(team_id, collection_id);
+        tokio::task::spawn_blocking(move || {
+            let f = this.fields;
+            let query = BooleanQuery::new(vec![
+                (Occur::Must, term_query(f.scope, &scope)),
+                (
+                    Occur::Must,
+                    Box::new(RangeQuery::new(
+                        Bound::Unbounded,
+                        Bound::Excluded(Term::from_field_i64(f.received_at, before)),
+                    )),
+                ),
+            ]);
+            let mut writer = this.writer.lock().expect("index writer lock");
+            writer.delete_query(Box::new(query)).map_err(internal)?;
+            let mut prepared = writer.prepare_commit().map_err(internal)?;
+            prepared.set_payload(&this.checkpoint.load(Ordering::Acquire).to_string());
+            prepared.commit().map_err(internal)?;
+            drop(writer);
+            this.reader.reload().map_err(internal)
+        })
+        .await
+        .map_err(internal)?
+    }
+
+    async fn health(&self) -> SearchHealth {
+        SearchHealth {
+            kind: "embedded",
+            ready: true,
+            detail: format!("tantivy index in {}", self.dir.display()),
+        }
+    }
+}
+
+impl EmbeddedIndex {
+    /// A cheap handle sharing the index, reader and writer (for blocking tasks).
+    fn clone_handles(&self) -> EmbeddedIndex {
+        EmbeddedIndex {
+            index: self.index.clone(),
+            reader: self.reader.clone(),
+            writer: self.writer.clone(),
+            fields: self.fields,
+            checkpoint: self.checkpoint.clone(),
+            dir: self.dir.clone(),
+        }
+    }
+
+    /// Number of documents (live) in the index, for tests and the benchmark.
+    pub fn num_docs(&self) -> u64 {
+        self.reader.searcher().num_docs()
+    }
+}
