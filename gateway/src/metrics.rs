@@ -36,6 +36,8 @@ pub struct Metrics {
     pub append_seconds: Histogram,
     pub bus_lag: Family<ConsumerLabel, Gauge>,
     pub bus_ready: Gauge,
+    pub search_indexed: Gauge,
+    pub search_ready: Gauge,
 }
 
 impl Default for Metrics {
@@ -95,6 +97,18 @@ impl Metrics {
             "1 when the bus takes writes",
             bus_ready.clone(),
         );
+        let search_indexed = Gauge::default();
+        registry.register(
+            "search_events_indexed",
+            "Events the indexer has written to the search index since the gateway started",
+            search_indexed.clone(),
+        );
+        let search_ready = Gauge::default();
+        registry.register(
+            "search_ready",
+            "1 when the search index answers and the indexer has no pending error",
+            search_ready.clone(),
+        );
         Self {
             registry,
             requests,
@@ -105,6 +119,8 @@ impl Metrics {
             append_seconds,
             bus_lag,
             bus_ready,
+            search_indexed,
+            search_ready,
         }
     }
 

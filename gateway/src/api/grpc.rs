@@ -15,6 +15,7 @@ use crate::meta::{Collection, TokenRecord};
 use crate::proto::v1 as pb;
 use pb::collection_service_server::{CollectionService, CollectionServiceServer};
 use pb::ingest_service_server::{IngestService, IngestServiceServer};
+use pb::search_service_server::{SearchService, SearchServiceServer};
 use pb::team_service_server::{TeamService, TeamServiceServer};
 use pb::token_service_server::{TokenService, TokenServiceServer};
 
@@ -22,7 +23,8 @@ use pb::token_service_server::{TokenService, TokenServiceServer};
 const STREAM_PIPELINE: usize = 16;
 
 /// Full names of the services, as they appear in gRPC paths.
-pub const SERVICES: [&str; 4] = [
+pub const SERVICES: [&str; 5] = [
+    "rewind.v1.SearchService",
     "rewind.v1.TeamService",
     "rewind.v1.TokenService",
     "rewind.v1.CollectionService",
@@ -36,7 +38,8 @@ pub fn routes(state: Arc<AppState>) -> Routes {
     Routes::new(TeamServiceServer::new(svc.clone()).max_decoding_message_size(limit))
         .add_service(TokenServiceServer::new(svc.clone()).max_decoding_message_size(limit))
         .add_service(CollectionServiceServer::new(svc.clone()).max_decoding_message_size(limit))
-        .add_service(IngestServiceServer::new(svc).max_decoding_message_size(limit))
+        .add_service(IngestServiceServer::new(svc.clone()).max_decoding_message_size(limit))
+        .add_service(SearchServiceServer::new(svc).max_decoding_message_size(limit))
         .clone()
 }
 
@@ -294,6 +297,87 @@ impl IngestService for Grpc {
             let go = !failed;
             failed |= r.is_err();
             futures::future::ready(go)
+        });
+        Ok(Response::new(Box::pin(out)))
+    }
+}
+
+fn opt(s: &str) -> Option<&str> {
+    (!s.is_empty()).then_some(s)
+}
+
+fn event_pb(e: crate::archive::read::ArchivedEvent) -> pb::SearchEvent {
+    pb::SearchEvent {
+        id: e.id,
+        received_at_micros: e.received_at,
+        content_type: e.content_type,
+        payload: e.payload,
+    }
+}
+
+type TailOut = Pin<Box<dyn Stream<Item = Result<pb::SearchEvent, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl SearchService for Grpc {
+    async fn search(
+        &self,
+        request: Request<pb::SearchRequest>,
+    ) -> Result<Response<pb::SearchResponse>, Status> {
+        let who = self.principal(&request).await?;
+        let caller = who.require(Scope::Read).map_err(ApiError::from)?;
+        let r = request.into_inner();
+        let collection =
+            admin::get_collection(self.0.meta.as_ref(), &caller.team_id, &r.collection).await?;
+        let (request, capped) = super::rest::search_request(
+            &caller.team_id,
+            &collection.id,
+            opt(&r.q),
+            opt(&r.filter),
+            opt(&r.from),
+            opt(&r.to),
+            (r.limit > 0).then_some(r.limit as usize),
+            opt(&r.cursor),
+            opt(&r.facet),
+        )?;
+        let limit = request.limit;
+        let outcome = super::search::search(&self.0, request, capped).await?;
+        Ok(Response::new(pb::SearchResponse {
+            events: outcome.page.events.into_iter().map(event_pb).collect(),
+            next_cursor: outcome
+                .page
+                .next_cursor
+                .map(|c| c.encode())
+                .unwrap_or_default(),
+            source: outcome.source.as_str().to_string(),
+            index_from_micros: outcome.index_from,
+            facets: outcome
+                .page
+                .facets
+                .unwrap_or_default()
+                .into_iter()
+                .map(|(value, count)| pb::FacetValue { value, count })
+                .collect(),
+            limit: limit as u32,
+        }))
+    }
+
+    type TailStream = TailOut;
+
+    async fn tail(
+        &self,
+        request: Request<pb::TailRequest>,
+    ) -> Result<Response<Self::TailStream>, Status> {
+        let who = self.principal(&request).await?;
+        let caller = who.require(Scope::Read).map_err(ApiError::from)?;
+        let r = request.into_inner();
+        let collection =
+            admin::get_collection(self.0.meta.as_ref(), &caller.team_id, &r.collection).await?;
+        let filter = super::rest::parse_filter(opt(&r.filter))?;
+        let q = opt(&r.q).filter(|q| !q.trim().is_empty()).map(str::to_string);
+        let rx = super::search::tail(&self.0, &caller.team_id, &collection.id, filter, q).await?;
+        let out = tokio_stream::wrappers::ReceiverStream::new(rx).map(|item| match item {
+            Ok(e) => Ok(event_pb(e)),
+            Err(e) => Err(Status::unavailable(format!("the bus stopped: {e}; follow again"))),
         });
         Ok(Response::new(Box::pin(out)))
     }

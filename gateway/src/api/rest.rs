@@ -46,6 +46,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         )
         .route("/v1/collections/{id}/events/{event_id}", get(get_event))
         .route("/v1/collections/{id}/export", get(export))
+        .route("/v1/collections/{id}/tail", get(tail))
         .route("/v1/collections/{id}/schema", get(schema))
         // Bodies are read by the handlers with their own limit and error message.
         .layer(DefaultBodyLimit::disable())
@@ -167,6 +168,22 @@ async fn readyz(State((state, _)): St) -> Response {
         "files_written": status.files_written.load(Relaxed),
         "events_archived": status.events_archived.load(Relaxed),
     });
+    let search_health = state.search.index.health().await;
+    let search_error = state.search.status.last_error.lock().expect("lock").clone();
+    let search_lag = bus
+        .consumer_lag
+        .iter()
+        .find(|(n, _)| *n == state.search.consumer)
+        .map_or(0, |(_, l)| *l);
+    let search = json!({
+        "ready": search_health.ready && search_error.is_none(),
+        "kind": search_health.kind,
+        "detail": search_error.unwrap_or(search_health.detail),
+        "behind": search_error_is_some_or_lag(&state, search_lag),
+        "lag_messages": search_lag,
+        "events_indexed": state.search.status.events_indexed.load(Relaxed),
+        "default_window_secs": state.search.windows.default_window().as_secs(),
+    });
     let lag: serde_json::Map<String, Value> = bus
         .consumer_lag
         .iter()
@@ -178,6 +195,7 @@ async fn readyz(State((state, _)): St) -> Response {
             "metastore": meta,
             "bus": {"ready": bus.ready, "kind": bus.kind, "detail": bus.detail, "consumer_lag": lag},
             "archive": archive,
+            "search": search,
         }
     });
     let status = if ready {
@@ -188,7 +206,25 @@ async fn readyz(State((state, _)): St) -> Response {
     (status, Json(body)).into_response()
 }
 
+/// The index is behind when the indexer has an error or more than a few messages to catch up.
+fn search_error_is_some_or_lag(state: &AppState, lag: u64) -> bool {
+    state.search.status.last_error.lock().expect("lock").is_some() || lag > 100
+}
+
 async fn metrics(State((state, _)): St) -> Response {
+    let search = state.search.index.health().await;
+    let search_ok = state.search.status.last_error.lock().expect("lock").is_none();
+    state
+        .metrics
+        .search_ready
+        .set((search.ready && search_ok) as i64);
+    state.metrics.search_indexed.set(
+        state
+            .search
+            .status
+            .events_indexed
+            .load(std::sync::atomic::Ordering::Relaxed) as i64,
+    );
     let health = state.bus.health().await;
     state.metrics.bus_ready.set(health.ready as i64);
     for (consumer, lag) in health.consumer_lag {
@@ -614,6 +650,39 @@ async fn search_events(
     })?;
     body.extend_from_slice(&tail[1..]);
     Ok(([(header::CONTENT_TYPE, "application/json")], body).into_response())
+}
+
+#[derive(Deserialize)]
+struct TailQuery {
+    q: Option<String>,
+    filter: Option<String>,
+}
+
+/// `GET /v1/collections/{id}/tail`: NDJSON of the events appended from now on that match,
+/// one export line each, until the client disconnects.
+async fn tail(
+    State((state, _)): St,
+    Auth(who): Auth,
+    Path(id): Path<String>,
+    axum::extract::Query(p): axum::extract::Query<TailQuery>,
+) -> Result<Response, ApiError> {
+    let caller = who.require(Scope::Read)?;
+    let collection = admin::get_collection(state.meta.as_ref(), &caller.team_id, &id).await?;
+    let filter = parse_filter(p.filter.as_deref())?;
+    let q = p.q.filter(|q| !q.trim().is_empty());
+    let rx = super::search::tail(&state, &caller.team_id, &collection.id, filter, q).await?;
+    let lines = futures::StreamExt::map(tokio_stream::wrappers::ReceiverStream::new(rx), |item| match item {
+        Ok(e) => Ok::<_, std::io::Error>(bytes::Bytes::from(crate::archive::read::export_line(&e))),
+        Err(e) => Err(std::io::Error::other(e)),
+    });
+    Ok((
+        [
+            (header::CONTENT_TYPE, "application/x-ndjson"),
+            (header::CACHE_CONTROL, "no-cache"),
+        ],
+        Body::from_stream(lines),
+    )
+        .into_response())
 }
 
 /// `GET /v1/collections/{id}/export`: every archived event in `[from, to)`, oldest first, as

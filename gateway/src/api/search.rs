@@ -176,3 +176,65 @@ fn count_facet(counts: &mut HashMap<String, u64>, field: &str, e: &ArchivedEvent
         }
     }
 }
+
+/// Follows a collection from now on (through the bus), sending the events that match `filter`
+/// and `q`. The task ends when the receiver is dropped or the bus closes.
+pub async fn tail(
+    state: &AppState,
+    team_id: &str,
+    collection_id: &str,
+    filter: Option<crate::query::Expr>,
+    q: Option<String>,
+) -> Result<tokio::sync::mpsc::Receiver<Result<ArchivedEvent, String>>, ApiError> {
+    let mut follow = state
+        .bus
+        .tail(team_id, collection_id)
+        .await
+        .map_err(|e| {
+            ApiError::new(
+                http::StatusCode::SERVICE_UNAVAILABLE,
+                "bus_unavailable",
+                format!("cannot follow the collection: {e}; retry shortly"),
+            )
+        })?;
+    let request = SearchRequest {
+        team_id: team_id.to_string(),
+        collection_id: collection_id.to_string(),
+        filter,
+        q,
+        from: i64::MIN,
+        to: i64::MAX,
+        limit: 1,
+        cursor: None,
+        facet: None,
+    };
+    let (tx, rx) = tokio::sync::mpsc::channel(256);
+    tokio::spawn(async move {
+        loop {
+            let batch = tokio::select! {
+                b = follow.next() => b,
+                _ = tx.closed() => return,
+            };
+            match batch {
+                Ok(batch) => {
+                    for e in batch.events {
+                        let event = ArchivedEvent {
+                            id: e.id,
+                            received_at: e.received_at_micros,
+                            content_type: e.content_type,
+                            payload: e.payload,
+                        };
+                        if crate::search::selects(&request, &event) && tx.send(Ok(event)).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+                Err(e) => {
+                    let _ = tx.send(Err(e.to_string())).await;
+                    return;
+                }
+            }
+        }
+    });
+    Ok(rx)
+}

@@ -29,7 +29,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 use super::{
     AckHandle, Appended, Bus, BusBatch, BusError, BusHealth, Consumer, Delivery, Position,
-    SeenClientId, decode_batch,
+    SeenClientId, Tail, decode_batch,
 };
 
 const MAGIC: u8 = 0xB5;
@@ -718,6 +718,19 @@ impl Bus for LocalBus {
         .map_err(|e| BusError::Unavailable(e.to_string()))?
     }
 
+    async fn tail(&self, team_id: &str, collection_id: &str) -> Result<Box<dyn Tail>, BusError> {
+        let head = self.durable_head();
+        Ok(Box::new(LocalTail {
+            reading: Arc::new(Mutex::new((
+                LogReader::new(self.shared.clone(), head),
+                VecDeque::new(),
+            ))),
+            durable: self.durable.clone(),
+            team_id: team_id.to_string(),
+            collection_id: collection_id.to_string(),
+        }))
+    }
+
     async fn close(&self) {
         // Dropping the sender lets the writer finish what is queued, sync and exit.
         self.sender.lock().expect("lock").take();
@@ -733,6 +746,48 @@ type ReaderAndBuffer = (LogReader, VecDeque<(Position, Vec<u8>)>);
 
 /// How much a consumer reads ahead of what it has handed out.
 const READ_AHEAD_BYTES: usize = 4 << 20;
+
+/// A reader from the durable head on, keeping only one collection's batches.
+struct LocalTail {
+    reading: Arc<Mutex<ReaderAndBuffer>>,
+    durable: watch::Receiver<Position>,
+    team_id: String,
+    collection_id: String,
+}
+
+#[async_trait]
+impl Tail for LocalTail {
+    async fn next(&mut self) -> Result<BusBatch, BusError> {
+        loop {
+            let (next_offset, popped) = {
+                let mut reading = self.reading.lock().expect("lock");
+                let popped = reading.1.pop_front();
+                (reading.0.next, popped)
+            };
+            if let Some((position, body)) = popped {
+                let batch = decode_batch(position, body.into())?;
+                if batch.team_id == self.team_id && batch.collection_id == self.collection_id {
+                    return Ok(batch);
+                }
+                continue;
+            }
+            let head = *self.durable.borrow_and_update();
+            if head <= next_offset {
+                self.durable.changed().await.map_err(|_| BusError::Closed)?;
+                continue;
+            }
+            let reading = self.reading.clone();
+            tokio::task::spawn_blocking(move || {
+                let mut reading = reading.lock().expect("lock");
+                let records = reading.0.read(head, 512, READ_AHEAD_BYTES)?;
+                reading.1.extend(records);
+                Ok::<_, BusError>(())
+            })
+            .await
+            .map_err(|e| BusError::Unavailable(e.to_string()))??;
+        }
+    }
+}
 
 struct LocalConsumer {
     name: String,

@@ -85,8 +85,19 @@ pub trait Bus: Send + Sync {
         Ok(0)
     }
 
+    /// Follows one collection from now on (for `rewind tail`): no durable state, no acks;
+    /// only what is appended after the call.
+    async fn tail(&self, team_id: &str, collection_id: &str) -> Result<Box<dyn Tail>, BusError>;
+
     /// Stops taking appends, finishes those in flight, and flushes.
     async fn close(&self);
+}
+
+/// A live, non-durable view of one collection's new messages.
+#[async_trait]
+pub trait Tail: Send {
+    /// The next batch appended to the collection, waiting until there is one.
+    async fn next(&mut self) -> Result<BusBatch, BusError>;
 }
 
 /// One message handed to a consumer.

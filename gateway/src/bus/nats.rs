@@ -23,7 +23,7 @@ use tokio::sync::watch;
 
 use super::{
     AckHandle, Appended, Bus, BusBatch, BusError, BusHealth, Consumer, Delivery, SeenClientId,
-    decode_batch,
+    Tail, decode_batch,
 };
 
 pub const STREAM: &str = "REWIND_EVENTS";
@@ -256,6 +256,29 @@ impl Bus for NatsBus {
         Ok(Box::new(NatsConsumer { consumer, messages }))
     }
 
+    async fn tail(&self, team_id: &str, collection_id: &str) -> Result<Box<dyn Tail>, BusError> {
+        let c = self
+            .state
+            .borrow()
+            .clone()
+            .ok_or_else(|| BusError::Unavailable("not connected to NATS yet".into()))?;
+        // An ephemeral ordered consumer on the collection's subject, from now on.
+        let consumer = c
+            .stream
+            .create_consumer(pull::OrderedConfig {
+                filter_subject: subject(team_id, collection_id),
+                deliver_policy: jetstream::consumer::DeliverPolicy::New,
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| BusError::Unavailable(format!("cannot follow the collection: {e}")))?;
+        let messages = consumer
+            .messages()
+            .await
+            .map_err(|e| BusError::Unavailable(format!("cannot follow the collection: {e}")))?;
+        Ok(Box::new(NatsTail { messages }))
+    }
+
     async fn health(&self) -> BusHealth {
         let state = self.state.borrow().clone();
         let (ready, detail) = match &state {
@@ -299,6 +322,29 @@ impl Bus for NatsBus {
         let state = self.state.borrow().clone();
         if let Some(c) = state {
             let _ = c.client.flush().await;
+        }
+    }
+}
+
+struct NatsTail {
+    messages: pull::Ordered,
+}
+
+#[async_trait]
+impl Tail for NatsTail {
+    async fn next(&mut self) -> Result<BusBatch, BusError> {
+        loop {
+            match self.messages.next().await {
+                Some(Ok(m)) => {
+                    let position = m.info().map_or(0, |i| i.stream_sequence);
+                    return decode_batch(position, m.payload.clone());
+                }
+                Some(Err(e)) => {
+                    tracing::debug!(error = %e, "tail consumer error; continuing");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                None => return Err(BusError::Closed),
+            }
         }
     }
 }

@@ -8,7 +8,7 @@ use anyhow::{Context, anyhow, bail};
 use serde_json::{Value, json};
 
 use super::{
-    BusForgetArgs, BusReadArgs, CollectionCommand, ExportArgs, Remote, SendArgs, TeamCommand,
+    BusForgetArgs, BusReadArgs, CollectionCommand, ExportArgs, Remote, SearchArgs, SendArgs, TailArgs, TeamCommand,
     TokenCommand,
 };
 
@@ -141,12 +141,24 @@ pub async fn token(remote: Remote, command: TokenCommand) -> anyhow::Result<()> 
 pub async fn collection(remote: Remote, command: CollectionCommand) -> anyhow::Result<()> {
     let client = Client::new(&remote, None)?;
     let value = match command {
-        CollectionCommand::Create { name } => {
+        CollectionCommand::Create {
+            name,
+            search_window_secs,
+        } => {
             client
                 .call(
                     reqwest::Method::POST,
                     "/v1/collections",
-                    Some(json!({"name": name})),
+                    Some(json!({"name": name, "search_window_secs": search_window_secs})),
+                )
+                .await?
+        }
+        CollectionCommand::SetWindow { id, secs } => {
+            client
+                .call(
+                    reqwest::Method::PATCH,
+                    &format!("/v1/collections/{id}"),
+                    Some(json!({ "search_window_secs": secs })),
                 )
                 .await?
         }
@@ -334,6 +346,116 @@ pub async fn bus_read(args: BusReadArgs) -> anyhow::Result<()> {
     drop(consumer);
     bus.close().await;
     Ok(())
+}
+
+/// `rewind search`: pages of events as NDJSON on stdout; what the gateway said about the page
+/// on stderr.
+pub async fn search(args: SearchArgs) -> anyhow::Result<()> {
+    let client = Client::new(&args.remote, None)?;
+    let mut cursor = args.cursor.clone();
+    let mut stdout = std::io::stdout().lock();
+    let mut total = 0usize;
+    loop {
+        let mut query: Vec<(&str, String)> = vec![("limit", args.limit.to_string())];
+        for (k, v) in [
+            ("q", &args.q),
+            ("filter", &args.filter),
+            ("from", &args.from),
+            ("to", &args.to),
+            ("cursor", &cursor),
+            ("facet", &args.facet),
+        ] {
+            if let Some(v) = v {
+                query.push((k, v.clone()));
+            }
+        }
+        let resp = client
+            .http
+            .get(format!("{}/v1/collections/{}/events", client.url, args.collection))
+            .query(&query)
+            .bearer_auth(&client.token)
+            .send()
+            .await
+            .with_context(|| format!("cannot reach the gateway at {}", client.url))?;
+        let status = resp.status();
+        let text = resp.text().await?;
+        let value: Value = serde_json::from_str(&text).unwrap_or(Value::Null);
+        if !status.is_success() {
+            let message = value["error"]["message"]
+                .as_str()
+                .map(str::to_string)
+                .unwrap_or(text);
+            bail!("{status}: {message}");
+        }
+        for e in value["events"].as_array().into_iter().flatten() {
+            writeln!(stdout, "{e}")?;
+            total += 1;
+        }
+        if let Some(facets) = value["facets"]["values"].as_array()
+            && cursor == args.cursor
+        {
+            eprintln!("facet {}:", value["facets"]["field"].as_str().unwrap_or(""));
+            for f in facets {
+                eprintln!("  {:>8}  {}", f["count"], f["value"].as_str().unwrap_or(""));
+            }
+        }
+        if value["limit_capped"] == true {
+            eprintln!("rewind search: --limit was capped to {}", value["limit"]);
+        }
+        cursor = value["next_cursor"].as_str().map(str::to_string);
+        if !args.all || cursor.is_none() {
+            stdout.flush()?;
+            eprintln!(
+                "rewind search: {total} events (source: {}){}",
+                value["source"].as_str().unwrap_or("?"),
+                match &cursor {
+                    Some(c) => format!("; more with --cursor {c}"),
+                    None => String::new(),
+                }
+            );
+            return Ok(());
+        }
+    }
+}
+
+/// `rewind tail`: NDJSON of matching events as they arrive, until interrupted.
+pub async fn tail(args: TailArgs) -> anyhow::Result<()> {
+    use futures::StreamExt;
+    let client = Client::new(&args.remote, None)?;
+    let mut query: Vec<(&str, String)> = Vec::new();
+    if let Some(q) = &args.q {
+        query.push(("q", q.clone()));
+    }
+    if let Some(f) = &args.filter {
+        query.push(("filter", f.clone()));
+    }
+    let resp = client
+        .http
+        .get(format!("{}/v1/collections/{}/tail", client.url, args.collection))
+        .query(&query)
+        .bearer_auth(&client.token)
+        .timeout(Duration::from_secs(365 * 24 * 3600))
+        .send()
+        .await
+        .with_context(|| format!("cannot reach the gateway at {}", client.url))?;
+    let status = resp.status();
+    if !status.is_success() {
+        let text = resp.text().await.unwrap_or_default();
+        let message = serde_json::from_str::<Value>(&text)
+            .ok()
+            .and_then(|v| v["error"]["message"].as_str().map(str::to_string))
+            .unwrap_or(text);
+        bail!("{status}: {message}");
+    }
+    eprintln!("rewind tail: following {} (Ctrl-C to stop)", args.collection);
+    let mut stream = resp.bytes_stream();
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.context("the gateway closed the tail; run it again")?;
+        let mut stdout = std::io::stdout().lock();
+        stdout.write_all(&chunk)?;
+        stdout.flush()?;
+    }
+    bail!("the gateway ended the tail (shutting down?); run it again")
 }
 
 pub async fn export(args: ExportArgs) -> anyhow::Result<()> {

@@ -65,6 +65,11 @@ pub enum Command {
     Send(SendArgs),
     /// Export a collection's archived events as NDJSON, oldest first, to stdout.
     Export(ExportArgs),
+    /// Search a collection's events, newest first: NDJSON events to stdout, the page's
+    /// details (source, next cursor, facets) to stderr.
+    Search(SearchArgs),
+    /// Follow a collection: print matching events as NDJSON as they arrive, until interrupted.
+    Tail(TailArgs),
     /// Inspect the durable bus directly (gateway stopped, for the local bus).
     Bus {
         #[command(subcommand)]
@@ -98,6 +103,17 @@ pub enum TokenCommand {
 pub enum CollectionCommand {
     Create {
         name: String,
+        /// How long its events stay in the search index, seconds [default: the gateway's
+        /// --search-window-secs].
+        #[arg(long)]
+        search_window_secs: Option<i64>,
+    },
+    /// Change how long a collection's events stay in the search index.
+    SetWindow {
+        /// Collection id or name.
+        id: String,
+        /// Seconds; omit to go back to the gateway's default.
+        secs: Option<i64>,
     },
     List,
     /// Show one collection (by id or name).
@@ -138,6 +154,52 @@ pub struct ExportArgs {
     #[arg(long)]
     pub to: Option<String>,
     /// Only events matching this filter (docs/query.md), e.g. 'type = "login" AND amount > 5'.
+    #[arg(long)]
+    pub filter: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct SearchArgs {
+    #[command(flatten)]
+    pub remote: Remote,
+    /// Collection id or name.
+    pub collection: String,
+    /// Free text: every word must occur.
+    #[arg(short, long)]
+    pub q: Option<String>,
+    /// Filter expression (docs/query.md), e.g. 'type = "account_created" AND amount > 100'.
+    #[arg(long)]
+    pub filter: Option<String>,
+    /// Start of the range on received_at (RFC 3339), inclusive.
+    #[arg(long)]
+    pub from: Option<String>,
+    /// End of the range (RFC 3339), exclusive.
+    #[arg(long)]
+    pub to: Option<String>,
+    /// Events per page (at most 1000).
+    #[arg(long, default_value_t = 50)]
+    pub limit: usize,
+    /// Continue after this cursor (printed by the previous page).
+    #[arg(long)]
+    pub cursor: Option<String>,
+    /// Follow the cursors and print every matching event, not only the first page.
+    #[arg(long)]
+    pub all: bool,
+    /// Print the counts of this field's values over all matches (to stderr).
+    #[arg(long)]
+    pub facet: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct TailArgs {
+    #[command(flatten)]
+    pub remote: Remote,
+    /// Collection id or name.
+    pub collection: String,
+    /// Free text: every word must occur.
+    #[arg(short, long)]
+    pub q: Option<String>,
+    /// Only events matching this filter (docs/query.md).
     #[arg(long)]
     pub filter: Option<String>,
 }
@@ -187,6 +249,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Collection { remote, command } => client::collection(remote, command).await,
         Command::Send(args) => client::send(args).await,
         Command::Export(args) => client::export(args).await,
+        Command::Search(args) => client::search(args).await,
+        Command::Tail(args) => client::tail(args).await,
         Command::Bus {
             command: BusCommand::Read(args),
         } => client::bus_read(args).await,

@@ -309,11 +309,25 @@ async fn property(index: Arc<dyn SearchIndex>, unique: &str, strict_types: bool)
         let filter = random_filter(&mut rng, 3, strict_types);
         let mut req = request(&team, &collection);
         req.filter = crate::query::parse(&filter).unwrap();
-        assert_eq!(
-            ids(index.as_ref(), &req).await,
-            expected(&req, &docs),
-            "filter {filter:?} selects different events (REWIND_PROPTEST_SEED={seed})"
-        );
+        let (got, want) = (ids(index.as_ref(), &req).await, expected(&req, &docs));
+        if got != want {
+            let extra: Vec<_> = got.iter().filter(|i| !want.contains(i)).collect();
+            let missing: Vec<_> = want.iter().filter(|i| !got.contains(i)).collect();
+            let payload = |id: &String| {
+                docs.iter()
+                    .find(|d| &d.id == id)
+                    .map(|d| String::from_utf8_lossy(&d.payload).into_owned())
+            };
+            panic!(
+                "filter {filter:?} selects different events (REWIND_PROPTEST_SEED={seed}): \
+                 {} extra, e.g. {:?}; {} missing, e.g. {:?}; order differs: {}",
+                extra.len(),
+                extra.first().and_then(|i| payload(i)),
+                missing.len(),
+                missing.first().and_then(|i| payload(i)),
+                extra.is_empty() && missing.is_empty()
+            );
+        }
     }
 }
 

@@ -11,8 +11,10 @@
 //!
 //! Filters are translated to Meilisearch's syntax, and every hit is checked again with the
 //! shared evaluator, so results never include an event the filter does not select. Where
-//! Meilisearch's own rules are narrower (it compares `<`/`>` on numbers only, so `"100" > 99`
-//! on a string field does not match), an event can be missing; `docs/query.md` lists these.
+//! Meilisearch reads a condition more broadly (text equality ignores case) or cannot express
+//! it (`<`/`>` on text), the translation selects a superset and never negates it. Where its
+//! rules are narrower (`"100" > 99` on a field holding numbers as strings does not match), an
+//! event can be missing; `docs/query.md` lists these.
 
 use std::collections::HashSet;
 use std::sync::Mutex;
@@ -154,12 +156,16 @@ fn translate_exact(expr: &Expr) -> (Option<String>, bool) {
             _ => (None, false),
         },
         Expr::Exists(path) => (Some(format!("{} EXISTS", attribute(path))), true),
-        Expr::Cmp(path, CmpOp::Eq, lit) => {
-            (Some(format!("{} = {}", attribute(path), value(lit))), true)
-        }
-        Expr::Cmp(path, CmpOp::Ne, lit) => {
+        // Meilisearch compares text case-insensitively: `= "Beta"` also finds "beta", a
+        // superset that may not be negated. Numbers compare exactly.
+        Expr::Cmp(path, CmpOp::Eq, lit) => (
+            Some(format!("{} = {}", attribute(path), value(lit))),
+            lit.number.is_some(),
+        ),
+        Expr::Cmp(path, CmpOp::Ne, lit) if lit.number.is_some() => {
             (Some(format!("{} != {}", attribute(path), value(lit))), true)
         }
+        Expr::Cmp(_, CmpOp::Ne, _) => (None, false),
         // Meilisearch orders numbers only: a text bound becomes "has the field" (a superset).
         Expr::Cmp(path, _, lit) if lit.number.is_none() => {
             (Some(format!("{} EXISTS", attribute(path))), false)
@@ -174,7 +180,7 @@ fn translate_exact(expr: &Expr) -> (Option<String>, bool) {
                 attribute(path),
                 lits.iter().map(value).collect::<Vec<_>>().join(", ")
             )),
-            true,
+            lits.iter().all(|l| l.number.is_some()),
         ),
     }
 }
