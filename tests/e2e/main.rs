@@ -11,3 +11,4 @@ mod grpc;
 mod ingest;
 mod nats;
 mod s3;
+mod search;

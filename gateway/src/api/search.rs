@@ -1,7 +1,8 @@
 //! Searching a collection's events for REST (`GET /v1/collections/{id}/events`), gRPC
-//! (`SearchService.Search`) and the CLI: the index answers for its hot window; the part of the
-//! asked time range that lies before the window is read from the archive, transparently, and
-//! the answer says which sources it used.
+//! (`SearchService.Search`) and the CLI: the index answers for its hot window; when the caller
+//! gives a `from` before the window, that part of the range is read from the archive,
+//! transparently, and the answer says which sources it used. Without `from` a search covers
+//! the window only (a search for a rare event must not scan years of archive by accident).
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
@@ -58,6 +59,15 @@ pub async fn search(state: &AppState, request: SearchRequest, limit_capped: bool
     };
     let mut used_index = false;
     let mut page = SearchPage::default();
+    if request.from == i64::MIN && upper <= index_from {
+        // Past the window with no `from`: nothing to search.
+        return Ok(Outcome {
+            page,
+            source: Source::Index,
+            index_from,
+            limit_capped,
+        });
+    }
     if upper > index_from.max(request.from) {
         let mut r = request.clone();
         r.from = request.from.max(index_from);
@@ -69,7 +79,7 @@ pub async fn search(state: &AppState, request: SearchRequest, limit_capped: bool
             )
         })?;
         used_index = true;
-        if page.next_cursor.is_some() || request.from >= index_from {
+        if page.next_cursor.is_some() || request.from >= index_from || request.from == i64::MIN {
             return Ok(Outcome {
                 page,
                 source: Source::Index,
