@@ -13,6 +13,7 @@ pub mod ids;
 pub mod ingest;
 pub mod meta;
 pub mod metrics;
+pub mod plugins;
 pub mod proto;
 pub mod query;
 pub mod search;

@@ -86,6 +86,8 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         config.dedupe_window,
         config.dedupe_max_keys,
     ));
+    let plugins = crate::plugins::host::PluginHost::new(Default::default())
+        .context("cannot start the WASM plugin host")?;
     let ingest = Ingestor::new(
         bus.clone(),
         config.limits.clone(),
@@ -102,6 +104,12 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         }
     }
     let archive_store = crate::archive::store::open(&config.archive)?;
+    let pipelines = Arc::new(crate::plugins::pipeline::Pipelines::new(
+        plugins.clone(),
+        meta.clone(),
+        archive_store.clone(),
+    ));
+    let ingest = ingest.with_pipelines(pipelines.clone());
     let instance = load_or_create_instance_id(&config.data_dir)?;
     // Leftovers of this instance's previous life (an upload it never registered, inputs a
     // compaction had replaced but not deleted) go before its archiver writes anything new.
@@ -193,8 +201,32 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
             }
         });
     }
-    let search = start_search(&config, &bus, &meta, &instance, shutdown_rx_for_search(&archiver_stop)).await?;
+    let search = start_search(
+        &config,
+        &bus,
+        &meta,
+        &instance,
+        shutdown_rx_for_search(&archiver_stop),
+    )
+    .await?;
+    // Destinations that publish to NATS use a connection of their own to the bus's server.
+    let nats = match &config.bus {
+        BusConfig::Nats { url } => Some(
+            async_nats::ConnectOptions::new()
+                .retry_on_initial_connect()
+                .name("rewind-destinations")
+                .connect(url.as_str())
+                .await
+                .context("cannot set up the NATS connection for destinations")?,
+        ),
+        BusConfig::Local => None,
+    };
     let state = Arc::new(AppState {
+        plugins,
+        pipelines,
+        allow_private_destinations: config.allow_private_destinations,
+        destination_http: crate::plugins::net::client(config.allow_private_destinations),
+        nats,
         archive: archive_store,
         archive_status,
         search: search.service,
@@ -241,7 +273,10 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
             "the archiver did not finish in the grace period; the bus redelivers what it held"
         );
     }
-    if tokio::time::timeout(grace, search.indexer_task).await.is_err() {
+    if tokio::time::timeout(grace, search.indexer_task)
+        .await
+        .is_err()
+    {
         tracing::warn!(
             "the indexer did not finish in the grace period; the bus redelivers what it held"
         );
@@ -277,7 +312,7 @@ async fn start_search(
                 &config.data_dir.join("search"),
                 &crate::search::embedded::EmbeddedOptions {
                     writer_memory_bytes: config.search_memory_bytes,
-                    writer_threads: 1,
+                    ..Default::default()
                 },
             )?;
             // One index per gateway: with a shared bus each gateway reads every event.

@@ -512,3 +512,70 @@ impl Drop for Garage {
         self.stop();
     }
 }
+
+/// The `meilisearch` server binary for fault tests: `REWIND_TEST_MEILI_BIN`, else one on
+/// `PATH`; `None` when there is none (no registry ships it; see docs/benchmarks.md).
+pub fn meili_bin() -> Option<PathBuf> {
+    if let Ok(p) = std::env::var("REWIND_TEST_MEILI_BIN") {
+        return Some(PathBuf::from(p));
+    }
+    std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|d| d.join("meilisearch"))
+            .find(|p| p.is_file())
+    })
+}
+
+/// A Meilisearch server of the test's own on a loopback port, with a master key.
+pub struct Meili {
+    pub port: u16,
+    pub key: String,
+    child: Option<Child>,
+    dir: tempfile::TempDir,
+    bin: PathBuf,
+}
+
+impl Meili {
+    pub fn start_on(bin: PathBuf, port: u16) -> Meili {
+        let mut m = Meili {
+            port,
+            key: "rewind-test-master-key-0123456789".into(),
+            child: None,
+            dir: tempfile::tempdir().unwrap(),
+            bin,
+        };
+        m.spawn();
+        m
+    }
+
+    fn spawn(&mut self) {
+        let child = Command::new(&self.bin)
+            .args(["--http-addr", &format!("127.0.0.1:{}", self.port)])
+            .args(["--master-key", &self.key, "--no-analytics"])
+            .arg("--db-path")
+            .arg(self.dir.path().join("db"))
+            .current_dir(self.dir.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start meilisearch");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "meilisearch did not start in 30 s"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Meili {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}

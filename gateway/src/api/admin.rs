@@ -128,9 +128,11 @@ pub const MAX_SEARCH_WINDOW_SECS: i64 = 10 * 366 * 86_400;
 
 fn validate_search_window(secs: Option<i64>) -> Result<(), ApiError> {
     match secs {
-        Some(s) if !(0..=MAX_SEARCH_WINDOW_SECS).contains(&s) => Err(ApiError::bad_request(format!(
-            "`search_window_secs` must be between 0 (index nothing) and {MAX_SEARCH_WINDOW_SECS} (ten years), or null for the gateway's default"
-        ))),
+        Some(s) if !(0..=MAX_SEARCH_WINDOW_SECS).contains(&s) => {
+            Err(ApiError::bad_request(format!(
+                "`search_window_secs` must be between 0 (index nothing) and {MAX_SEARCH_WINDOW_SECS} (ten years), or null for the gateway's default"
+            )))
+        }
         _ => Ok(()),
     }
 }

@@ -187,6 +187,15 @@ impl From<IngestError> for ApiError {
                 err.retry_after = Some(Duration::from_secs(1));
                 err
             }
+            IngestError::Pipeline(_) => {
+                let mut err = ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "pipeline_unavailable",
+                    e.to_string(),
+                );
+                err.retry_after = Some(Duration::from_secs(1));
+                err
+            }
             IngestError::Bus(BusError::Rejected(m)) => {
                 ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "rejected", m)
             }

@@ -175,9 +175,8 @@ impl CollectionService for Grpc {
         request: Request<pb::CreateCollectionRequest>,
     ) -> Result<Response<pb::Collection>, Status> {
         let who = self.principal(&request).await?;
-        let c =
-            admin::create_collection(self.0.meta.as_ref(), &who, &request.get_ref().name, None)
-                .await?;
+        let c = admin::create_collection(self.0.meta.as_ref(), &who, &request.get_ref().name, None)
+            .await?;
         Ok(Response::new(collection_pb(c)))
     }
 
@@ -373,11 +372,15 @@ impl SearchService for Grpc {
         let collection =
             admin::get_collection(self.0.meta.as_ref(), &caller.team_id, &r.collection).await?;
         let filter = super::rest::parse_filter(opt(&r.filter))?;
-        let q = opt(&r.q).filter(|q| !q.trim().is_empty()).map(str::to_string);
+        let q = opt(&r.q)
+            .filter(|q| !q.trim().is_empty())
+            .map(str::to_string);
         let rx = super::search::tail(&self.0, &caller.team_id, &collection.id, filter, q).await?;
         let out = tokio_stream::wrappers::ReceiverStream::new(rx).map(|item| match item {
             Ok(e) => Ok(event_pb(e)),
-            Err(e) => Err(Status::unavailable(format!("the bus stopped: {e}; follow again"))),
+            Err(e) => Err(Status::unavailable(format!(
+                "the bus stopped: {e}; follow again"
+            ))),
         });
         Ok(Response::new(Box::pin(out)))
     }

@@ -5,6 +5,7 @@
 pub mod admin;
 pub mod error;
 pub mod grpc;
+pub mod plugins;
 pub mod rest;
 pub mod search;
 
@@ -34,6 +35,12 @@ pub struct AppState {
     pub search: crate::search::SearchService,
     /// The gRPC decode limit (bytes), the same as the REST body limit.
     pub max_message_bytes: usize,
+    /// The WASM plugin host, and what destinations may reach.
+    pub plugins: Arc<crate::plugins::host::PluginHost>,
+    pub pipelines: Arc<crate::plugins::pipeline::Pipelines>,
+    pub allow_private_destinations: bool,
+    pub destination_http: reqwest::Client,
+    pub nats: Option<async_nats::Client>,
 }
 
 /// REST and gRPC on one router.

@@ -48,6 +48,30 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/collections/{id}/export", get(export))
         .route("/v1/collections/{id}/tail", get(tail))
         .route("/v1/collections/{id}/schema", get(schema))
+        .route(
+            "/v1/collections/{id}/pipeline",
+            get(super::plugins::get_pipeline).put(super::plugins::put_pipeline),
+        )
+        .route(
+            "/v1/plugins",
+            post(super::plugins::upload).get(super::plugins::list),
+        )
+        .route(
+            "/v1/plugins/{id}",
+            get(super::plugins::get).delete(super::plugins::delete),
+        )
+        .route(
+            "/v1/destinations",
+            post(super::plugins::create_destination).get(super::plugins::list_destinations),
+        )
+        .route(
+            "/v1/destinations/{id}",
+            get(super::plugins::get_destination).delete(super::plugins::delete_destination),
+        )
+        .route(
+            "/v1/destinations/{id}/test",
+            post(super::plugins::test_destination),
+        )
         // Bodies are read by the handlers with their own limit and error message.
         .layer(DefaultBodyLimit::disable())
         .fallback(not_found)
@@ -208,12 +232,25 @@ async fn readyz(State((state, _)): St) -> Response {
 
 /// The index is behind when the indexer has an error or more than a few messages to catch up.
 fn search_error_is_some_or_lag(state: &AppState, lag: u64) -> bool {
-    state.search.status.last_error.lock().expect("lock").is_some() || lag > 100
+    state
+        .search
+        .status
+        .last_error
+        .lock()
+        .expect("lock")
+        .is_some()
+        || lag > 100
 }
 
 async fn metrics(State((state, _)): St) -> Response {
     let search = state.search.index.health().await;
-    let search_ok = state.search.status.last_error.lock().expect("lock").is_none();
+    let search_ok = state
+        .search
+        .status
+        .last_error
+        .lock()
+        .expect("lock")
+        .is_none();
     state
         .metrics
         .search_ready
@@ -348,8 +385,8 @@ async fn patch_collection(
     Path(id): Path<String>,
     JsonBody(body): JsonBody<CollectionPatch>,
 ) -> Result<Json<Value>, ApiError> {
-    let c = admin::set_search_window(state.meta.as_ref(), &who, &id, body.search_window_secs)
-        .await?;
+    let c =
+        admin::set_search_window(state.meta.as_ref(), &who, &id, body.search_window_secs).await?;
     state.search.windows.set(&c.id, c.search_window_secs);
     Ok(Json(collection_json(&c)))
 }
@@ -374,7 +411,10 @@ async fn get_collection(
 /// Reads a body of at most `limit` bytes. An oversized body is still read (and discarded) up to
 /// a cap, so the client, which is usually still sending, reliably receives the 413 instead of
 /// a connection reset; `None` means "too large".
-async fn read_body_limited(body: Body, limit: usize) -> Result<Option<bytes::Bytes>, ApiError> {
+pub(super) async fn read_body_limited(
+    body: Body,
+    limit: usize,
+) -> Result<Option<bytes::Bytes>, ApiError> {
     use http_body_util::BodyExt;
     let drain_cap = limit.saturating_mul(4).max(64 << 20);
     let mut body = body;
@@ -567,9 +607,10 @@ pub(crate) fn search_request(
     }
     let cursor = match cursor {
         None | Some("") => None,
-        Some(c) => Some(crate::search::Cursor::decode(c).map_err(|m| {
-            ApiError::new(StatusCode::BAD_REQUEST, "invalid_cursor", m)
-        })?),
+        Some(c) => Some(
+            crate::search::Cursor::decode(c)
+                .map_err(|m| ApiError::new(StatusCode::BAD_REQUEST, "invalid_cursor", m))?,
+        ),
     };
     let facet = facet.filter(|f| !f.is_empty()).map(str::to_string);
     let (limit, capped) = super::search::cap_limit(limit);
@@ -599,12 +640,13 @@ async fn search_events(
 ) -> Result<Response, ApiError> {
     let caller = who.require(Scope::Read)?;
     let collection = admin::get_collection(state.meta.as_ref(), &caller.team_id, &id).await?;
-    let limit = match p.limit.as_deref() {
-        None | Some("") => None,
-        Some(l) => Some(l.parse::<usize>().map_err(|_| {
-            ApiError::bad_request(format!("`limit` {l:?} is not a whole number"))
-        })?),
-    };
+    let limit =
+        match p.limit.as_deref() {
+            None | Some("") => None,
+            Some(l) => Some(l.parse::<usize>().map_err(|_| {
+                ApiError::bad_request(format!("`limit` {l:?} is not a whole number"))
+            })?),
+        };
     let (request, capped) = search_request(
         &caller.team_id,
         &collection.id,
@@ -620,7 +662,14 @@ async fn search_events(
     let limit = request.limit;
     let outcome = super::search::search(&state, request, capped).await?;
     // Events are written as export lines (payload bytes verbatim), the rest with serde.
-    let mut body = Vec::with_capacity(256 + outcome.page.events.iter().map(|e| e.payload.len() + 96).sum::<usize>());
+    let mut body = Vec::with_capacity(
+        256 + outcome
+            .page
+            .events
+            .iter()
+            .map(|e| e.payload.len() + 96)
+            .sum::<usize>(),
+    );
     body.extend_from_slice(b"{\"events\":[");
     for (i, e) in outcome.page.events.iter().enumerate() {
         if i > 0 {
@@ -645,9 +694,8 @@ async fn search_events(
             "values": values.iter().map(|(v, n)| json!({"value": v, "count": n})).collect::<Vec<_>>(),
         });
     }
-    let tail = serde_json::to_vec(&tail).map_err(|e| {
-        ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string())
-    })?;
+    let tail = serde_json::to_vec(&tail)
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))?;
     body.extend_from_slice(&tail[1..]);
     Ok(([(header::CONTENT_TYPE, "application/json")], body).into_response())
 }
@@ -671,10 +719,16 @@ async fn tail(
     let filter = parse_filter(p.filter.as_deref())?;
     let q = p.q.filter(|q| !q.trim().is_empty());
     let rx = super::search::tail(&state, &caller.team_id, &collection.id, filter, q).await?;
-    let lines = futures::StreamExt::map(tokio_stream::wrappers::ReceiverStream::new(rx), |item| match item {
-        Ok(e) => Ok::<_, std::io::Error>(bytes::Bytes::from(crate::archive::read::export_line(&e))),
-        Err(e) => Err(std::io::Error::other(e)),
-    });
+    let lines =
+        futures::StreamExt::map(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+            |item| match item {
+                Ok(e) => Ok::<_, std::io::Error>(bytes::Bytes::from(
+                    crate::archive::read::export_line(&e),
+                )),
+                Err(e) => Err(std::io::Error::other(e)),
+            },
+        );
     Ok((
         [
             (header::CONTENT_TYPE, "application/x-ndjson"),

@@ -7,7 +7,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 
-use super::{AppState, ApiError};
+use super::{ApiError, AppState};
 use crate::archive::read::ArchivedEvent;
 use crate::search::{Cursor, MAX_FACET_VALUES, MAX_LIMIT, SearchPage, SearchRequest};
 
@@ -51,7 +51,11 @@ pub fn cap_limit(limit: Option<usize>) -> (usize, bool) {
 }
 
 /// Runs a search (the request already names the caller's team and a collection it owns).
-pub async fn search(state: &AppState, request: SearchRequest, limit_capped: bool) -> Result<Outcome, ApiError> {
+pub async fn search(
+    state: &AppState,
+    request: SearchRequest,
+    limit_capped: bool,
+) -> Result<Outcome, ApiError> {
     let index_from = state.search.windows.cutoff(&request.collection_id);
     let upper = match &request.cursor {
         Some(c) => request.to.min(c.received_at.saturating_add(1)),
@@ -103,7 +107,8 @@ pub async fn search(state: &AppState, request: SearchRequest, limit_capped: bool
         });
     }
     if let Some(archive_facets) = facets {
-        let mut total: HashMap<String, u64> = page.facets.take().unwrap_or_default().into_iter().collect();
+        let mut total: HashMap<String, u64> =
+            page.facets.take().unwrap_or_default().into_iter().collect();
         for (v, n) in archive_facets {
             *total.entry(v).or_default() += n;
         }
@@ -196,17 +201,13 @@ pub async fn tail(
     filter: Option<crate::query::Expr>,
     q: Option<String>,
 ) -> Result<tokio::sync::mpsc::Receiver<Result<ArchivedEvent, String>>, ApiError> {
-    let mut follow = state
-        .bus
-        .tail(team_id, collection_id)
-        .await
-        .map_err(|e| {
-            ApiError::new(
-                http::StatusCode::SERVICE_UNAVAILABLE,
-                "bus_unavailable",
-                format!("cannot follow the collection: {e}; retry shortly"),
-            )
-        })?;
+    let mut follow = state.bus.tail(team_id, collection_id).await.map_err(|e| {
+        ApiError::new(
+            http::StatusCode::SERVICE_UNAVAILABLE,
+            "bus_unavailable",
+            format!("cannot follow the collection: {e}; retry shortly"),
+        )
+    })?;
     let request = SearchRequest {
         team_id: team_id.to_string(),
         collection_id: collection_id.to_string(),
@@ -234,7 +235,9 @@ pub async fn tail(
                             content_type: e.content_type,
                             payload: e.payload,
                         };
-                        if crate::search::selects(&request, &event) && tx.send(Ok(event)).await.is_err() {
+                        if crate::search::selects(&request, &event)
+                            && tx.send(Ok(event)).await.is_err()
+                        {
                             return;
                         }
                     }

@@ -28,6 +28,9 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use rewind_gateway::proto::v1 as pb;
 
+#[path = "search_bench.rs"]
+mod search_bench;
+
 #[derive(Parser)]
 struct Args {
     /// Seconds per scenario.
@@ -58,6 +61,17 @@ struct Args {
     /// `--archive-flush-secs` of this value, for `--secs` under a background load.
     #[arg(long)]
     archive_latency_flush_secs: Option<u64>,
+    /// Search benchmark only: index this many events into the embedded index, then measure
+    /// searches through the API over them, and ack → searchable for `--secs`.
+    #[arg(long)]
+    search_events: Option<usize>,
+    /// Queries per search scenario.
+    #[arg(long, default_value_t = 200)]
+    search_queries: usize,
+    /// Search benchmark: also compare Rewind's API with Meilisearch at this URL (key from
+    /// REWIND_MEILI_KEY).
+    #[arg(long)]
+    meili: Option<String>,
 }
 
 /// Ack → visible in export: a probe event every 100 ms under a background load of 10,000
@@ -413,11 +427,38 @@ fn event(i: usize, size: usize) -> String {
 struct Gateway {
     child: Child,
     port: u16,
-    _dir: tempfile::TempDir,
+    dir: Option<tempfile::TempDir>,
 }
 
 impl Gateway {
     async fn start(extra: &[&str]) -> anyhow::Result<Gateway> {
+        Self::start_full(tempfile::tempdir()?, extra, &[]).await
+    }
+
+    async fn start_env(extra: &[&str], env: &[(&str, &str)]) -> anyhow::Result<Gateway> {
+        Self::start_full(tempfile::tempdir()?, extra, env).await
+    }
+
+    /// Starts on an existing data dir (e.g. one a stopped gateway left).
+    async fn start_in(dir: tempfile::TempDir, extra: &[&str]) -> anyhow::Result<Gateway> {
+        Self::start_full(dir, extra, &[]).await
+    }
+
+    /// SIGTERM, wait, and hand back the data dir.
+    fn stop(mut self) -> anyhow::Result<tempfile::TempDir> {
+        Command::new("kill")
+            .arg("-TERM")
+            .arg(self.child.id().to_string())
+            .status()?;
+        self.child.wait()?;
+        self.dir.take().context("data dir")
+    }
+
+    async fn start_full(
+        dir: tempfile::TempDir,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> anyhow::Result<Gateway> {
         let exe = std::env::current_exe()?.with_file_name("rewind");
         if !exe.exists() {
             bail!(
@@ -425,7 +466,6 @@ impl Gateway {
                 exe.display()
             );
         }
-        let dir = tempfile::tempdir()?;
         let port = std::net::TcpListener::bind("127.0.0.1:0")?
             .local_addr()?
             .port();
@@ -442,13 +482,14 @@ impl Gateway {
             .args(extra)
             .env("REWIND_ROOT_TOKEN", ROOT)
             .env("RUST_LOG", "warn")
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
             .spawn()?;
         let gw = Gateway {
             child,
             port,
-            _dir: dir,
+            dir: Some(dir),
         };
         let http = reqwest::Client::new();
         let deadline = Instant::now() + Duration::from_secs(20);
@@ -806,6 +847,16 @@ async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     if let Some(events) = args.archive_events {
         return archive_bench(events, args.event_bytes).await;
+    }
+    if let Some(events) = args.search_events {
+        return search_bench::run(
+            events,
+            args.search_queries,
+            args.event_bytes,
+            args.secs,
+            args.meili.clone(),
+        )
+        .await;
     }
     if let Some(flush) = args.archive_latency_flush_secs {
         return archive_latency_bench(flush, args.secs, args.event_bytes).await;

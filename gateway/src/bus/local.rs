@@ -629,9 +629,11 @@ impl Bus for LocalBus {
             .first()
             .map_or(0, |s| s.base);
         let committed = self.read_committed(name)?.max(oldest);
-        Ok(Box::new(LocalConsumer {
+        let offset_path = self.consumer_offset_path(name);
+        let new_consumer = !offset_path.exists();
+        let mut consumer = LocalConsumer {
             name: name.into(),
-            offset_path: self.consumer_offset_path(name),
+            offset_path,
             shared: self.shared.clone(),
             reading: Arc::new(Mutex::new((
                 LogReader::new(self.shared.clone(), committed),
@@ -642,7 +644,22 @@ impl Bus for LocalBus {
             saved: committed,
             acked: BTreeSet::new(),
             last_save: Instant::now(),
-        }))
+        };
+        // A consumer exists from its first open: its offset file is written at once, so
+        // retention keeps what it has not read and `/readyz` reports its lag before its
+        // first acknowledgement.
+        if new_consumer {
+            consumer.saved = Position::MAX;
+            if let Err(e) = consumer.save() {
+                self.shared
+                    .open_consumers
+                    .lock()
+                    .expect("lock")
+                    .remove(name);
+                return Err(e);
+            }
+        }
+        Ok(Box::new(consumer))
     }
 
     async fn health(&self) -> BusHealth {

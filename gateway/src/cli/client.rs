@@ -8,8 +8,8 @@ use anyhow::{Context, anyhow, bail};
 use serde_json::{Value, json};
 
 use super::{
-    BusForgetArgs, BusReadArgs, CollectionCommand, ExportArgs, Remote, SearchArgs, SendArgs, TailArgs, TeamCommand,
-    TokenCommand,
+    BusForgetArgs, BusReadArgs, CollectionCommand, ExportArgs, Remote, SearchArgs, SendArgs,
+    TailArgs, TeamCommand, TokenCommand,
 };
 
 struct Client {
@@ -371,7 +371,10 @@ pub async fn search(args: SearchArgs) -> anyhow::Result<()> {
         }
         let resp = client
             .http
-            .get(format!("{}/v1/collections/{}/events", client.url, args.collection))
+            .get(format!(
+                "{}/v1/collections/{}/events",
+                client.url, args.collection
+            ))
             .query(&query)
             .bearer_auth(&client.token)
             .send()
@@ -431,7 +434,10 @@ pub async fn tail(args: TailArgs) -> anyhow::Result<()> {
     }
     let resp = client
         .http
-        .get(format!("{}/v1/collections/{}/tail", client.url, args.collection))
+        .get(format!(
+            "{}/v1/collections/{}/tail",
+            client.url, args.collection
+        ))
         .query(&query)
         .bearer_auth(&client.token)
         .timeout(Duration::from_secs(365 * 24 * 3600))
@@ -447,7 +453,10 @@ pub async fn tail(args: TailArgs) -> anyhow::Result<()> {
             .unwrap_or(text);
         bail!("{status}: {message}");
     }
-    eprintln!("rewind tail: following {} (Ctrl-C to stop)", args.collection);
+    eprintln!(
+        "rewind tail: following {} (Ctrl-C to stop)",
+        args.collection
+    );
     let mut stream = resp.bytes_stream();
     while let Some(chunk) = stream.next().await {
         let chunk = chunk.context("the gateway closed the tail; run it again")?;

@@ -47,6 +47,10 @@ pub enum IngestError {
     Overloaded { limit: usize, waited: Duration },
     #[error(transparent)]
     Bus(#[from] BusError),
+    #[error(
+        "the collection's pipeline cannot run: {0}. Nothing from this request was acknowledged; retry shortly"
+    )]
+    Pipeline(String),
 }
 
 /// Room for a request's bytes in the gateway's in-flight budget; released on drop.
@@ -86,9 +90,17 @@ pub struct Ingestor {
     dedupe: Arc<DedupeIndex>,
     metrics: Arc<Metrics>,
     id_field: Option<String>,
+    /// Collections' ingest-time pipelines (transforms before the bus).
+    pipelines: Option<Arc<crate::plugins::pipeline::Pipelines>>,
 }
 
 impl Ingestor {
+    /// Applies collections' pipelines to their events before they are stored.
+    pub fn with_pipelines(mut self, pipelines: Arc<crate::plugins::pipeline::Pipelines>) -> Self {
+        self.pipelines = Some(pipelines);
+        self
+    }
+
     pub fn new(
         bus: Arc<dyn Bus>,
         limits: Limits,
@@ -106,6 +118,7 @@ impl Ingestor {
             dedupe,
             metrics,
             id_field,
+            pipelines: None,
         }
     }
 
@@ -312,6 +325,49 @@ impl Ingestor {
                 drop(reservation);
                 return Ok(ids);
             }
+            // The pipeline runs before anything is stored: failed events go to the dead-letter
+            // collection (appended first, so a dead letter is never lost for an acked event).
+            let new_events = match &self.pipelines {
+                None => new_events,
+                Some(pipelines) => {
+                    let pipeline = match pipelines.get(team_id, collection_id).await {
+                        Ok(p) => p,
+                        Err(e) => {
+                            drop(reservation);
+                            return Err(IngestError::Pipeline(e.to_string()));
+                        }
+                    };
+                    match pipeline {
+                        None => new_events,
+                        Some(pipeline) => {
+                            let (kept, dead) = pipelines.apply(&pipeline, new_events).await;
+                            if !dead.is_empty() {
+                                let batch = match pipelines
+                                    .dead_letter_batch(team_id, collection_id, &dead)
+                                    .await
+                                {
+                                    Ok(b) => b,
+                                    Err(e) => {
+                                        drop(reservation);
+                                        return Err(IngestError::Pipeline(e.to_string()));
+                                    }
+                                };
+                                let message_id =
+                                    message_id(&batch.team_id, &batch.collection_id, &batch.events);
+                                if let Err(e) = self.bus.append(&batch, &message_id).await {
+                                    drop(reservation);
+                                    return Err(IngestError::Bus(e));
+                                }
+                            }
+                            if kept.is_empty() {
+                                reservation.complete(true, received_at);
+                                return Ok(ids);
+                            }
+                            kept
+                        }
+                    }
+                }
+            };
             let bytes: usize = new_events.iter().map(|e| e.payload.len()).sum();
             let count = new_events.len();
             let message_id = message_id(team_id, collection_id, &new_events);

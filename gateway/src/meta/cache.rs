@@ -148,6 +148,61 @@ impl Metastore for CachedMetastore {
         Ok(changed)
     }
 
+    async fn create_plugin(&self, p: &super::PluginRecord) -> Result<(), MetaError> {
+        self.inner.create_plugin(p).await
+    }
+    async fn get_plugin(
+        &self,
+        team_id: &str,
+        r: &str,
+    ) -> Result<Option<super::PluginRecord>, MetaError> {
+        self.inner.get_plugin(team_id, r).await
+    }
+    async fn list_plugins(&self, team_id: &str) -> Result<Vec<super::PluginRecord>, MetaError> {
+        self.inner.list_plugins(team_id).await
+    }
+    async fn delete_plugin(
+        &self,
+        team_id: &str,
+        id: &str,
+    ) -> Result<Result<bool, Vec<String>>, MetaError> {
+        self.inner.delete_plugin(team_id, id).await
+    }
+    async fn get_pipeline(
+        &self,
+        team_id: &str,
+        collection_id: &str,
+    ) -> Result<Option<String>, MetaError> {
+        self.inner.get_pipeline(team_id, collection_id).await
+    }
+    async fn set_pipeline(
+        &self,
+        team_id: &str,
+        collection_id: &str,
+        steps: Option<&str>,
+    ) -> Result<(), MetaError> {
+        self.inner.set_pipeline(team_id, collection_id, steps).await
+    }
+    async fn create_destination(&self, d: &super::DestinationRecord) -> Result<(), MetaError> {
+        self.inner.create_destination(d).await
+    }
+    async fn get_destination(
+        &self,
+        team_id: &str,
+        r: &str,
+    ) -> Result<Option<super::DestinationRecord>, MetaError> {
+        self.inner.get_destination(team_id, r).await
+    }
+    async fn list_destinations(
+        &self,
+        team_id: &str,
+    ) -> Result<Vec<super::DestinationRecord>, MetaError> {
+        self.inner.list_destinations(team_id).await
+    }
+    async fn delete_destination(&self, team_id: &str, id: &str) -> Result<bool, MetaError> {
+        self.inner.delete_destination(team_id, id).await
+    }
+
     async fn all_collections(&self) -> Result<Vec<Collection>, MetaError> {
         self.inner.all_collections().await
     }

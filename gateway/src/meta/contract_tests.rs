@@ -371,6 +371,108 @@ async fn contract_suite(store: &dyn Metastore) {
         store.archive_checkpoints().await.unwrap(),
         vec![(orders_a.id.clone(), 3)]
     );
+
+    plugins_and_destinations(store, &a.id, &b.id, &orders_a.id).await;
+}
+
+async fn plugins_and_destinations(store: &dyn Metastore, a: &str, b: &str, orders_a: &str) {
+    let plugin = PluginRecord {
+        id: new_id("plg"),
+        team_id: a.into(),
+        name: "webhook".into(),
+        version: "1.0.0".into(),
+        kind: "destination".into(),
+        sha256: "ab".repeat(32),
+        bytes: 1234,
+        created_at: now_micros(),
+    };
+    store.create_plugin(&plugin).await.unwrap();
+    // name@version is unique per team, not across teams.
+    let again = PluginRecord {
+        id: new_id("plg"),
+        ..plugin.clone()
+    };
+    assert!(matches!(
+        store.create_plugin(&again).await,
+        Err(MetaError::AlreadyExists { .. })
+    ));
+    store
+        .create_plugin(&PluginRecord {
+            id: new_id("plg"),
+            team_id: b.into(),
+            ..plugin.clone()
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        store.get_plugin(a, &plugin.id).await.unwrap(),
+        Some(plugin.clone())
+    );
+    assert_eq!(
+        store.get_plugin(a, "webhook@1.0.0").await.unwrap(),
+        Some(plugin.clone())
+    );
+    assert_eq!(store.get_plugin(a, "webhook@2.0.0").await.unwrap(), None);
+    // Another team's id is not found.
+    assert_eq!(store.get_plugin(b, &plugin.id).await.unwrap(), None);
+    assert_eq!(store.list_plugins(a).await.unwrap(), vec![plugin.clone()]);
+
+    let dest = DestinationRecord {
+        id: new_id("plg"),
+        team_id: a.into(),
+        name: "crm".into(),
+        plugin_id: plugin.id.clone(),
+        config: r#"{"url":"https://crm.example.com"}"#.into(),
+        created_at: now_micros(),
+    };
+    store.create_destination(&dest).await.unwrap();
+    assert!(
+        store
+            .create_destination(&DestinationRecord {
+                id: new_id("plg"),
+                ..dest.clone()
+            })
+            .await
+            .is_err()
+    );
+    assert_eq!(
+        store.get_destination(a, "crm").await.unwrap(),
+        Some(dest.clone())
+    );
+    assert_eq!(store.get_destination(b, &dest.id).await.unwrap(), None);
+    assert_eq!(
+        store.list_destinations(a).await.unwrap(),
+        vec![dest.clone()]
+    );
+    // A plugin in use is not deleted; once unused it is.
+    assert_eq!(
+        store.delete_plugin(a, &plugin.id).await.unwrap(),
+        Err(vec!["destination crm".to_string()])
+    );
+    assert!(
+        !store.delete_destination(b, &dest.id).await.unwrap(),
+        "another team cannot delete it"
+    );
+    assert!(store.delete_destination(a, &dest.id).await.unwrap());
+    // A pipeline that uses it holds it too.
+    let steps = format!(
+        r#"[{{"plugin_id":"{}","plugin":"webhook@1.0.0","config":{{}}}}]"#,
+        plugin.id
+    );
+    store.set_pipeline(a, orders_a, Some(&steps)).await.unwrap();
+    assert_eq!(
+        store.get_pipeline(a, orders_a).await.unwrap(),
+        Some(steps.clone())
+    );
+    assert_eq!(store.get_pipeline(b, orders_a).await.unwrap(), None);
+    assert_eq!(
+        store.delete_plugin(a, &plugin.id).await.unwrap(),
+        Err(vec!["the pipeline of collection orders".to_string()])
+    );
+    store.set_pipeline(a, orders_a, None).await.unwrap();
+    assert_eq!(store.get_pipeline(a, orders_a).await.unwrap(), None);
+    assert_eq!(store.delete_plugin(a, &plugin.id).await.unwrap(), Ok(true));
+    assert_eq!(store.get_plugin(a, &plugin.id).await.unwrap(), None);
 }
 
 #[tokio::test]

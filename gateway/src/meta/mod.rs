@@ -75,6 +75,32 @@ pub struct StoredColumn {
     pub widened_from: Option<String>,
 }
 
+/// An uploaded plugin: `name@version` of a team, content-addressed by `sha256`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PluginRecord {
+    pub id: String,
+    pub team_id: String,
+    pub name: String,
+    pub version: String,
+    /// `transform`, `destination` or `ingress`.
+    pub kind: String,
+    pub sha256: String,
+    pub bytes: i64,
+    pub created_at: i64,
+}
+
+/// A destination: a destination plugin with its config.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DestinationRecord {
+    pub id: String,
+    pub team_id: String,
+    pub name: String,
+    pub plugin_id: String,
+    /// JSON object.
+    pub config: String,
+    pub created_at: i64,
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum MetaError {
     #[error("{what} {name:?} already exists")]
@@ -184,6 +210,43 @@ pub trait Metastore: Send + Sync {
     /// Every archive path registered under a team/collection (for cleaning up orphans).
     async fn archive_paths(&self, collection_id: &str) -> Result<Vec<String>, MetaError>;
     /// Inferred columns, of one collection or (None) of all.
+    /// Registers an uploaded plugin (`AlreadyExists` for a taken `name@version`).
+    async fn create_plugin(&self, plugin: &PluginRecord) -> Result<(), MetaError>;
+    /// A team's plugin by id or `name@version`.
+    async fn get_plugin(
+        &self,
+        team_id: &str,
+        id_or_ref: &str,
+    ) -> Result<Option<PluginRecord>, MetaError>;
+    async fn list_plugins(&self, team_id: &str) -> Result<Vec<PluginRecord>, MetaError>;
+    /// Deletes a plugin; `Err(names)` lists what still uses it (and nothing is deleted).
+    async fn delete_plugin(
+        &self,
+        team_id: &str,
+        id: &str,
+    ) -> Result<Result<bool, Vec<String>>, MetaError>;
+    async fn create_destination(&self, d: &DestinationRecord) -> Result<(), MetaError>;
+    /// A team's destination by id or name.
+    async fn get_destination(
+        &self,
+        team_id: &str,
+        id_or_name: &str,
+    ) -> Result<Option<DestinationRecord>, MetaError>;
+    async fn list_destinations(&self, team_id: &str) -> Result<Vec<DestinationRecord>, MetaError>;
+    async fn delete_destination(&self, team_id: &str, id: &str) -> Result<bool, MetaError>;
+    /// A collection's pipeline steps (JSON), if it has one.
+    async fn get_pipeline(
+        &self,
+        team_id: &str,
+        collection_id: &str,
+    ) -> Result<Option<String>, MetaError>;
+    /// Sets (or with `None` removes) a collection's pipeline.
+    async fn set_pipeline(
+        &self,
+        team_id: &str,
+        collection_id: &str,
+        steps: Option<&str>,
+    ) -> Result<(), MetaError>;
     async fn collection_columns(
         &self,
         collection_id: Option<&str>,

@@ -9,7 +9,10 @@ use async_trait::async_trait;
 use sqlx::any::{AnyPoolOptions, AnyRow};
 use sqlx::{AnyPool, Row};
 
-use super::{ArchiveFile, Collection, MetaError, Metastore, StoredColumn, Team, TokenRecord};
+use super::{
+    ArchiveFile, Collection, DestinationRecord, MetaError, Metastore, PluginRecord, StoredColumn,
+    Team, TokenRecord,
+};
 use crate::auth::Scopes;
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
@@ -112,6 +115,33 @@ fn collection_from_row(row: &AnyRow) -> Result<Collection, sqlx::Error> {
         search_window_secs: row.try_get("search_window_secs")?,
     })
 }
+
+fn plugin_from_row(row: &AnyRow) -> Result<PluginRecord, sqlx::Error> {
+    Ok(PluginRecord {
+        id: row.try_get("id")?,
+        team_id: row.try_get("team_id")?,
+        name: row.try_get("name")?,
+        version: row.try_get("version")?,
+        kind: row.try_get("kind")?,
+        sha256: row.try_get("sha256")?,
+        bytes: row.try_get("bytes")?,
+        created_at: row.try_get("created_at")?,
+    })
+}
+
+fn destination_from_row(row: &AnyRow) -> Result<DestinationRecord, sqlx::Error> {
+    Ok(DestinationRecord {
+        id: row.try_get("id")?,
+        team_id: row.try_get("team_id")?,
+        name: row.try_get("name")?,
+        plugin_id: row.try_get("plugin_id")?,
+        config: row.try_get("config")?,
+        created_at: row.try_get("created_at")?,
+    })
+}
+
+const PLUGIN_COLUMNS: &str = "id, team_id, name, version, kind, sha256, bytes, created_at";
+const DESTINATION_COLUMNS: &str = "id, team_id, name, plugin_id, config, created_at";
 
 fn archive_file_from_row(row: &AnyRow) -> Result<ArchiveFile, sqlx::Error> {
     Ok(ArchiveFile {
@@ -282,6 +312,196 @@ impl Metastore for SqlMetastore {
         .bind(token_id)
         .execute(&self.pool)
         .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    async fn create_plugin(&self, p: &PluginRecord) -> Result<(), MetaError> {
+        sqlx::query(
+            "INSERT INTO plugins (id, team_id, name, version, kind, sha256, bytes, created_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+        )
+        .bind(&p.id)
+        .bind(&p.team_id)
+        .bind(&p.name)
+        .bind(&p.version)
+        .bind(&p.kind)
+        .bind(&p.sha256)
+        .bind(p.bytes)
+        .bind(p.created_at)
+        .execute(&self.pool)
+        .await
+        .map_err(|e| map_insert_error(e, "plugin", &format!("{}@{}", p.name, p.version)))?;
+        Ok(())
+    }
+
+    async fn get_plugin(
+        &self,
+        team_id: &str,
+        id_or_ref: &str,
+    ) -> Result<Option<PluginRecord>, MetaError> {
+        let (name, version) = id_or_ref.split_once('@').unwrap_or((id_or_ref, ""));
+        let row = sqlx::query(&format!(
+            "SELECT {PLUGIN_COLUMNS} FROM plugins WHERE team_id = $1 AND (id = $2 OR (name = $3 AND version = $4))"
+        ))
+        .bind(team_id)
+        .bind(id_or_ref)
+        .bind(name)
+        .bind(version)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(row.as_ref().map(plugin_from_row).transpose()?)
+    }
+
+    async fn list_plugins(&self, team_id: &str) -> Result<Vec<PluginRecord>, MetaError> {
+        let rows = sqlx::query(&format!(
+            "SELECT {PLUGIN_COLUMNS} FROM plugins WHERE team_id = $1 ORDER BY name, created_at"
+        ))
+        .bind(team_id)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows.iter().map(plugin_from_row).collect::<Result<_, _>>()?)
+    }
+
+    async fn delete_plugin(
+        &self,
+        team_id: &str,
+        id: &str,
+    ) -> Result<Result<bool, Vec<String>>, MetaError> {
+        let mut tx = self.pool.begin().await?;
+        let users: Vec<String> = sqlx::query(
+            "SELECT name FROM destinations WHERE team_id = $1 AND plugin_id = $2 ORDER BY name",
+        )
+        .bind(team_id)
+        .bind(id)
+        .fetch_all(&mut *tx)
+        .await?
+        .iter()
+        .map(|r| {
+            r.try_get::<String, _>("name")
+                .map(|n| format!("destination {n}"))
+        })
+        .collect::<Result<_, _>>()?;
+        let mut users = users;
+        let pattern = format!("%\"plugin_id\":\"{id}\"%");
+        for row in sqlx::query(
+            "SELECT c.name AS name FROM pipelines p JOIN collections c ON c.id = p.collection_id \
+             WHERE p.team_id = $1 AND p.steps LIKE $2 ORDER BY c.name",
+        )
+        .bind(team_id)
+        .bind(&pattern)
+        .fetch_all(&mut *tx)
+        .await?
+        {
+            users.push(format!(
+                "the pipeline of collection {}",
+                row.try_get::<String, _>("name")?
+            ));
+        }
+        if !users.is_empty() {
+            return Ok(Err(users));
+        }
+        let done = sqlx::query("DELETE FROM plugins WHERE team_id = $1 AND id = $2")
+            .bind(team_id)
+            .bind(id)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(Ok(done.rows_affected() == 1))
+    }
+
+    async fn get_pipeline(
+        &self,
+        team_id: &str,
+        collection_id: &str,
+    ) -> Result<Option<String>, MetaError> {
+        let row =
+            sqlx::query("SELECT steps FROM pipelines WHERE team_id = $1 AND collection_id = $2")
+                .bind(team_id)
+                .bind(collection_id)
+                .fetch_optional(&self.pool)
+                .await?;
+        Ok(row.map(|r| r.try_get("steps")).transpose()?)
+    }
+
+    async fn set_pipeline(
+        &self,
+        team_id: &str,
+        collection_id: &str,
+        steps: Option<&str>,
+    ) -> Result<(), MetaError> {
+        let mut tx = self.pool.begin().await?;
+        sqlx::query("DELETE FROM pipelines WHERE team_id = $1 AND collection_id = $2")
+            .bind(team_id)
+            .bind(collection_id)
+            .execute(&mut *tx)
+            .await?;
+        if let Some(steps) = steps {
+            sqlx::query(
+                "INSERT INTO pipelines (collection_id, team_id, steps, updated_at) VALUES ($1, $2, $3, $4)",
+            )
+            .bind(collection_id)
+            .bind(team_id)
+            .bind(steps)
+            .bind(crate::ids::now_micros())
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn create_destination(&self, d: &DestinationRecord) -> Result<(), MetaError> {
+        sqlx::query(
+            "INSERT INTO destinations (id, team_id, name, plugin_id, config, created_at) \
+             VALUES ($1, $2, $3, $4, $5, $6)",
+        )
+        .bind(&d.id)
+        .bind(&d.team_id)
+        .bind(&d.name)
+        .bind(&d.plugin_id)
+        .bind(&d.config)
+        .bind(d.created_at)
+        .execute(&self.pool)
+        .await
+        .map_err(|e| map_insert_error(e, "destination", &d.name))?;
+        Ok(())
+    }
+
+    async fn get_destination(
+        &self,
+        team_id: &str,
+        id_or_name: &str,
+    ) -> Result<Option<DestinationRecord>, MetaError> {
+        let row = sqlx::query(&format!(
+            "SELECT {DESTINATION_COLUMNS} FROM destinations WHERE team_id = $1 AND (id = $2 OR name = $2) \
+             ORDER BY (id = $2) DESC LIMIT 1"
+        ))
+        .bind(team_id)
+        .bind(id_or_name)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(row.as_ref().map(destination_from_row).transpose()?)
+    }
+
+    async fn list_destinations(&self, team_id: &str) -> Result<Vec<DestinationRecord>, MetaError> {
+        let rows = sqlx::query(&format!(
+            "SELECT {DESTINATION_COLUMNS} FROM destinations WHERE team_id = $1 ORDER BY name"
+        ))
+        .bind(team_id)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows
+            .iter()
+            .map(destination_from_row)
+            .collect::<Result<_, _>>()?)
+    }
+
+    async fn delete_destination(&self, team_id: &str, id: &str) -> Result<bool, MetaError> {
+        let done = sqlx::query("DELETE FROM destinations WHERE team_id = $1 AND id = $2")
+            .bind(team_id)
+            .bind(id)
+            .execute(&self.pool)
+            .await?;
         Ok(done.rows_affected() == 1)
     }
 

@@ -90,6 +90,11 @@ mod tests {
         assert!(!m("name"), "keys are not words");
         assert!(!m("ada babbage"));
         assert!(m("  !! "), "no words: everything");
-        assert!(matches("hello", "text/plain", b"oh, Hello there", &serde_json::Value::Null));
+        assert!(matches(
+            "hello",
+            "text/plain",
+            b"oh, Hello there",
+            &serde_json::Value::Null
+        ));
     }
 }

@@ -103,7 +103,13 @@ pub async fn run(index: Arc<dyn SearchIndex>, unique: &str, strict_types: bool) 
         ));
     }
     for i in 0..5i64 {
-        docs.push(doc(&team_a, &users, T0 + i, json!({"type": "signup"}), 100 + i as u64));
+        docs.push(doc(
+            &team_a,
+            &users,
+            T0 + i,
+            json!({"type": "signup"}),
+            100 + i as u64,
+        ));
         docs.push(doc(
             &team_b,
             &orders,
@@ -191,7 +197,10 @@ pub async fn run(index: Arc<dyn SearchIndex>, unique: &str, strict_types: bool) 
             .await
             .is_empty()
     );
-    assert_eq!(ids(index.as_ref(), &request(&team_a, &users)).await.len(), 5);
+    assert_eq!(
+        ids(index.as_ref(), &request(&team_a, &users)).await.len(),
+        5
+    );
 
     // The hot window: everything before T0 + 30 s goes from team A's orders only.
     index
@@ -200,16 +209,25 @@ pub async fn run(index: Arc<dyn SearchIndex>, unique: &str, strict_types: bool) 
         .unwrap();
     let left = ids(index.as_ref(), &request(&team_a, &orders)).await;
     assert_eq!(left, all[..10].to_vec());
-    assert_eq!(ids(index.as_ref(), &request(&team_b, &orders)).await.len(), 5);
+    assert_eq!(
+        ids(index.as_ref(), &request(&team_b, &orders)).await.len(),
+        5
+    );
 
     property(index, unique, strict_types).await;
 }
 
 fn random_payload(rng: &mut StdRng, strict_types: bool) -> Value {
     let mut m = serde_json::Map::new();
-    let words = ["alpha", "beta", "gamma", "delta", "Beta", "100", "7.5", "true"];
+    let words = [
+        "alpha", "beta", "gamma", "delta", "Beta", "100", "7.5", "true",
+    ];
     if rng.random_bool(0.9) {
-        let w = if strict_types { &words[..5] } else { &words[..] };
+        let w = if strict_types {
+            &words[..5]
+        } else {
+            &words[..]
+        };
         m.insert("type".into(), json!(w[rng.random_range(0..w.len())]));
     }
     if rng.random_bool(0.8) {
@@ -250,7 +268,11 @@ fn random_atom(rng: &mut StdRng, strict_types: bool) -> String {
         1 => format!("amount {op} {}.5", n),
         2 => format!(
             "type {} {}",
-            if strict_types { ["=", "!="][rng.random_range(0..2)] } else { op },
+            if strict_types {
+                ["=", "!="][rng.random_range(0..2)]
+            } else {
+                op
+            },
             ["alpha", "beta", "Beta", "100", "gamma", "zeta"][rng.random_range(0..6)]
         ),
         3 => format!(

@@ -44,9 +44,10 @@ const MAX_FACET_DISTINCT: usize = 100_000;
 
 #[derive(Debug, Clone)]
 pub struct EmbeddedOptions {
-    /// Memory tantivy may use for documents not yet written to a segment.
+    /// Memory tantivy may use for documents not yet written to a segment, over all its
+    /// indexing threads (at least 15 MiB per thread).
     pub writer_memory_bytes: usize,
-    /// Indexing threads.
+    /// Indexing threads (default: up to 2, as many as there are cores).
     pub writer_threads: usize,
 }
 
@@ -54,7 +55,7 @@ impl Default for EmbeddedOptions {
     fn default() -> Self {
         Self {
             writer_memory_bytes: 64 << 20,
-            writer_threads: 1,
+            writer_threads: std::thread::available_parallelism().map_or(1, |n| n.get().min(2)),
         }
     }
 }
@@ -161,7 +162,8 @@ impl EmbeddedIndex {
         let writer = index
             .writer_with_num_threads(
                 options.writer_threads.max(1),
-                options.writer_memory_bytes.max(15 << 20) * options.writer_threads.max(1),
+                (options.writer_memory_bytes / options.writer_threads.max(1)).max(15 << 20)
+                    * options.writer_threads.max(1),
             )
             .map_err(|e| {
                 SearchError::Unavailable(format!(
@@ -454,6 +456,23 @@ impl SegmentCollector for FacetSegment {
 }
 
 impl EmbeddedIndex {
+    /// The oldest and newest `received_at` in the index and its live document count (over
+    /// all collections: a density estimate for slicing, not an exact figure).
+    fn time_span(&self, searcher: &tantivy::Searcher) -> (i64, i64, u64) {
+        let (mut oldest, mut newest, mut docs) = (i64::MAX, i64::MIN, 0u64);
+        for seg in searcher.segment_readers() {
+            if seg.num_docs() == 0 {
+                continue;
+            }
+            if let Ok(col) = seg.fast_fields().i64("received_at") {
+                oldest = oldest.min(col.min_value());
+                newest = newest.max(col.max_value());
+                docs += u64::from(seg.num_docs());
+            }
+        }
+        (oldest, newest, docs)
+    }
+
     fn run_search(&self, request: &SearchRequest) -> Result<SearchPage, SearchError> {
         let f = self.fields;
         let searcher = self.reader.searcher();
@@ -512,73 +531,103 @@ impl EmbeddedIndex {
             None => None,
         };
 
-        // Exact: one pass of limit + 1. Superset: pages of candidates, each checked.
+        // Newest first, slice by slice: the query runs on [upper - w, upper) with `w` sized
+        // from the index's density to hold about a page, and widens (×4) until the page is
+        // full or the range is exhausted, so a page costs what is in its slice, not every
+        // match in the collection. Exact: one pass of limit + 1 per slice; superset: pages
+        // of candidates, each checked.
         let want = request.limit + 1;
         let mut events: Vec<ArchivedEvent> = Vec::with_capacity(want);
-        let mut after = cursor;
-        loop {
-            let fetch = if exact { want } else { (want * 4).max(64) };
-            let top = TopDocs::with_limit(fetch).custom_score(move |seg: &SegmentReader| {
-                let ff = seg.fast_fields();
-                let ra = ff
-                    .i64("received_at")
-                    .expect("received_at is a fast field")
-                    .first_or_default_col(0);
-                let hi = ff
-                    .u64("id_hi")
-                    .expect("id_hi is a fast field")
-                    .first_or_default_col(0);
-                let lo = ff
-                    .u64("id_lo")
-                    .expect("id_lo is a fast field")
-                    .first_or_default_col(0);
-                move |doc: DocId| {
-                    let key = (ra.get_val(doc), hi.get_val(doc), lo.get_val(doc));
-                    match after {
-                        Some(c) if key >= c => EXCLUDED,
-                        _ => key,
+        let (oldest, newest, docs) = self.time_span(&searcher);
+        let lower_bound = request.from.max(oldest);
+        let mut upper = to.min(newest.saturating_add(1));
+        // Docs per µs (an empty index has nothing to slice: the loop below does not run).
+        let density = docs as f64 / (newest.saturating_sub(oldest).max(1) as f64);
+        let mut width = ((want as f64 * 2.0 / density.max(1e-12)) as i64).max(1_000_000);
+        let base_query = query;
+        while upper > lower_bound && events.len() < want {
+            let slice_from = upper.saturating_sub(width).max(lower_bound);
+            let query = BooleanQuery::new(vec![
+                (Occur::Must, Box::new(base_query.clone()) as Box<dyn Query>),
+                (
+                    Occur::Must,
+                    Box::new(RangeQuery::new(
+                        Bound::Included(Term::from_field_i64(f.received_at, slice_from)),
+                        Bound::Excluded(Term::from_field_i64(f.received_at, upper)),
+                    )),
+                ),
+            ]);
+            let want = want - events.len();
+            let mut slice_events = Vec::new();
+            let mut after = cursor;
+            loop {
+                let fetch = if exact { want } else { (want * 4).max(64) };
+                let top = TopDocs::with_limit(fetch).custom_score(move |seg: &SegmentReader| {
+                    let ff = seg.fast_fields();
+                    let ra = ff
+                        .i64("received_at")
+                        .expect("received_at is a fast field")
+                        .first_or_default_col(0);
+                    let hi = ff
+                        .u64("id_hi")
+                        .expect("id_hi is a fast field")
+                        .first_or_default_col(0);
+                    let lo = ff
+                        .u64("id_lo")
+                        .expect("id_lo is a fast field")
+                        .first_or_default_col(0);
+                    move |doc: DocId| {
+                        let key = (ra.get_val(doc), hi.get_val(doc), lo.get_val(doc));
+                        match after {
+                            Some(c) if key >= c => EXCLUDED,
+                            _ => key,
+                        }
                     }
-                }
-            });
-            let hits: Vec<(SortKey, DocAddress)> = searcher.search(&query, &top).map_err(internal)?;
-            let fetched = hits.len();
-            let mut last = None;
-            for (key, addr) in hits {
-                if key == EXCLUDED {
-                    last = None;
-                    break;
-                }
-                last = Some(key);
-                let doc: TantivyDocument = searcher.doc(addr).map_err(internal)?;
-                let event = ArchivedEvent {
-                    id: doc
-                        .get_first(f.id)
-                        .and_then(|v| v.as_str())
-                        .unwrap_or_default()
-                        .to_string(),
-                    received_at: key.0,
-                    content_type: doc
-                        .get_first(f.content_type)
-                        .and_then(|v| v.as_str())
-                        .unwrap_or_default()
-                        .to_string(),
-                    payload: Bytes::copy_from_slice(
-                        doc.get_first(f.payload)
-                            .and_then(|v| v.as_bytes())
-                            .unwrap_or_default(),
-                    ),
-                };
-                if exact || super::selects(request, &event) {
-                    events.push(event);
-                    if events.len() == want {
+                });
+                let hits: Vec<(SortKey, DocAddress)> =
+                    searcher.search(&query, &top).map_err(internal)?;
+                let fetched = hits.len();
+                let mut last = None;
+                for (key, addr) in hits {
+                    if key == EXCLUDED {
+                        last = None;
                         break;
                     }
+                    last = Some(key);
+                    let doc: TantivyDocument = searcher.doc(addr).map_err(internal)?;
+                    let event = ArchivedEvent {
+                        id: doc
+                            .get_first(f.id)
+                            .and_then(|v| v.as_str())
+                            .unwrap_or_default()
+                            .to_string(),
+                        received_at: key.0,
+                        content_type: doc
+                            .get_first(f.content_type)
+                            .and_then(|v| v.as_str())
+                            .unwrap_or_default()
+                            .to_string(),
+                        payload: Bytes::copy_from_slice(
+                            doc.get_first(f.payload)
+                                .and_then(|v| v.as_bytes())
+                                .unwrap_or_default(),
+                        ),
+                    };
+                    if exact || super::selects(request, &event) {
+                        slice_events.push(event);
+                        if slice_events.len() == want {
+                            break;
+                        }
+                    }
                 }
+                if exact || slice_events.len() == want || fetched < fetch || last.is_none() {
+                    break;
+                }
+                after = last;
             }
-            if exact || events.len() == want || fetched < fetch || last.is_none() {
-                break;
-            }
-            after = last;
+            events.append(&mut slice_events);
+            upper = slice_from;
+            width = width.saturating_mul(4);
         }
         let mut next_cursor = None;
         if events.len() > request.limit {

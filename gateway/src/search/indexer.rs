@@ -94,7 +94,10 @@ impl HotWindows {
     }
 
     /// Reloads every override from the metastore.
-    pub async fn refresh(&self, meta: &dyn Metastore) -> Result<Vec<crate::meta::Collection>, String> {
+    pub async fn refresh(
+        &self,
+        meta: &dyn Metastore,
+    ) -> Result<Vec<crate::meta::Collection>, String> {
         let all = meta.all_collections().await.map_err(|e| e.to_string())?;
         let map = all
             .iter()

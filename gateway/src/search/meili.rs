@@ -349,11 +349,7 @@ impl SearchIndex for MeiliIndex {
         }
         let filter = clauses.join(" AND ");
         let sort = ["received_at:desc", "id:desc"];
-        let facet_fields: Vec<String> = request
-            .facet
-            .iter()
-            .map(|f| format!("p.{f}"))
-            .collect();
+        let facet_fields: Vec<String> = request.facet.iter().map(|f| format!("p.{f}")).collect();
         let facet_refs: Vec<&str> = facet_fields.iter().map(String::as_str).collect();
         let want = request.limit + 1;
         let page_size = (want * 2).clamp(20, 1000);

@@ -72,7 +72,9 @@ impl Cursor {
     pub fn decode(text: &str) -> Result<Cursor, String> {
         use base64::Engine;
         let bad = || {
-            format!("`cursor` {text:?} is not a cursor this API returned; pass `next_cursor` from the previous page unchanged")
+            format!(
+                "`cursor` {text:?} is not a cursor this API returned; pass `next_cursor` from the previous page unchanged"
+            )
         };
         let raw = base64::engine::general_purpose::URL_SAFE_NO_PAD
             .decode(text)

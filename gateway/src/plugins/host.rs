@@ -1,0 +1,1000 @@
+//! The plugin host: one wasmtime engine (component model, async, pooling allocator, epoch
+//! interruption), uploads validated and compiled once (cache keyed by sha256, compiles
+//! serialized and time-limited), and every call in a fresh store with memory and table limits,
+//! a CPU budget (guest time, measured with epochs), a wall-clock deadline, WASI without
+//! capabilities (no files, no environment, no sockets; stdout/stderr go to the plugin's log),
+//! and only the imports of the plugin's world. A trap or a limit fails that call with a clear
+//! reason, never the gateway; a failing batch is split to find the poison event.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use sha2::Digest;
+use wasmtime::component::{Component, HasSelf, Linker, ResourceTable};
+use wasmtime::{Engine, Store, StoreLimits, StoreLimitsBuilder, Trap, UpdateDeadline};
+use wasmtime_wasi::p2::pipe::MemoryOutputPipe;
+use wasmtime_wasi::{WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
+
+use super::bindings::{destination, ingress, transform};
+use super::{Limits, MAX_UPLOAD_BYTES, PluginError, PluginKind};
+use rewind_plugin_sdk::codec::{BatchReader, BatchWriter, Outcome, OutcomeReader};
+
+/// One epoch tick.
+const TICK: Duration = Duration::from_millis(1);
+/// The guest yields to the executor at least this often (in ticks) while under budget.
+const SLICE_TICKS: u64 = 10;
+/// Most a compile may take before the upload is refused.
+const COMPILE_TIMEOUT: Duration = Duration::from_secs(60);
+/// Bytes of stdout/stderr kept per call (the rest is dropped).
+const LOG_CAPTURE_BYTES: usize = 64 << 10;
+/// Log lines a plugin may write per call through the log import.
+const MAX_LOG_LINES: u32 = 100;
+const MAX_LOG_LINE: usize = 4096;
+/// Compiled components kept in memory.
+const CACHE_ENTRIES: usize = 256;
+/// A transform may return at most this many times its input (plus 64 KiB).
+pub const MAX_OUTPUT_FACTOR: usize = 16;
+
+/// A compiled, validated component, ready to instantiate.
+pub struct Compiled {
+    pub sha256: String,
+    pub kind: PluginKind,
+    pub bytes: usize,
+    pre: Pre,
+}
+
+enum Pre {
+    Transform(transform::TransformPre<HostState>),
+    Destination(destination::DestinationPre<HostState>),
+    Ingress(ingress::IngressPre<HostState>),
+}
+
+/// Per-call state of a store.
+pub struct HostState {
+    wasi: WasiCtx,
+    table: ResourceTable,
+    limits: StoreLimits,
+    /// What the plugin wrote to stdout/stderr in this call.
+    out: MemoryOutputPipe,
+    plugin: String,
+    log_lines: u32,
+    /// When the call started and how long it spent awaiting host I/O (not guest time).
+    started: Instant,
+    io: Duration,
+    cpu: Duration,
+    wall_deadline: Instant,
+    caps: Option<Arc<DestinationCaps>>,
+}
+
+impl WasiView for HostState {
+    fn ctx(&mut self) -> WasiCtxView<'_> {
+        WasiCtxView {
+            ctx: &mut self.wasi,
+            table: &mut self.table,
+        }
+    }
+}
+
+impl HostState {
+    fn write_log(&mut self, level: &str, message: &str) {
+        self.log_lines += 1;
+        if self.log_lines > MAX_LOG_LINES {
+            return;
+        }
+        let message: String = if message.len() > MAX_LOG_LINE {
+            let mut end = MAX_LOG_LINE;
+            while !message.is_char_boundary(end) {
+                end -= 1;
+            }
+            format!("{}…", &message[..end])
+        } else {
+            message.to_string()
+        };
+        match level {
+            "error" => tracing::error!(plugin = %self.plugin, "{message}"),
+            "warn" => tracing::warn!(plugin = %self.plugin, "{message}"),
+            "info" => tracing::info!(plugin = %self.plugin, "{message}"),
+            _ => tracing::debug!(plugin = %self.plugin, "{message}"),
+        }
+    }
+}
+
+macro_rules! impl_log {
+    ($m:ident) => {
+        impl $m::rewind::plugin::log::Host for HostState {
+            async fn log(&mut self, level: $m::rewind::plugin::log::Level, message: String) {
+                use $m::rewind::plugin::log::Level as L;
+                let level = match level {
+                    L::Error => "error",
+                    L::Warn => "warn",
+                    L::Info => "info",
+                    L::Debug => "debug",
+                    L::Trace => "trace",
+                };
+                self.write_log(level, &message);
+            }
+        }
+        impl $m::rewind::plugin::types::Host for HostState {}
+    };
+}
+impl_log!(transform);
+impl_log!(destination);
+impl_log!(ingress);
+
+/// What a destination may reach: set per destination from its config and the operator's
+/// settings. Without it (transforms, ingress) the HTTP and NATS imports are refused.
+#[derive(Clone, Default)]
+pub struct DestinationCaps {
+    /// Hosts outbound HTTP may call (`example.com`, `*.example.com`).
+    pub allow_hosts: Vec<String>,
+    /// `--allow-private-destinations`.
+    pub allow_private: bool,
+    pub http: Option<reqwest::Client>,
+    /// NATS connection and the subjects (NATS wildcards allowed) the destination may publish to.
+    pub nats: Option<async_nats::Client>,
+    pub nats_subjects: Vec<String>,
+}
+
+/// Does a NATS subject match a pattern (`*` one token, `>` the rest)?
+pub fn subject_matches(pattern: &str, subject: &str) -> bool {
+    let mut p = pattern.split('.');
+    let mut s = subject.split('.');
+    loop {
+        match (p.next(), s.next()) {
+            (Some(">"), Some(_)) => return true,
+            (Some("*"), Some(_)) => {}
+            (Some(a), Some(b)) if a == b => {}
+            (None, None) => return true,
+            _ => return false,
+        }
+    }
+}
+
+impl destination::rewind::plugin::http::Host for HostState {
+    async fn send(
+        &mut self,
+        request: destination::rewind::plugin::http::Request,
+    ) -> Result<destination::rewind::plugin::http::Response, String> {
+        let Some(caps) = self.caps.clone() else {
+            return Err("outbound HTTP is not available here".into());
+        };
+        let Some(client) = caps.http.clone() else {
+            return Err("outbound HTTP is not available to this destination".into());
+        };
+        let url = super::net::check_url(&request.url, &caps.allow_hosts, caps.allow_private)?;
+        let method = reqwest::Method::from_bytes(request.method.to_ascii_uppercase().as_bytes())
+            .map_err(|_| format!("invalid HTTP method {:?}", request.method))?;
+        let left = self.wall_deadline.saturating_duration_since(Instant::now());
+        let timeout = request
+            .timeout_ms
+            .map_or(super::net::MAX_REQUEST_TIMEOUT, |ms| {
+                Duration::from_millis(ms.into())
+            })
+            .min(super::net::MAX_REQUEST_TIMEOUT)
+            .min(left);
+        if timeout.is_zero() {
+            return Err("the call's wall-clock deadline has passed".into());
+        }
+        let mut req = client
+            .request(method, url)
+            .timeout(timeout)
+            .body(request.body);
+        for (k, v) in &request.headers {
+            if k.eq_ignore_ascii_case("host") || k.eq_ignore_ascii_case("content-length") {
+                continue;
+            }
+            req = req.header(k.as_str(), v.as_str());
+        }
+        let started = Instant::now();
+        let result = async {
+            let mut resp = req.send().await.map_err(describe_http)?;
+            let status = resp.status().as_u16();
+            let headers = resp
+                .headers()
+                .iter()
+                .filter_map(|(k, v)| Some((k.as_str().to_string(), v.to_str().ok()?.to_string())))
+                .collect();
+            let mut body = Vec::new();
+            while let Some(chunk) = resp.chunk().await.map_err(describe_http)? {
+                let room = super::net::MAX_RESPONSE_BYTES - body.len();
+                body.extend_from_slice(&chunk[..chunk.len().min(room)]);
+                if body.len() >= super::net::MAX_RESPONSE_BYTES {
+                    break;
+                }
+            }
+            Ok(destination::rewind::plugin::http::Response {
+                status,
+                headers,
+                body,
+            })
+        }
+        .await;
+        self.io += started.elapsed();
+        result
+    }
+}
+
+fn describe_http(e: reqwest::Error) -> String {
+    use std::error::Error;
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        text = format!("{text}: {s}");
+        source = s.source();
+    }
+    if e.is_timeout() {
+        format!("timed out: {text}")
+    } else {
+        text
+    }
+}
+
+impl destination::rewind::plugin::nats::Host for HostState {
+    async fn publish(
+        &mut self,
+        subject: String,
+        headers: Vec<(String, String)>,
+        payload: Vec<u8>,
+    ) -> Result<(), String> {
+        let Some(caps) = self.caps.clone() else {
+            return Err("publishing to NATS is not available here".into());
+        };
+        let Some(client) = caps.nats.clone() else {
+            return Err("publishing to NATS is not available to this destination: the gateway has no NATS connection (run it with --bus nats://…)".into());
+        };
+        if !caps
+            .nats_subjects
+            .iter()
+            .any(|p| subject_matches(p, &subject))
+        {
+            return Err(format!(
+                "subject {subject} is not among this destination's subjects ({})",
+                caps.nats_subjects.join(", ")
+            ));
+        }
+        let mut map = async_nats::HeaderMap::new();
+        for (k, v) in &headers {
+            map.insert(k.as_str(), v.as_str());
+        }
+        let started = Instant::now();
+        let left = self.wall_deadline.saturating_duration_since(Instant::now());
+        let r = tokio::time::timeout(left, async {
+            client
+                .publish_with_headers(subject.clone(), map, payload.into())
+                .await
+                .map_err(|e| format!("publish to {subject}: {e}"))?;
+            client
+                .flush()
+                .await
+                .map_err(|e| format!("publish to {subject}: {e}"))
+        })
+        .await
+        .unwrap_or_else(|_| Err(format!("publish to {subject} timed out")));
+        self.io += started.elapsed();
+        r
+    }
+}
+
+/// One event handed to a plugin.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PluginEvent {
+    pub id: String,
+    pub received_at: i64,
+    pub headers: Vec<(String, String)>,
+    pub payload: bytes::Bytes,
+}
+
+/// What a transform made of one input event.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TransformResult {
+    /// Zero or more events (ids are the input's unless the plugin set one).
+    Events(Vec<PluginEvent>),
+    /// The event failed: the plugin's reason, or the call's (trap, limit) when the event
+    /// was isolated as the one that makes the batch fail.
+    Failed(String),
+}
+
+/// What a destination did with one event.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DeliveryResult {
+    Delivered,
+    /// Try again later (after `retry_after` when the receiver said).
+    Retryable {
+        reason: String,
+        retry_after: Option<Duration>,
+    },
+    /// Never deliverable: dead letters.
+    Permanent(String),
+}
+
+/// Host settings.
+#[derive(Debug, Clone)]
+pub struct HostOptions {
+    /// Instances that may exist at once (pooling allocator slots).
+    pub max_instances: u32,
+    /// Largest memory any plugin may be given.
+    pub max_memory_bytes: usize,
+}
+
+impl Default for HostOptions {
+    fn default() -> Self {
+        Self {
+            max_instances: 64,
+            max_memory_bytes: super::MAX_MEMORY_BYTES,
+        }
+    }
+}
+
+/// The shared plugin host.
+pub struct PluginHost {
+    engine: Engine,
+    transform_linker: Linker<HostState>,
+    destination_linker: Linker<HostState>,
+    ingress_linker: Linker<HostState>,
+    cache: Mutex<HashMap<String, Arc<Compiled>>>,
+    compiling: tokio::sync::Semaphore,
+    stop: Arc<AtomicBool>,
+}
+
+impl Drop for PluginHost {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+fn engine_config(opts: &HostOptions, pooling: bool) -> wasmtime::Config {
+    let mut c = wasmtime::Config::new();
+    c.wasm_component_model(true);
+    c.epoch_interruption(true);
+    c.max_wasm_stack(1 << 20);
+    c.async_stack_size(2 << 20);
+
+    if pooling {
+        let mut p = wasmtime::PoolingAllocationConfig::default();
+        p.total_component_instances(opts.max_instances);
+        p.total_core_instances(opts.max_instances * 4);
+        p.total_memories(opts.max_instances * 2);
+        p.total_tables(opts.max_instances * 4);
+        p.total_stacks(opts.max_instances);
+        p.max_memory_size(opts.max_memory_bytes);
+        p.max_memories_per_component(4);
+        p.max_tables_per_component(8);
+        c.allocation_strategy(wasmtime::InstanceAllocationStrategy::Pooling(p));
+    }
+    c
+}
+
+fn linker<F>(engine: &Engine, add_world: F) -> Result<Linker<HostState>, PluginError>
+where
+    F: FnOnce(&mut Linker<HostState>) -> wasmtime::Result<()>,
+{
+    let mut l = Linker::new(engine);
+    wasmtime_wasi::p2::add_to_linker_async(&mut l)
+        .map_err(|e| PluginError::Host(format!("WASI: {e:#}")))?;
+    add_world(&mut l).map_err(|e| PluginError::Host(format!("{e:#}")))?;
+    Ok(l)
+}
+
+impl PluginHost {
+    pub fn new(opts: HostOptions) -> Result<Arc<Self>, PluginError> {
+        // The pooling allocator reserves address space for every slot up front; where that
+        // is refused (a small ulimit -v), fall back to allocating on demand.
+        let engine = match Engine::new(&engine_config(&opts, true)) {
+            Ok(e) => e,
+            Err(e) => {
+                tracing::warn!(error = %e, "pooling allocator unavailable; allocating instances on demand");
+                Engine::new(&engine_config(&opts, false))
+                    .map_err(|e| PluginError::Host(format!("cannot start wasmtime: {e:#}")))?
+            }
+        };
+        let transform_linker = linker(&engine, |l| {
+            transform::Transform::add_to_linker::<_, HasSelf<HostState>>(l, |s| s)
+        })?;
+        let destination_linker = linker(&engine, |l| {
+            destination::Destination::add_to_linker::<_, HasSelf<HostState>>(l, |s| s)
+        })?;
+        let ingress_linker = linker(&engine, |l| {
+            ingress::Ingress::add_to_linker::<_, HasSelf<HostState>>(l, |s| s)
+        })?;
+        let stop = Arc::new(AtomicBool::new(false));
+        {
+            let engine = engine.clone();
+            let stop = stop.clone();
+            std::thread::Builder::new()
+                .name("wasm-epoch".into())
+                .spawn(move || {
+                    while !stop.load(Ordering::Relaxed) {
+                        std::thread::sleep(TICK);
+                        engine.increment_epoch();
+                    }
+                })
+                .map_err(|e| PluginError::Host(format!("epoch thread: {e}")))?;
+        }
+        Ok(Arc::new(Self {
+            engine,
+            transform_linker,
+            destination_linker,
+            ingress_linker,
+            cache: Mutex::default(),
+            compiling: tokio::sync::Semaphore::new(1),
+            stop,
+        }))
+    }
+
+    /// The sha256 (hex) of an upload: its content address.
+    pub fn sha256(bytes: &[u8]) -> String {
+        hex::encode(sha2::Sha256::digest(bytes))
+    }
+
+    /// Validates and compiles an upload (or returns the cached compile of the same bytes):
+    /// WebAssembly, a component, importing nothing beyond WASI 0.2 and its world's
+    /// interfaces, exporting one of the Rewind worlds.
+    pub async fn compile(&self, bytes: &[u8]) -> Result<Arc<Compiled>, PluginError> {
+        if bytes.len() > MAX_UPLOAD_BYTES {
+            return Err(PluginError::TooLarge(bytes.len()));
+        }
+        if bytes.len() < 8 || &bytes[..4] != b"\0asm" {
+            return Err(PluginError::NotWasm);
+        }
+        // Bytes 6..8 are the layer: 0 for a core module, 1 for a component.
+        if bytes[6..8] == [0, 0] {
+            return Err(PluginError::CoreModule);
+        }
+        let sha = Self::sha256(bytes);
+        if let Some(c) = self.cache.lock().expect("lock").get(&sha) {
+            return Ok(c.clone());
+        }
+        // One compile at a time, each with a deadline, off the async workers.
+        let _permit = self
+            .compiling
+            .acquire()
+            .await
+            .map_err(|_| PluginError::Host("the plugin host is shutting down".into()))?;
+        let engine = self.engine.clone();
+        let owned = bytes.to_vec();
+        let job = tokio::task::spawn_blocking(move || Component::new(&engine, &owned));
+        let component = match tokio::time::timeout(COMPILE_TIMEOUT, job).await {
+            Err(_) => return Err(PluginError::CompileTimeout(COMPILE_TIMEOUT)),
+            Ok(Err(e)) => return Err(PluginError::Host(format!("compile task: {e}"))),
+            Ok(Ok(Err(e))) => return Err(PluginError::Invalid(format!("{e:#}"))),
+            Ok(Ok(Ok(c))) => c,
+        };
+        let compiled = Arc::new(self.classify(component, sha.clone(), bytes.len())?);
+        let mut cache = self.cache.lock().expect("lock");
+        if cache.len() >= CACHE_ENTRIES {
+            let victim = cache.keys().next().cloned();
+            if let Some(v) = victim {
+                cache.remove(&v);
+            }
+        }
+        cache.insert(sha, compiled.clone());
+        Ok(compiled)
+    }
+
+    fn classify(
+        &self,
+        component: Component,
+        sha256: String,
+        bytes: usize,
+    ) -> Result<Compiled, PluginError> {
+        let ty = component.component_type();
+        let exports: Vec<String> = ty
+            .exports(&self.engine)
+            .map(|(n, _)| n.to_string())
+            .collect();
+        let has = |n: &str| exports.iter().any(|e| e == n);
+        let kind = if has("transform") && has("init") {
+            PluginKind::Transform
+        } else if has("deliver") && has("init") {
+            PluginKind::Destination
+        } else if has("handle") && has("init") {
+            PluginKind::Ingress
+        } else {
+            let list = if exports.is_empty() {
+                "nothing".to_string()
+            } else {
+                exports.join(", ")
+            };
+            return Err(PluginError::UnknownWorld(list));
+        };
+        let own: &[&str] = match kind {
+            PluginKind::Transform | PluginKind::Ingress => &["log", "types"],
+            PluginKind::Destination => &["log", "types", "http", "nats"],
+        };
+        for (name, _) in ty.imports(&self.engine) {
+            let allowed = if let Some(rest) = name.strip_prefix("wasi:") {
+                rest.contains("@0.2.")
+            } else if let Some(rest) = name.strip_prefix("rewind:plugin/") {
+                let (iface, version) = rest.split_once('@').unwrap_or((rest, ""));
+                own.contains(&iface) && version.starts_with("0.1.")
+            } else {
+                false
+            };
+            if !allowed {
+                return Err(PluginError::ForbiddenImport(name.to_string()));
+            }
+        }
+        let linker = match kind {
+            PluginKind::Transform => &self.transform_linker,
+            PluginKind::Destination => &self.destination_linker,
+            PluginKind::Ingress => &self.ingress_linker,
+        };
+        let pre = linker
+            .instantiate_pre(&component)
+            .map_err(|e| PluginError::Invalid(format!("it cannot be linked: {e:#}")))?;
+        let invalid = |e: wasmtime::Error| {
+            PluginError::Invalid(format!(
+                "its exports do not match the {} world of rewind:plugin@0.1.0: {e:#}",
+                kind.as_str()
+            ))
+        };
+        let pre = match kind {
+            PluginKind::Transform => {
+                Pre::Transform(transform::TransformPre::new(pre).map_err(invalid)?)
+            }
+            PluginKind::Destination => {
+                Pre::Destination(destination::DestinationPre::new(pre).map_err(invalid)?)
+            }
+            PluginKind::Ingress => Pre::Ingress(ingress::IngressPre::new(pre).map_err(invalid)?),
+        };
+        Ok(Compiled {
+            sha256,
+            kind,
+            bytes,
+            pre,
+        })
+    }
+
+    /// A fresh store for one call, with the call's limits.
+    fn store(&self, plugin: &str, limits: &Limits) -> Store<HostState> {
+        let pipe = MemoryOutputPipe::new(LOG_CAPTURE_BYTES);
+        let wasi = WasiCtxBuilder::new()
+            .stdout(pipe.clone())
+            .stderr(pipe.clone())
+            .allow_tcp(false)
+            .allow_udp(false)
+            .allow_ip_name_lookup(false)
+            .build();
+        let state = HostState {
+            wasi,
+            table: ResourceTable::new(),
+            limits: StoreLimitsBuilder::new()
+                .memory_size(limits.memory_bytes)
+                .table_elements(100_000)
+                .instances(16)
+                .tables(16)
+                .memories(4)
+                .trap_on_grow_failure(true)
+                .build(),
+            out: pipe,
+            plugin: plugin.to_string(),
+            log_lines: 0,
+            started: Instant::now(),
+            io: Duration::ZERO,
+            cpu: limits.cpu,
+            wall_deadline: Instant::now() + limits.wall,
+            caps: None,
+        };
+        let mut store = Store::new(&self.engine, state);
+        store.limiter(|s| &mut s.limits);
+        store.set_epoch_deadline(SLICE_TICKS.min(ticks(limits.cpu)));
+        store.epoch_deadline_callback(|ctx| {
+            let s = ctx.data();
+            let guest = s.started.elapsed().saturating_sub(s.io);
+            if guest >= s.cpu {
+                return Ok(UpdateDeadline::Interrupt);
+            }
+            let left = ticks(s.cpu - guest).max(1);
+            Ok(UpdateDeadline::Yield(left.min(SLICE_TICKS)))
+        });
+        store
+    }
+
+    /// Instantiates a plugin and runs its `init` with `config` only: checks a config before
+    /// it is saved.
+    pub async fn init_only(
+        &self,
+        plugin: &Compiled,
+        name: &str,
+        config: &str,
+        limits: &Limits,
+    ) -> Result<(), PluginError> {
+        let mut store = self.store(name, limits);
+        let call = async {
+            let r = match &plugin.pre {
+                Pre::Transform(pre) => {
+                    let i = pre.instantiate_async(&mut store).await;
+                    match i {
+                        Ok(i) => i.call_init(&mut store, config).await,
+                        Err(e) => Err(e),
+                    }
+                }
+                Pre::Destination(pre) => match pre.instantiate_async(&mut store).await {
+                    Ok(i) => i.call_init(&mut store, config).await,
+                    Err(e) => Err(e),
+                },
+                Pre::Ingress(pre) => match pre.instantiate_async(&mut store).await {
+                    Ok(i) => i.call_init(&mut store, config).await,
+                    Err(e) => Err(e),
+                },
+            };
+            match r {
+                Ok(Ok(())) => Ok(()),
+                Ok(Err(reason)) => Err(PluginError::Init(reason)),
+                Err(e) => Err(PluginError::Init(describe(&e, limits))),
+            }
+        };
+        let r = tokio::time::timeout(limits.wall, call)
+            .await
+            .unwrap_or_else(|_| {
+                Err(PluginError::Init(
+                    "init ran past its wall-clock deadline".into(),
+                ))
+            });
+        flush_output(&mut store);
+        r
+    }
+
+    /// Runs a transform over one encoded batch, returning its raw result buffer.
+    pub async fn transform_raw(
+        &self,
+        plugin: &Compiled,
+        name: &str,
+        config: &str,
+        limits: &Limits,
+        batch: Vec<u8>,
+    ) -> Result<Vec<u8>, PluginError> {
+        let Pre::Transform(pre) = &plugin.pre else {
+            return Err(PluginError::Host(format!(
+                "{name} is a {} plugin, not a transform",
+                plugin.kind.as_str()
+            )));
+        };
+        let input = batch.len();
+        let mut store = self.store(name, limits);
+        let call = async {
+            let inst = pre
+                .instantiate_async(&mut store)
+                .await
+                .map_err(|e| PluginError::Call(describe(&e, limits)))?;
+            match inst.call_init(&mut store, config).await {
+                Ok(Ok(())) => {}
+                Ok(Err(reason)) => return Err(PluginError::Init(reason)),
+                Err(e) => return Err(PluginError::Init(describe(&e, limits))),
+            }
+            inst.call_transform(&mut store, &batch)
+                .await
+                .map_err(|e| PluginError::Call(describe(&e, limits)))
+        };
+        let out = match tokio::time::timeout(limits.wall, call).await {
+            Ok(r) => r,
+            Err(_) => Err(PluginError::Call(format!(
+                "the call ran past its wall-clock deadline of {} ms",
+                limits.wall.as_millis()
+            ))),
+        };
+        flush_output(&mut store);
+        let out = out?;
+        let cap = input * MAX_OUTPUT_FACTOR + (64 << 10);
+        if out.len() > cap {
+            return Err(PluginError::BadResult(format!(
+                "it returned {} bytes for {input} bytes in (at most {MAX_OUTPUT_FACTOR}× the input plus 64 KiB)",
+                out.len()
+            )));
+        }
+        Ok(out)
+    }
+
+    /// Runs a transform over events: one result per input event, in order. A call that fails
+    /// as a whole (trap, limit, malformed result) is retried on halves of the batch until the
+    /// events that make it fail are isolated; they fail with the call's reason, their
+    /// neighbours go through. An init failure fails every event with its reason.
+    pub async fn transform(
+        &self,
+        plugin: &Compiled,
+        name: &str,
+        config: &str,
+        limits: &Limits,
+        events: &[PluginEvent],
+    ) -> Vec<TransformResult> {
+        let mut results: Vec<Option<TransformResult>> = vec![None; events.len()];
+        let mut todo: Vec<(usize, usize)> = vec![(0, events.len())];
+        while let Some((lo, hi)) = todo.pop() {
+            if lo >= hi {
+                continue;
+            }
+            let slice = &events[lo..hi];
+            match self
+                .transform_once(plugin, name, config, limits, slice)
+                .await
+            {
+                Ok(rs) => {
+                    for (i, r) in rs.into_iter().enumerate() {
+                        results[lo + i] = Some(r);
+                    }
+                }
+                Err(PluginError::Init(reason)) => {
+                    for r in &mut results[lo..hi] {
+                        *r = Some(TransformResult::Failed(format!(
+                            "plugin init failed: {reason}"
+                        )));
+                    }
+                }
+                Err(e) if hi - lo == 1 => {
+                    results[lo] = Some(TransformResult::Failed(e.to_string()))
+                }
+                Err(_) => {
+                    let mid = lo + (hi - lo) / 2;
+                    todo.push((mid, hi));
+                    todo.push((lo, mid));
+                }
+            }
+        }
+        results
+            .into_iter()
+            .map(|r| r.expect("every event gets a result"))
+            .collect()
+    }
+
+    /// Delivers events through a destination: one result per event, in order. A call that
+    /// fails as a whole is retried on halves of the batch to isolate the events that make it
+    /// fail; a call that ran out of wall-clock time is retryable, any other failure (trap,
+    /// CPU or memory limit, init error) is permanent, with its reason.
+    pub async fn deliver(
+        &self,
+        plugin: &Compiled,
+        name: &str,
+        config: &str,
+        limits: &Limits,
+        caps: Arc<DestinationCaps>,
+        events: &[PluginEvent],
+    ) -> Vec<DeliveryResult> {
+        let mut results: Vec<Option<DeliveryResult>> = vec![None; events.len()];
+        let mut todo: Vec<(usize, usize)> = vec![(0, events.len())];
+        while let Some((lo, hi)) = todo.pop() {
+            if lo >= hi {
+                continue;
+            }
+            match self
+                .deliver_once(plugin, name, config, limits, caps.clone(), &events[lo..hi])
+                .await
+            {
+                Ok(rs) => {
+                    for (i, r) in rs.into_iter().enumerate() {
+                        results[lo + i] = Some(r);
+                    }
+                }
+                Err(e @ PluginError::Init(_)) => {
+                    for r in &mut results[lo..hi] {
+                        *r = Some(DeliveryResult::Permanent(e.to_string()));
+                    }
+                }
+                Err(PluginError::Timeout(reason)) => {
+                    for r in &mut results[lo..hi] {
+                        *r = Some(DeliveryResult::Retryable {
+                            reason: reason.clone(),
+                            retry_after: None,
+                        });
+                    }
+                }
+                Err(e) if hi - lo == 1 => {
+                    results[lo] = Some(DeliveryResult::Permanent(e.to_string()))
+                }
+                Err(_) => {
+                    let mid = lo + (hi - lo) / 2;
+                    todo.push((mid, hi));
+                    todo.push((lo, mid));
+                }
+            }
+        }
+        results
+            .into_iter()
+            .map(|r| r.expect("every event gets a result"))
+            .collect()
+    }
+
+    async fn deliver_once(
+        &self,
+        plugin: &Compiled,
+        name: &str,
+        config: &str,
+        limits: &Limits,
+        caps: Arc<DestinationCaps>,
+        events: &[PluginEvent],
+    ) -> Result<Vec<DeliveryResult>, PluginError> {
+        let Pre::Destination(pre) = &plugin.pre else {
+            return Err(PluginError::Host(format!(
+                "{name} is a {} plugin, not a destination",
+                plugin.kind.as_str()
+            )));
+        };
+        let batch = encode(events);
+        let mut store = self.store(name, limits);
+        store.data_mut().caps = Some(caps);
+        let call = async {
+            let inst = pre
+                .instantiate_async(&mut store)
+                .await
+                .map_err(|e| PluginError::Call(describe(&e, limits)))?;
+            match inst.call_init(&mut store, config).await {
+                Ok(Ok(())) => {}
+                Ok(Err(reason)) => return Err(PluginError::Init(reason)),
+                Err(e) => return Err(PluginError::Init(describe(&e, limits))),
+            }
+            inst.call_deliver(&mut store, &batch)
+                .await
+                .map_err(|e| PluginError::Call(describe(&e, limits)))
+        };
+        let out = match tokio::time::timeout(limits.wall, call).await {
+            Ok(r) => r,
+            Err(_) => Err(PluginError::Timeout(format!(
+                "the delivery ran past its wall-clock deadline of {} ms",
+                limits.wall.as_millis()
+            ))),
+        };
+        flush_output(&mut store);
+        let out = out?;
+        if out.len() != events.len() {
+            return Err(PluginError::BadResult(format!(
+                "{} delivery results for {} events",
+                out.len(),
+                events.len()
+            )));
+        }
+        use destination::rewind::plugin::types::Delivery;
+        Ok(out
+            .into_iter()
+            .map(|d| match d {
+                Delivery::Delivered => DeliveryResult::Delivered,
+                Delivery::Retryable(r) => DeliveryResult::Retryable {
+                    reason: r.reason,
+                    retry_after: r.retry_after_ms.map(|ms| Duration::from_millis(ms.into())),
+                },
+                Delivery::Permanent(f) => DeliveryResult::Permanent(f.reason),
+            })
+            .collect())
+    }
+
+    async fn transform_once(
+        &self,
+        plugin: &Compiled,
+        name: &str,
+        config: &str,
+        limits: &Limits,
+        events: &[PluginEvent],
+    ) -> Result<Vec<TransformResult>, PluginError> {
+        let out = self
+            .transform_raw(plugin, name, config, limits, encode(events))
+            .await?;
+        decode_outcomes(&out, events)
+    }
+}
+
+/// Encodes events as a batch buffer.
+pub fn encode(events: &[PluginEvent]) -> Vec<u8> {
+    let mut w = BatchWriter::with_capacity(events.iter().map(|e| e.payload.len() + 48).sum());
+    for e in events {
+        w.push(
+            &e.id,
+            e.received_at,
+            e.headers.iter().map(|(k, v)| (k.as_str(), v.as_str())),
+            &e.payload,
+        );
+    }
+    w.finish()
+}
+
+/// Decodes a transform's result buffer against its input.
+pub fn decode_outcomes(
+    out: &[u8],
+    events: &[PluginEvent],
+) -> Result<Vec<TransformResult>, PluginError> {
+    let bad = |e: rewind_plugin_sdk::DecodeError| PluginError::BadResult(e.to_string());
+    let reader = OutcomeReader::new(out).map_err(bad)?;
+    if reader.remaining() as usize != events.len() {
+        return Err(PluginError::BadResult(format!(
+            "{} results for {} events",
+            reader.remaining(),
+            events.len()
+        )));
+    }
+    let mut results = Vec::with_capacity(events.len());
+    for (outcome, input) in reader.zip(events) {
+        match outcome.map_err(bad)? {
+            Outcome::Failed(reason) => results.push(TransformResult::Failed(reason.to_string())),
+            Outcome::Events(batch) => {
+                let mut v = Vec::new();
+                for e in batch.events() {
+                    let e = e.map_err(bad)?;
+                    v.push(PluginEvent {
+                        id: if e.id.is_empty() {
+                            input.id.clone()
+                        } else {
+                            e.id.to_string()
+                        },
+                        received_at: input.received_at,
+                        headers: e
+                            .headers()
+                            .map(|(k, v)| (k.to_string(), v.to_string()))
+                            .collect(),
+                        payload: bytes::Bytes::copy_from_slice(e.payload),
+                    });
+                }
+                results.push(TransformResult::Events(v));
+            }
+        }
+    }
+    Ok(results)
+}
+
+/// Checks that a batch buffer decodes (used on what ingress plugins return).
+pub fn decode_batch(buf: &[u8]) -> Result<Vec<(Vec<(String, String)>, bytes::Bytes)>, PluginError> {
+    let reader = BatchReader::new(buf).map_err(|e| PluginError::BadResult(e.to_string()))?;
+    reader
+        .map(|e| {
+            let e = e.map_err(|e| PluginError::BadResult(e.to_string()))?;
+            Ok((
+                e.headers()
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect(),
+                bytes::Bytes::copy_from_slice(e.payload),
+            ))
+        })
+        .collect()
+}
+
+fn ticks(d: Duration) -> u64 {
+    (d.as_millis() as u64).max(1)
+}
+
+/// Whatever the plugin printed goes to its log.
+fn flush_output(store: &mut Store<HostState>) {
+    let s = store.data_mut();
+    let text = s.out.contents();
+    if text.is_empty() {
+        return;
+    }
+    let text = String::from_utf8_lossy(&text).into_owned();
+    for line in text.lines().filter(|l| !l.trim().is_empty()) {
+        s.write_log("info", line);
+    }
+}
+
+/// A call's error, in words a plugin author can act on.
+fn describe(e: &wasmtime::Error, limits: &Limits) -> String {
+    if let Some(trap) = e.downcast_ref::<Trap>() {
+        return match trap {
+            Trap::Interrupt => format!(
+                "the plugin ran past its CPU limit of {} ms (an endless loop?)",
+                limits.cpu.as_millis()
+            ),
+            Trap::StackOverflow => "the plugin overflowed its stack (unbounded recursion?)".into(),
+            // A Rust (or C) plugin keeps its stack in linear memory below its data: running
+            // off it is an out-of-bounds access, not a host stack overflow.
+            Trap::MemoryOutOfBounds => {
+                "the plugin accessed memory out of bounds (an overflow of its own stack, e.g. unbounded recursion, or a bug)".into()
+            }
+            Trap::UnreachableCodeReached => {
+                let root = format!("{e:#}");
+                format!("the plugin trapped (a panic or abort): {}", first_line(&root))
+            }
+            other => format!("the plugin trapped: {other}"),
+        };
+    }
+    let text = format!("{e:#}");
+    if text.contains("forcing trap when growing memory")
+        || text.contains("memory") && text.contains("limit")
+    {
+        return format!(
+            "the plugin exceeded its memory limit of {} MiB",
+            limits.memory_bytes >> 20
+        );
+    }
+    format!("the plugin failed: {}", first_line(&text))
+}
+
+fn first_line(s: &str) -> &str {
+    s.lines().next().unwrap_or(s)
+}
