@@ -30,3 +30,16 @@ CREATE TABLE pipelines (
     steps TEXT NOT NULL,
     updated_at BIGINT NOT NULL
 );
+
+-- Webhook ingress: POST /v1/hooks/<id> runs an ingress plugin and stores its events in a
+-- collection. The id is the secret part of the public URL.
+CREATE TABLE hooks (
+    id TEXT PRIMARY KEY,
+    team_id TEXT NOT NULL,
+    name TEXT NOT NULL,
+    plugin_id TEXT NOT NULL,
+    collection_id TEXT NOT NULL,
+    config TEXT NOT NULL,
+    created_at BIGINT NOT NULL,
+    UNIQUE (team_id, name)
+);

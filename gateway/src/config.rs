@@ -68,7 +68,7 @@ pub struct ServeArgs {
     #[arg(long, env = "REWIND_ARCHIVE_FILE_TARGET_BYTES")]
     pub archive_file_target_bytes: Option<u64>,
     /// Let destination plugins reach loopback and private addresses (local setups, tests).
-    #[arg(long, env = "REWIND_ALLOW_PRIVATE_DESTINATIONS")]
+    #[arg(long, env = "REWIND_ALLOW_PRIVATE_DESTINATIONS", num_args = 0..=1, default_missing_value = "true")]
     pub allow_private_destinations: Option<bool>,
     /// Largest single event, bytes [default: 1048576].
     #[arg(long, env = "REWIND_MAX_EVENT_BYTES")]

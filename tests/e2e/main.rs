@@ -10,5 +10,6 @@ mod durability;
 mod grpc;
 mod ingest;
 mod nats;
+mod plugins;
 mod s3;
 mod search;

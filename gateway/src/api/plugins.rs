@@ -25,6 +25,14 @@ use crate::plugins::{MAX_UPLOAD_BYTES, PluginError, PluginKind};
 
 type St = State<(Arc<AppState>, usize)>;
 
+/// Reading plugins, destinations and pipelines takes `read` or `admin`.
+fn read_or_admin(who: &crate::auth::Principal) -> Result<&crate::auth::TeamCaller, ApiError> {
+    match who.require(Scope::Read) {
+        Ok(c) => Ok(c),
+        Err(_) => Ok(who.require(Scope::Admin)?),
+    }
+}
+
 fn plugin_json(p: &PluginRecord) -> Value {
     json!({
         "id": p.id,
@@ -102,7 +110,9 @@ pub async fn upload(
             "plugin names and versions are 1-64 letters, digits, `_`, `-` or `.`",
         ));
     }
-    let Some(bytes) = super::rest::read_body_limited(body, MAX_UPLOAD_BYTES).await? else {
+    // Oversized uploads are drained (up to 256 MiB) so the client reliably reads the 413.
+    let Some(bytes) = super::rest::read_body_draining(body, MAX_UPLOAD_BYTES, 256 << 20).await?
+    else {
         return Err(plugin_error(PluginError::TooLarge(MAX_UPLOAD_BYTES + 1)));
     };
     let compiled = state.plugins.compile(&bytes).await.map_err(plugin_error)?;
@@ -149,7 +159,7 @@ pub async fn upload(
 }
 
 pub async fn list(State((state, _)): St, Auth(who): Auth) -> Result<Json<Value>, ApiError> {
-    let caller = who.require(Scope::Read)?;
+    let caller = read_or_admin(&who)?;
     let plugins = state.meta.list_plugins(&caller.team_id).await?;
     Ok(Json(
         json!({"plugins": plugins.iter().map(plugin_json).collect::<Vec<_>>()}),
@@ -169,7 +179,7 @@ pub async fn get(
     Auth(who): Auth,
     Path(id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
-    let caller = who.require(Scope::Read)?;
+    let caller = read_or_admin(&who)?;
     Ok(Json(plugin_json(
         &find_plugin(&state, &caller.team_id, &id).await?,
     )))
@@ -325,7 +335,7 @@ pub async fn list_destinations(
     State((state, _)): St,
     Auth(who): Auth,
 ) -> Result<Json<Value>, ApiError> {
-    let caller = who.require(Scope::Read)?;
+    let caller = read_or_admin(&who)?;
     let ds = state.meta.list_destinations(&caller.team_id).await?;
     Ok(Json(
         json!({"destinations": ds.iter().map(|d| destination_json(d, None)).collect::<Vec<_>>()}),
@@ -349,7 +359,7 @@ pub async fn get_destination(
     Auth(who): Auth,
     Path(id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
-    let caller = who.require(Scope::Read)?;
+    let caller = read_or_admin(&who)?;
     let d = find_destination(&state, &caller.team_id, &id).await?;
     let p = state.meta.get_plugin(&caller.team_id, &d.plugin_id).await?;
     Ok(Json(destination_json(&d, p.as_ref())))
@@ -548,7 +558,7 @@ pub async fn get_pipeline(
     Auth(who): Auth,
     Path(id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
-    let caller = who.require(Scope::Read)?;
+    let caller = read_or_admin(&who)?;
     let collection =
         super::admin::get_collection(state.meta.as_ref(), &caller.team_id, &id).await?;
     let specs = state
@@ -558,4 +568,240 @@ pub async fn get_pipeline(
         .map_err(pipeline_error)?
         .unwrap_or_default();
     Ok(Json(pipeline_json(&collection.name, &specs)))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NewHook {
+    name: String,
+    plugin: String,
+    collection: String,
+    #[serde(default)]
+    config: Value,
+}
+
+fn hook_json(h: &crate::meta::HookRecord, plugin: &str, collection: &str) -> Value {
+    json!({
+        "id": h.id,
+        "name": h.name,
+        "url": format!("/v1/hooks/{}", h.id),
+        "plugin": plugin,
+        "collection": collection,
+        "config": serde_json::from_str::<Value>(&h.config).unwrap_or(Value::Null),
+        "created_at": micros_to_rfc3339(h.created_at),
+    })
+}
+
+/// `POST /v1/hooks`: binds a public URL, `POST /v1/hooks/{id}`, to an ingress plugin and a
+/// collection. The id (128 random bits) is the URL's secret; the plugin verifies senders
+/// (e.g. `github-webhook` checks `X-Hub-Signature-256`).
+pub async fn create_hook(
+    State((state, _)): St,
+    Auth(who): Auth,
+    JsonBody(h): JsonBody<NewHook>,
+) -> Result<Response, ApiError> {
+    let caller = who.require(Scope::Admin)?;
+    if !valid_name(&h.name) {
+        return Err(ApiError::bad_request(
+            "hook names are 1-64 letters, digits, `_`, `-` or `.`",
+        ));
+    }
+    let config = match h.config {
+        Value::Null => json!({}),
+        c @ Value::Object(_) => c,
+        _ => return Err(ApiError::bad_request("`config` must be a JSON object")),
+    };
+    let collection =
+        super::admin::get_collection(state.meta.as_ref(), &caller.team_id, &h.collection).await?;
+    let p = find_plugin(&state, &caller.team_id, &h.plugin).await?;
+    if p.kind != PluginKind::Ingress.as_str() {
+        return Err(ApiError::bad_request(format!(
+            "{}@{} is a {} plugin; a hook needs an ingress plugin",
+            p.name, p.version, p.kind
+        )));
+    }
+    let compiled = load(&state, &p).await?;
+    let text = config.to_string();
+    if let Err(e) = state
+        .plugins
+        .init_only(
+            &compiled,
+            &p.name,
+            &text,
+            &PluginKind::Ingress.default_limits(),
+        )
+        .await
+    {
+        return Err(ApiError::bad_request(format!(
+            "the plugin refused its config: {e}"
+        )));
+    }
+    let record = crate::meta::HookRecord {
+        id: format!("hk_{}", hex::encode(rand::random::<[u8; 16]>())),
+        team_id: caller.team_id.clone(),
+        name: h.name,
+        plugin_id: p.id.clone(),
+        collection_id: collection.id.clone(),
+        config: text,
+        created_at: now_micros(),
+    };
+    match state.meta.create_hook(&record).await {
+        Ok(()) => Ok((
+            StatusCode::CREATED,
+            Json(hook_json(
+                &record,
+                &format!("{}@{}", p.name, p.version),
+                &collection.name,
+            )),
+        )
+            .into_response()),
+        Err(MetaError::AlreadyExists { name, .. }) => Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "already_exists",
+            format!("hook {name:?} already exists"),
+        )),
+        Err(e) => Err(e.into()),
+    }
+}
+
+pub async fn list_hooks(State((state, _)): St, Auth(who): Auth) -> Result<Json<Value>, ApiError> {
+    let caller = who.require(Scope::Admin)?;
+    let hooks = state.meta.list_hooks(&caller.team_id).await?;
+    let mut out = Vec::new();
+    for h in &hooks {
+        let p = state.meta.get_plugin(&caller.team_id, &h.plugin_id).await?;
+        let c = state
+            .meta
+            .get_collection(&caller.team_id, &h.collection_id)
+            .await?;
+        out.push(hook_json(
+            h,
+            &p.map(|p| format!("{}@{}", p.name, p.version))
+                .unwrap_or_default(),
+            &c.map(|c| c.name).unwrap_or_default(),
+        ));
+    }
+    Ok(Json(json!({"hooks": out})))
+}
+
+pub async fn delete_hook(
+    State((state, _)): St,
+    Auth(who): Auth,
+    Path(id): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    let caller = who.require(Scope::Admin)?;
+    if state.meta.delete_hook(&caller.team_id, &id).await? {
+        Ok(StatusCode::NO_CONTENT)
+    } else {
+        Err(ApiError::not_found(&format!("hook {id:?}")))
+    }
+}
+
+/// `POST /v1/hooks/{id}`: public. The hook's ingress plugin turns the request into events
+/// (or rejects it with its status), which are ingested into the hook's collection.
+pub async fn receive_hook(
+    State((state, body_limit)): St,
+    Path(id): Path<String>,
+    request: axum::extract::Request,
+) -> Result<Response, ApiError> {
+    let not_found = || ApiError::not_found("hook");
+    if !id.starts_with("hk_") || id.len() > 64 {
+        return Err(not_found());
+    }
+    let hook = state.meta.hook_by_id(&id).await?.ok_or_else(not_found)?;
+    let p = state
+        .meta
+        .get_plugin(&hook.team_id, &hook.plugin_id)
+        .await?
+        .ok_or_else(not_found)?;
+    let (parts, body) = request.into_parts();
+    let Some(body) = super::rest::read_body_limited(body, body_limit).await? else {
+        return Err(ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "too_large",
+            format!("the request body is over the {body_limit}-byte limit"),
+        ));
+    };
+    let path = parts
+        .uri
+        .path_and_query()
+        .map(|pq| {
+            pq.as_str()
+                .trim_start_matches(&format!("/v1/hooks/{id}"))
+                .to_string()
+        })
+        .unwrap_or_default();
+    let inbound = crate::plugins::bindings::ingress::rewind::plugin::types::InboundRequest {
+        method: parts.method.to_string(),
+        path,
+        headers: parts
+            .headers
+            .iter()
+            .filter(|(k, _)| {
+                *k != axum::http::header::AUTHORIZATION && *k != axum::http::header::COOKIE
+            })
+            .filter_map(|(k, v)| Some((k.as_str().to_string(), v.to_str().ok()?.to_string())))
+            .collect(),
+        body: body.to_vec(),
+    };
+    let compiled = load(&state, &p).await?;
+    let name = format!("{}@{}", p.name, p.version);
+    let events = match state
+        .plugins
+        .ingress(
+            &compiled,
+            &name,
+            &hook.config,
+            &PluginKind::Ingress.default_limits(),
+            inbound,
+        )
+        .await
+    {
+        Ok(events) => events,
+        Err((status, reason)) => {
+            let status = StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_REQUEST);
+            let code = if status.is_server_error() {
+                "plugin_failed"
+            } else {
+                "rejected"
+            };
+            return Err(ApiError::new(status, code, format!("{name}: {reason}")));
+        }
+    };
+    let incoming: Vec<crate::ingest::IncomingEvent> = events
+        .into_iter()
+        .map(|(headers, payload)| {
+            let mut headers: std::collections::HashMap<String, String> =
+                headers.into_iter().collect();
+            let content_type = headers
+                .remove("content-type")
+                .unwrap_or_else(|| "application/json".into());
+            crate::ingest::IncomingEvent {
+                payload,
+                content_type,
+                headers,
+                client_id: None,
+            }
+        })
+        .collect();
+    let n = incoming.len();
+    let ids = if n == 0 {
+        Vec::new()
+    } else {
+        state
+            .ingest
+            .ingest(
+                &format!("hook:{}", hook.id),
+                &hook.team_id,
+                &hook.collection_id,
+                incoming,
+                "hook",
+            )
+            .await?
+    };
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(json!({"accepted": n, "ids": ids})),
+    )
+        .into_response())
 }

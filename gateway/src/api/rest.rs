@@ -72,6 +72,14 @@ pub fn router(state: Arc<AppState>) -> Router {
             "/v1/destinations/{id}/test",
             post(super::plugins::test_destination),
         )
+        .route(
+            "/v1/hooks",
+            post(super::plugins::create_hook).get(super::plugins::list_hooks),
+        )
+        .route(
+            "/v1/hooks/{id}",
+            post(super::plugins::receive_hook).delete(super::plugins::delete_hook),
+        )
         // Bodies are read by the handlers with their own limit and error message.
         .layer(DefaultBodyLimit::disable())
         .fallback(not_found)
@@ -415,8 +423,16 @@ pub(super) async fn read_body_limited(
     body: Body,
     limit: usize,
 ) -> Result<Option<bytes::Bytes>, ApiError> {
+    read_body_draining(body, limit, limit.saturating_mul(4).max(64 << 20)).await
+}
+
+/// [`read_body_limited`] that drains an oversized body up to `drain_cap` bytes.
+pub(super) async fn read_body_draining(
+    body: Body,
+    limit: usize,
+    drain_cap: usize,
+) -> Result<Option<bytes::Bytes>, ApiError> {
     use http_body_util::BodyExt;
-    let drain_cap = limit.saturating_mul(4).max(64 << 20);
     let mut body = body;
     let mut buf = bytes::BytesMut::new();
     let mut seen = 0usize;

@@ -31,6 +31,9 @@ use rewind_gateway::proto::v1 as pb;
 #[path = "search_bench.rs"]
 mod search_bench;
 
+#[path = "plugin_bench.rs"]
+mod plugin_bench;
+
 #[derive(Parser)]
 struct Args {
     /// Seconds per scenario.
@@ -65,6 +68,10 @@ struct Args {
     /// searches through the API over them, and ack → searchable for `--secs`.
     #[arg(long)]
     search_events: Option<usize>,
+    /// Plugin host benchmark: no-op and redact transforms through the host vs natively,
+    /// instantiation time.
+    #[arg(long)]
+    plugins: bool,
     /// Queries per search scenario.
     #[arg(long, default_value_t = 200)]
     search_queries: usize,
@@ -847,6 +854,9 @@ async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     if let Some(events) = args.archive_events {
         return archive_bench(events, args.event_bytes).await;
+    }
+    if args.plugins {
+        return plugin_bench::run(args.secs, args.event_bytes).await;
     }
     if let Some(events) = args.search_events {
         return search_bench::run(

@@ -2,6 +2,7 @@
 //! REST (`REWIND_URL`, `REWIND_TOKEN`), except `bus read`, which reads the bus directly.
 
 mod client;
+mod plugin;
 
 use std::path::PathBuf;
 
@@ -70,10 +71,47 @@ pub enum Command {
     Search(SearchArgs),
     /// Follow a collection: print matching events as NDJSON as they arrive, until interrupted.
     Tail(TailArgs),
+    /// Write, build and upload WASM plugins (docs/plugins.md).
+    Plugin {
+        #[command(flatten)]
+        remote: Remote,
+        #[command(subcommand)]
+        command: PluginCommand,
+    },
     /// Inspect the durable bus directly (gateway stopped, for the local bus).
     Bus {
         #[command(subcommand)]
         command: BusCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum PluginCommand {
+    /// Create a plugin crate in ./NAME from a template of its kind.
+    New {
+        name: String,
+        /// transform, destination or ingress.
+        #[arg(long, default_value = "transform")]
+        kind: String,
+        /// The rewind-plugin-sdk to depend on (default: this repository's, else git).
+        #[arg(long)]
+        sdk_path: Option<std::path::PathBuf>,
+    },
+    /// Build the plugin crate in DIR for wasm32-wasip2 (adds the target if needed); prints
+    /// the .wasm path.
+    Build {
+        #[arg(default_value = ".")]
+        dir: std::path::PathBuf,
+    },
+    /// Upload a plugin (admin token): FILE, or what `build` made in --dir.
+    Push {
+        file: Option<std::path::PathBuf>,
+        #[arg(long)]
+        name: String,
+        #[arg(long)]
+        version: String,
+        #[arg(long, default_value = ".")]
+        dir: std::path::PathBuf,
     },
 }
 
@@ -247,6 +285,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Team { remote, command } => client::team(remote, command).await,
         Command::Token { remote, command } => client::token(remote, command).await,
         Command::Collection { remote, command } => client::collection(remote, command).await,
+        Command::Plugin { remote, command } => plugin::run(remote, command).await,
         Command::Send(args) => client::send(args).await,
         Command::Export(args) => client::export(args).await,
         Command::Search(args) => client::search(args).await,

@@ -183,6 +183,18 @@ impl Metastore for CachedMetastore {
     ) -> Result<(), MetaError> {
         self.inner.set_pipeline(team_id, collection_id, steps).await
     }
+    async fn create_hook(&self, h: &super::HookRecord) -> Result<(), MetaError> {
+        self.inner.create_hook(h).await
+    }
+    async fn hook_by_id(&self, id: &str) -> Result<Option<super::HookRecord>, MetaError> {
+        self.inner.hook_by_id(id).await
+    }
+    async fn list_hooks(&self, team_id: &str) -> Result<Vec<super::HookRecord>, MetaError> {
+        self.inner.list_hooks(team_id).await
+    }
+    async fn delete_hook(&self, team_id: &str, id: &str) -> Result<bool, MetaError> {
+        self.inner.delete_hook(team_id, id).await
+    }
     async fn create_destination(&self, d: &super::DestinationRecord) -> Result<(), MetaError> {
         self.inner.create_destination(d).await
     }

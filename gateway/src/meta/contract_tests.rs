@@ -470,6 +470,28 @@ async fn plugins_and_destinations(store: &dyn Metastore, a: &str, b: &str, order
         Err(vec!["the pipeline of collection orders".to_string()])
     );
     store.set_pipeline(a, orders_a, None).await.unwrap();
+    let hook = HookRecord {
+        id: "hk_0123456789abcdef".into(),
+        team_id: a.into(),
+        name: "github".into(),
+        plugin_id: plugin.id.clone(),
+        collection_id: orders_a.into(),
+        config: "{}".into(),
+        created_at: now_micros(),
+    };
+    store.create_hook(&hook).await.unwrap();
+    assert_eq!(
+        store.hook_by_id(&hook.id).await.unwrap(),
+        Some(hook.clone())
+    );
+    assert_eq!(store.list_hooks(b).await.unwrap(), vec![]);
+    assert_eq!(
+        store.delete_plugin(a, &plugin.id).await.unwrap(),
+        Err(vec!["hook github".to_string()])
+    );
+    assert!(!store.delete_hook(b, "github").await.unwrap());
+    assert!(store.delete_hook(a, "github").await.unwrap());
+    assert_eq!(store.hook_by_id(&hook.id).await.unwrap(), None);
     assert_eq!(store.get_pipeline(a, orders_a).await.unwrap(), None);
     assert_eq!(store.delete_plugin(a, &plugin.id).await.unwrap(), Ok(true));
     assert_eq!(store.get_plugin(a, &plugin.id).await.unwrap(), None);

@@ -101,6 +101,18 @@ pub struct DestinationRecord {
     pub created_at: i64,
 }
 
+/// A webhook ingress: a public URL bound to an ingress plugin and a collection.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HookRecord {
+    pub id: String,
+    pub team_id: String,
+    pub name: String,
+    pub plugin_id: String,
+    pub collection_id: String,
+    pub config: String,
+    pub created_at: i64,
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum MetaError {
     #[error("{what} {name:?} already exists")]
@@ -247,6 +259,11 @@ pub trait Metastore: Send + Sync {
         collection_id: &str,
         steps: Option<&str>,
     ) -> Result<(), MetaError>;
+    async fn create_hook(&self, h: &HookRecord) -> Result<(), MetaError>;
+    /// A hook by its id alone: the id is the public URL's secret, so the caller is the world.
+    async fn hook_by_id(&self, id: &str) -> Result<Option<HookRecord>, MetaError>;
+    async fn list_hooks(&self, team_id: &str) -> Result<Vec<HookRecord>, MetaError>;
+    async fn delete_hook(&self, team_id: &str, id_or_name: &str) -> Result<bool, MetaError>;
     async fn collection_columns(
         &self,
         collection_id: Option<&str>,

@@ -10,8 +10,8 @@ use sqlx::any::{AnyPoolOptions, AnyRow};
 use sqlx::{AnyPool, Row};
 
 use super::{
-    ArchiveFile, Collection, DestinationRecord, MetaError, Metastore, PluginRecord, StoredColumn,
-    Team, TokenRecord,
+    ArchiveFile, Collection, DestinationRecord, HookRecord, MetaError, Metastore, PluginRecord,
+    StoredColumn, Team, TokenRecord,
 };
 use crate::auth::Scopes;
 
@@ -140,6 +140,19 @@ fn destination_from_row(row: &AnyRow) -> Result<DestinationRecord, sqlx::Error> 
     })
 }
 
+fn hook_from_row(row: &AnyRow) -> Result<HookRecord, sqlx::Error> {
+    Ok(HookRecord {
+        id: row.try_get("id")?,
+        team_id: row.try_get("team_id")?,
+        name: row.try_get("name")?,
+        plugin_id: row.try_get("plugin_id")?,
+        collection_id: row.try_get("collection_id")?,
+        config: row.try_get("config")?,
+        created_at: row.try_get("created_at")?,
+    })
+}
+
+const HOOK_COLUMNS: &str = "id, team_id, name, plugin_id, collection_id, config, created_at";
 const PLUGIN_COLUMNS: &str = "id, team_id, name, version, kind, sha256, bytes, created_at";
 const DESTINATION_COLUMNS: &str = "id, team_id, name, plugin_id, config, created_at";
 
@@ -382,6 +395,16 @@ impl Metastore for SqlMetastore {
         })
         .collect::<Result<_, _>>()?;
         let mut users = users;
+        for row in sqlx::query(
+            "SELECT name FROM hooks WHERE team_id = $1 AND plugin_id = $2 ORDER BY name",
+        )
+        .bind(team_id)
+        .bind(id)
+        .fetch_all(&mut *tx)
+        .await?
+        {
+            users.push(format!("hook {}", row.try_get::<String, _>("name")?));
+        }
         let pattern = format!("%\"plugin_id\":\"{id}\"%");
         for row in sqlx::query(
             "SELECT c.name AS name FROM pipelines p JOIN collections c ON c.id = p.collection_id \
@@ -448,6 +471,51 @@ impl Metastore for SqlMetastore {
         }
         tx.commit().await?;
         Ok(())
+    }
+
+    async fn create_hook(&self, h: &HookRecord) -> Result<(), MetaError> {
+        sqlx::query(
+            "INSERT INTO hooks (id, team_id, name, plugin_id, collection_id, config, created_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7)",
+        )
+        .bind(&h.id)
+        .bind(&h.team_id)
+        .bind(&h.name)
+        .bind(&h.plugin_id)
+        .bind(&h.collection_id)
+        .bind(&h.config)
+        .bind(h.created_at)
+        .execute(&self.pool)
+        .await
+        .map_err(|e| map_insert_error(e, "hook", &h.name))?;
+        Ok(())
+    }
+
+    async fn hook_by_id(&self, id: &str) -> Result<Option<HookRecord>, MetaError> {
+        let row = sqlx::query(&format!("SELECT {HOOK_COLUMNS} FROM hooks WHERE id = $1"))
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(row.as_ref().map(hook_from_row).transpose()?)
+    }
+
+    async fn list_hooks(&self, team_id: &str) -> Result<Vec<HookRecord>, MetaError> {
+        let rows = sqlx::query(&format!(
+            "SELECT {HOOK_COLUMNS} FROM hooks WHERE team_id = $1 ORDER BY name"
+        ))
+        .bind(team_id)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows.iter().map(hook_from_row).collect::<Result<_, _>>()?)
+    }
+
+    async fn delete_hook(&self, team_id: &str, id_or_name: &str) -> Result<bool, MetaError> {
+        let done = sqlx::query("DELETE FROM hooks WHERE team_id = $1 AND (id = $2 OR name = $2)")
+            .bind(team_id)
+            .bind(id_or_name)
+            .execute(&self.pool)
+            .await?;
+        Ok(done.rows_affected() > 0)
     }
 
     async fn create_destination(&self, d: &DestinationRecord) -> Result<(), MetaError> {

@@ -637,6 +637,22 @@ impl PluginHost {
         r
     }
 
+    /// Creates a store and instantiates the component, nothing more (benchmarks: the cost of
+    /// getting an instance from the pre-instantiated component).
+    pub async fn instantiate_only(
+        &self,
+        plugin: &Compiled,
+        limits: &Limits,
+    ) -> Result<(), PluginError> {
+        let mut store = self.store("probe", limits);
+        let r = match &plugin.pre {
+            Pre::Transform(pre) => pre.instantiate_async(&mut store).await.map(|_| ()),
+            Pre::Destination(pre) => pre.instantiate_async(&mut store).await.map(|_| ()),
+            Pre::Ingress(pre) => pre.instantiate_async(&mut store).await.map(|_| ()),
+        };
+        r.map_err(|e| PluginError::Call(describe(&e, limits)))
+    }
+
     /// Runs a transform over one encoded batch, returning its raw result buffer.
     pub async fn transform_raw(
         &self,
@@ -855,6 +871,56 @@ impl PluginHost {
                 Delivery::Permanent(f) => DeliveryResult::Permanent(f.reason),
             })
             .collect())
+    }
+
+    /// Runs an ingress plugin on an inbound request: the events it makes (headers, payload),
+    /// or its rejection `(status, reason)`. A failing call is a 500 rejection with the reason.
+    #[allow(clippy::type_complexity)]
+    pub async fn ingress(
+        &self,
+        plugin: &Compiled,
+        name: &str,
+        config: &str,
+        limits: &Limits,
+        request: ingress::rewind::plugin::types::InboundRequest,
+    ) -> Result<Vec<(Vec<(String, String)>, bytes::Bytes)>, (u16, String)> {
+        let Pre::Ingress(pre) = &plugin.pre else {
+            return Err((
+                500,
+                format!(
+                    "{name} is a {} plugin, not an ingress adapter",
+                    plugin.kind.as_str()
+                ),
+            ));
+        };
+        let mut store = self.store(name, limits);
+        let call = async {
+            let inst = pre
+                .instantiate_async(&mut store)
+                .await
+                .map_err(|e| PluginError::Call(describe(&e, limits)))?;
+            match inst.call_init(&mut store, config).await {
+                Ok(Ok(())) => {}
+                Ok(Err(reason)) => return Err(PluginError::Init(reason)),
+                Err(e) => return Err(PluginError::Init(describe(&e, limits))),
+            }
+            inst.call_handle(&mut store, &request)
+                .await
+                .map_err(|e| PluginError::Call(describe(&e, limits)))
+        };
+        let out = match tokio::time::timeout(limits.wall, call).await {
+            Ok(r) => r,
+            Err(_) => Err(PluginError::Call(format!(
+                "the call ran past its wall-clock deadline of {} ms",
+                limits.wall.as_millis()
+            ))),
+        };
+        flush_output(&mut store);
+        match out {
+            Err(e) => Err((500, e.to_string())),
+            Ok(Err(rejection)) => Err((rejection.status.clamp(400, 599), rejection.reason)),
+            Ok(Ok(buf)) => decode_batch(&buf).map_err(|e| (500, e.to_string())),
+        }
     }
 
     async fn transform_once(

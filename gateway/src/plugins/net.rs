@@ -140,8 +140,14 @@ pub fn client(allow_private: bool) -> reqwest::Client {
 /// subdomains)? Comparison is ASCII case-insensitive.
 pub fn host_allowed(host: &str, allow: &[String]) -> bool {
     let host = host.trim_end_matches('.').to_ascii_lowercase();
+    let host_ip = host.parse::<IpAddr>().ok();
     allow.iter().any(|entry| {
         let entry = entry.trim_end_matches('.').to_ascii_lowercase();
+        // Addresses compare as addresses (`::ffff:127.0.0.1` is `::ffff:7f00:1`).
+        let entry_ip = entry.trim_start_matches('[').trim_end_matches(']').parse::<IpAddr>().ok();
+        if let (Some(a), Some(b)) = (host_ip, entry_ip) {
+            return a == b;
+        }
         if let Some(suffix) = entry.strip_prefix("*.") {
             host.len() > suffix.len() + 1 && host.ends_with(&format!(".{suffix}"))
         } else {

@@ -310,6 +310,75 @@ fn compare(kw: Field, path: &str, op: CmpOp, lit: &Literal) -> Compiled {
     }
 }
 
+/// The share of the index's documents a range comparison on the payload selects, estimated
+/// from the term dictionary (document frequencies of the terms in range, no postings read).
+/// `None` when it is not a plain range.
+fn range_share(searcher: &tantivy::Searcher, kw: Field, expr: &Expr) -> Option<f64> {
+    let Expr::Cmp(path, op, lit) = expr else {
+        return None;
+    };
+    if matches!(op, CmpOp::Eq | CmpOp::Ne) || lit.text.len() >= flatten::MAX_TERM_TEXT {
+        return None;
+    }
+    let (kind, value) = match lit.number {
+        Some(n) => ("n:", flatten::encode_f64(n)),
+        None => ("s:", lit.text.clone()),
+    };
+    let (lo, hi) = flatten::kind_bounds(path, kind);
+    let at = format!("{path}{SEP}{kind}{value}");
+    let (mut docs, mut matched) = (0u64, 0u64);
+    for seg in searcher.segment_readers() {
+        docs += u64::from(seg.max_doc());
+        let index = seg.inverted_index(kw).ok()?;
+        let dict = index.terms();
+        let range = dict.range();
+        let range = match op {
+            CmpOp::Gt => range.gt(at.as_bytes()).lt(hi.as_bytes()),
+            CmpOp::Ge => range.ge(at.as_bytes()).lt(hi.as_bytes()),
+            CmpOp::Lt => range.ge(lo.as_bytes()).lt(at.as_bytes()),
+            CmpOp::Le => range.ge(lo.as_bytes()).le(at.as_bytes()),
+            CmpOp::Eq | CmpOp::Ne => return None,
+        };
+        let mut stream = range.into_stream().ok()?;
+        let mut terms = 0u32;
+        while stream.advance() {
+            matched += u64::from(stream.value().doc_freq);
+            terms += 1;
+            if terms > 200_000 {
+                return Some(1.0);
+            }
+        }
+    }
+    Some(if docs == 0 {
+        0.0
+    } else {
+        matched as f64 / docs as f64
+    })
+}
+
+/// Ranges selecting more than this share of the index are checked on the payloads of the
+/// time slice's candidates instead of being intersected as a (whole-index) term range.
+const DEMOTE_RANGE_SHARE: f64 = 0.2;
+
+/// The filter the index runs: top-level `AND` parts that are broad ranges are left to the
+/// verification step (a superset is still selected). `(filter, exact)`.
+fn index_filter(searcher: &tantivy::Searcher, kw: Field, filter: &Expr) -> (Option<Expr>, bool) {
+    let broad = |e: &Expr| range_share(searcher, kw, e).is_some_and(|s| s > DEMOTE_RANGE_SHARE);
+    match filter {
+        Expr::And(parts) => {
+            let kept: Vec<Expr> = parts.iter().filter(|p| !broad(p)).cloned().collect();
+            let exact = kept.len() == parts.len();
+            match kept.len() {
+                0 => (None, exact),
+                1 => (kept.into_iter().next(), exact),
+                _ => (Some(Expr::And(kept)), exact),
+            }
+        }
+        e if broad(e) => (None, false),
+        e => (Some(e.clone()), true),
+    }
+}
+
 fn compile(kw: Field, expr: &Expr) -> Compiled {
     match expr {
         Expr::And(parts) | Expr::Or(parts) => {
@@ -498,9 +567,18 @@ impl EmbeddedIndex {
         }
         let mut exact = true;
         if let Some(filter) = &request.filter {
-            let c = compile(f.kw, filter);
-            exact = c.exact;
-            clauses.push((Occur::Must, c.query));
+            // Facet counts run over every match of the index query: it must be the whole filter.
+            let (index_filter, all_in_index) = if request.facet.is_some() {
+                (Some(filter.clone()), true)
+            } else {
+                index_filter(&searcher, f.kw, filter)
+            };
+            exact = all_in_index;
+            if let Some(filter) = index_filter {
+                let c = compile(f.kw, &filter);
+                exact &= c.exact;
+                clauses.push((Occur::Must, c.query));
+            }
         }
         if let Some(q) = &request.q {
             for w in crate::query::text::words(q) {

@@ -1,0 +1,144 @@
+//! `rewind-bench --plugins`: the plugin host's figures of `docs/benchmarks.md`.
+//!
+//! - a no-op transform (every event kept) over batches of 1,000 events of 1 KiB, through the
+//!   host (instantiate, init, one call, decode), in ns per event and events/s on one core,
+//!   beside the same transform run natively over the same buffers (the limit);
+//! - `redact` on realistic 1 KiB JSON events, the same way;
+//! - instantiation from the pre-instantiated component, and the memory an instance holds.
+
+use std::time::Instant;
+
+use rewind_gateway::plugins::PluginKind;
+use rewind_gateway::plugins::host::{PluginEvent, PluginHost, encode};
+
+use super::{cpu_seconds, realistic_event};
+
+fn events(n: usize, event_bytes: usize, json: bool) -> Vec<PluginEvent> {
+    let mut rng = rand::rng();
+    (0..n)
+        .map(|i| PluginEvent {
+            id: ulid::Ulid::new().to_string(),
+            received_at: 1_700_000_000_000_000 + i as i64,
+            headers: vec![("content-type".into(), "application/json".into())],
+            payload: if json {
+                realistic_event(event_bytes, &mut rng).into()
+            } else {
+                "x".repeat(event_bytes).into()
+            },
+        })
+        .collect()
+}
+
+async fn through_host(
+    host: &PluginHost,
+    wasm: &[u8],
+    config: &str,
+    batch: &[PluginEvent],
+    secs: f64,
+) -> anyhow::Result<(f64, f64)> {
+    let plugin = host.compile(wasm).await?;
+    let limits = PluginKind::Transform.default_limits();
+    let buf = encode(batch);
+    // Warm up.
+    for _ in 0..20 {
+        host.transform_raw(&plugin, "bench", config, &limits, buf.clone())
+            .await?;
+    }
+    let (cpu0, t0) = (cpu_seconds(), Instant::now());
+    let mut n = 0usize;
+    while t0.elapsed().as_secs_f64() < secs {
+        let out = host
+            .transform_raw(&plugin, "bench", config, &limits, buf.clone())
+            .await?;
+        let decoded = rewind_gateway::plugins::host::decode_outcomes(&out, batch)?;
+        anyhow::ensure!(decoded.len() == batch.len());
+        n += batch.len();
+    }
+    let cpu = cpu_seconds() - cpu0;
+    Ok((cpu * 1e9 / n as f64, n as f64 / cpu))
+}
+
+/// The identity transform, natively: what the no-op plugin does, without WASM.
+struct Identity;
+
+impl rewind_plugin_sdk::Transform for Identity {
+    fn new(_: rewind_plugin_sdk::Config) -> Result<Self, String> {
+        Ok(Identity)
+    }
+    fn transform(
+        &mut self,
+        _: &rewind_plugin_sdk::Event<'_>,
+        out: &mut rewind_plugin_sdk::Emit<'_>,
+    ) -> Result<(), String> {
+        out.keep();
+        Ok(())
+    }
+}
+
+fn natively<T: rewind_plugin_sdk::Transform>(
+    config: &str,
+    batch: &[PluginEvent],
+    secs: f64,
+) -> (f64, f64) {
+    let mut t = T::new(rewind_plugin_sdk::Config::parse(config).unwrap()).unwrap();
+    let buf = encode(batch);
+    let (cpu0, t0) = (cpu_seconds(), Instant::now());
+    let mut n = 0usize;
+    while t0.elapsed().as_secs_f64() < secs {
+        let out = rewind_plugin_sdk::transform_batch(&mut t, &buf).unwrap();
+        let decoded = rewind_gateway::plugins::host::decode_outcomes(&out, batch).unwrap();
+        assert_eq!(decoded.len(), batch.len());
+        n += batch.len();
+    }
+    let cpu = cpu_seconds() - cpu0;
+    (cpu * 1e9 / n as f64, n as f64 / cpu)
+}
+
+pub async fn run(secs: u64, event_bytes: usize) -> anyhow::Result<()> {
+    let secs = secs as f64;
+    let host = PluginHost::new(Default::default())?;
+    let noop = std::fs::read(rewind_gateway::plugins::fixtures::build(
+        "hostile-transform",
+    ))?;
+    let redact = std::fs::read(rewind_gateway::plugins::fixtures::build(
+        "rewind-plugin-redact",
+    ))?;
+    let noop_cfg = r#"{"mode":"noop"}"#;
+    let redact_cfg = r#"{"paths":["account.email","session.ip"]}"#;
+    println!(
+        "plugin benchmark: batches of 1,000 events of ~{event_bytes} bytes, {secs} s per case, CPU time of this process"
+    );
+    for size in [100usize, 1000] {
+        let batch = events(size, event_bytes, false);
+        let (ns, eps) = through_host(&host, &noop, noop_cfg, &batch, secs).await?;
+        let (nns, neps) = natively::<Identity>(noop_cfg, &batch, secs);
+        println!(
+            "  no-op transform, batch {size}: {ns:.0} ns/event ({eps:.0} events/s per core) through the host; native identity over the same buffers {nns:.0} ns/event ({neps:.0}/s)"
+        );
+    }
+    let batch = events(1000, event_bytes, true);
+    let (ns, eps) = through_host(&host, &redact, redact_cfg, &batch, secs).await?;
+    let (nns, neps) = natively::<rewind_plugin_redact::Redact>(redact_cfg, &batch, secs);
+    println!(
+        "  redact (2 paths) on 1 KiB JSON, batch 1000: {ns:.0} ns/event ({eps:.0} events/s per core) through the host; native {nns:.0} ns/event ({neps:.0}/s)"
+    );
+    let plugin = host.compile(&noop).await?;
+    let limits = PluginKind::Transform.default_limits();
+    for _ in 0..100 {
+        host.instantiate_only(&plugin, &limits).await?;
+    }
+    let n = 5000;
+    let t0 = Instant::now();
+    for _ in 0..n {
+        host.instantiate_only(&plugin, &limits).await?;
+    }
+    println!(
+        "  instantiation from the pre-instantiated component (fresh store, pooling allocator): {:.1} µs",
+        t0.elapsed().as_secs_f64() * 1e6 / n as f64
+    );
+    println!(
+        "  component: {} bytes of wasm; an idle instance holds its linear memory's initial pages plus the store (see docs/benchmarks.md)",
+        noop.len()
+    );
+    Ok(())
+}
