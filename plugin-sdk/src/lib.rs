@@ -39,6 +39,7 @@ pub mod testing;
 
 /// Generated bindings, one module per world; used by the export macros.
 #[doc(hidden)]
+#[allow(clippy::too_many_arguments)]
 pub mod bindings {
     #[cfg(feature = "transform")]
     pub mod transform {

@@ -385,10 +385,13 @@ async fn hostile_transforms_are_contained_and_other_teams_flow_on() {
     assert_eq!(s, 200, "{v}");
 }
 
+/// A request the receiver saw: headers and body.
+type Seen = (axum::http::HeaderMap, Vec<u8>);
+
 /// A receiver that records requests and answers with the statuses it is given, in turn.
 struct Receiver {
     port: u16,
-    seen: Arc<Mutex<Vec<(axum::http::HeaderMap, Vec<u8>)>>>,
+    seen: Arc<Mutex<Vec<Seen>>>,
 }
 
 async fn receiver(statuses: Vec<u16>) -> Receiver {

@@ -875,7 +875,6 @@ impl PluginHost {
 
     /// Runs an ingress plugin on an inbound request: the events it makes (headers, payload),
     /// or its rejection `(status, reason)`. A failing call is a 500 rejection with the reason.
-    #[allow(clippy::type_complexity)]
     pub async fn ingress(
         &self,
         plugin: &Compiled,
@@ -883,7 +882,7 @@ impl PluginHost {
         config: &str,
         limits: &Limits,
         request: ingress::rewind::plugin::types::InboundRequest,
-    ) -> Result<Vec<(Vec<(String, String)>, bytes::Bytes)>, (u16, String)> {
+    ) -> Result<Vec<NewEvent>, (u16, String)> {
         let Pre::Ingress(pre) = &plugin.pre else {
             return Err((
                 500,
@@ -995,8 +994,11 @@ pub fn decode_outcomes(
     Ok(results)
 }
 
+/// An event an ingress plugin made: its headers and payload.
+pub type NewEvent = (Vec<(String, String)>, bytes::Bytes);
+
 /// Checks that a batch buffer decodes (used on what ingress plugins return).
-pub fn decode_batch(buf: &[u8]) -> Result<Vec<(Vec<(String, String)>, bytes::Bytes)>, PluginError> {
+pub fn decode_batch(buf: &[u8]) -> Result<Vec<NewEvent>, PluginError> {
     let reader = BatchReader::new(buf).map_err(|e| PluginError::BadResult(e.to_string()))?;
     reader
         .map(|e| {

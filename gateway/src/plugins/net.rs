@@ -144,7 +144,11 @@ pub fn host_allowed(host: &str, allow: &[String]) -> bool {
     allow.iter().any(|entry| {
         let entry = entry.trim_end_matches('.').to_ascii_lowercase();
         // Addresses compare as addresses (`::ffff:127.0.0.1` is `::ffff:7f00:1`).
-        let entry_ip = entry.trim_start_matches('[').trim_end_matches(']').parse::<IpAddr>().ok();
+        let entry_ip = entry
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .parse::<IpAddr>()
+            .ok();
         if let (Some(a), Some(b)) = (host_ip, entry_ip) {
             return a == b;
         }

@@ -69,12 +69,15 @@ pub struct DeadLetter {
     pub reason: String,
 }
 
+/// A collection's pipeline (or its absence) and when it was read.
+type Cached = (Instant, Option<Arc<Pipeline>>);
+
 /// Every collection's pipeline, cached.
 pub struct Pipelines {
     host: Arc<PluginHost>,
     meta: Arc<dyn Metastore>,
     store: Arc<dyn object_store::ObjectStore>,
-    cache: RwLock<HashMap<String, (Instant, Option<Arc<Pipeline>>)>>,
+    cache: RwLock<HashMap<String, Cached>>,
 }
 
 /// Why a pipeline cannot be loaded or set.
