@@ -50,7 +50,7 @@ async fn through_host(
         let out = host
             .transform_raw(&plugin, "bench", config, &limits, buf.clone())
             .await?;
-        let decoded = rewind_gateway::plugins::host::decode_outcomes(&out, batch)?;
+        let decoded = rewind_gateway::plugins::host::decode_outcomes(&out.into(), batch)?;
         anyhow::ensure!(decoded.len() == batch.len());
         n += batch.len();
     }
@@ -86,7 +86,7 @@ fn natively<T: rewind_plugin_sdk::Transform>(
     let mut n = 0usize;
     while t0.elapsed().as_secs_f64() < secs {
         let out = rewind_plugin_sdk::transform_batch(&mut t, &buf).unwrap();
-        let decoded = rewind_gateway::plugins::host::decode_outcomes(&out, batch).unwrap();
+        let decoded = rewind_gateway::plugins::host::decode_outcomes(&out.into(), batch).unwrap();
         assert_eq!(decoded.len(), batch.len());
         n += batch.len();
     }

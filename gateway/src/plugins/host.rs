@@ -937,7 +937,7 @@ impl PluginHost {
         let out = self
             .transform_raw(plugin, name, config, limits, encode(events))
             .await?;
-        decode_outcomes(&out, events)
+        decode_outcomes(&bytes::Bytes::from(out), events)
     }
 }
 
@@ -956,8 +956,9 @@ pub fn encode(events: &[PluginEvent]) -> Vec<u8> {
 }
 
 /// Decodes a transform's result buffer against its input.
+/// Payloads are slices of `out` (no copy); ids and headers are owned.
 pub fn decode_outcomes(
-    out: &[u8],
+    out: &bytes::Bytes,
     events: &[PluginEvent],
 ) -> Result<Vec<TransformResult>, PluginError> {
     let bad = |e: rewind_plugin_sdk::DecodeError| PluginError::BadResult(e.to_string());
@@ -988,7 +989,11 @@ pub fn decode_outcomes(
                             .headers()
                             .map(|(k, v)| (k.to_string(), v.to_string()))
                             .collect(),
-                        payload: bytes::Bytes::copy_from_slice(e.payload),
+                        payload: if e.payload.is_empty() {
+                            bytes::Bytes::new()
+                        } else {
+                            out.slice_ref(e.payload)
+                        },
                     });
                 }
                 results.push(TransformResult::Events(v));
