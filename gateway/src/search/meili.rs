@@ -80,6 +80,18 @@ async fn timed<T>(
     }
 }
 
+/// A search refused because our own attributes are not filterable/sortable yet: the index
+/// exists but its settings task has not finished.
+fn settings_pending(e: &meilisearch_sdk::errors::MeilisearchError) -> bool {
+    matches!(
+        e.error_code,
+        ErrorCode::InvalidSearchFilter | ErrorCode::InvalidSearchSort
+    ) && (e.error_message.contains("not filterable") || e.error_message.contains("not sortable"))
+        && ["`collection`", "`received_at`", "`id`"]
+            .iter()
+            .any(|a| e.error_message.contains(a))
+}
+
 fn index_uid(team_id: &str) -> String {
     format!("rewind-{team_id}")
 }
@@ -215,6 +227,7 @@ impl MeiliIndex {
     }
 
     /// Creates the team's index and applies our settings, once per process.
+    /// (Searches that arrive between the two see [`settings_pending`] errors.)
     async fn prepare_team(&self, team_id: &str) -> Result<(), SearchError> {
         if self.ready_teams.lock().expect("lock").contains(team_id) {
             return Ok(());
@@ -372,7 +385,11 @@ impl SearchIndex for MeiliIndex {
             }
             let result = match timed("search", query.execute::<Doc>()).await {
                 Ok(r) => r,
-                Err(MeiliError::Meilisearch(e)) if e.error_code == ErrorCode::IndexNotFound => {
+                Err(MeiliError::Meilisearch(e))
+                    if e.error_code == ErrorCode::IndexNotFound || settings_pending(&e) =>
+                {
+                    // No index yet, or created by another call whose settings are still being
+                    // applied: documents are only added after them, so there is nothing to find.
                     return Ok(SearchPage {
                         facets: request.facet.as_ref().map(|_| Vec::new()),
                         ..SearchPage::default()
