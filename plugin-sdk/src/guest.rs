@@ -254,45 +254,29 @@ pub enum Level {
 
 /// Writes a line to the plugin's log in the gateway.
 pub fn log(level: Level, message: &str) {
+    // Every world imports the same `log` interface; use the bindings of the one compiled in.
+    macro_rules! write_with {
+        ($world:ident) => {{
+            use crate::bindings::$world::rewind::plugin::log as l;
+            let level = match level {
+                Level::Trace => l::Level::Trace,
+                Level::Debug => l::Level::Debug,
+                Level::Info => l::Level::Info,
+                Level::Warn => l::Level::Warn,
+                Level::Error => l::Level::Error,
+            };
+            l::log(level, message);
+        }};
+    }
     #[cfg(feature = "transform")]
-    {
-        use crate::bindings::transform::rewind::plugin::log as l;
-        let level = match level {
-            Level::Trace => l::Level::Trace,
-            Level::Debug => l::Level::Debug,
-            Level::Info => l::Level::Info,
-            Level::Warn => l::Level::Warn,
-            Level::Error => l::Level::Error,
-        };
-        l::log(level, message);
-    }
+    write_with!(transform);
     #[cfg(all(feature = "destination", not(feature = "transform")))]
-    {
-        use crate::bindings::destination::rewind::plugin::log as l;
-        let level = match level {
-            Level::Trace => l::Level::Trace,
-            Level::Debug => l::Level::Debug,
-            Level::Info => l::Level::Info,
-            Level::Warn => l::Level::Warn,
-            Level::Error => l::Level::Error,
-        };
-        l::log(level, message);
-    }
+    write_with!(destination);
     #[cfg(all(
         feature = "ingress",
         not(any(feature = "transform", feature = "destination"))
     ))]
-    {
-        use crate::bindings::ingress::rewind::plugin::log as l;
-        let level = match level {
-            Level::Trace => l::Level::Trace,
-            Level::Debug => l::Level::Debug,
-            Level::Info => l::Level::Info,
-            Level::Warn => l::Level::Warn,
-            Level::Error => l::Level::Error,
-        };
-        l::log(level, message);
-    }
+    write_with!(ingress);
 }
 
 /// Outbound HTTP and NATS for destinations (through the host, within its allow-list).

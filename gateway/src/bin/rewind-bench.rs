@@ -517,8 +517,14 @@ impl Gateway {
         format!("http://127.0.0.1:{}{path}", self.port)
     }
 
-    /// Team, collection and an ingest token.
+    /// Team, collection and an ingest token: `(token, collection id)`.
     async fn setup(&self) -> anyhow::Result<(String, String)> {
+        let (token, collection, _) = self.setup_with_team().await?;
+        Ok((token, collection))
+    }
+
+    /// [`Gateway::setup`], also returning the team id.
+    async fn setup_with_team(&self) -> anyhow::Result<(String, String, String)> {
         let http = reqwest::Client::new();
         let team: serde_json::Value = http
             .post(self.url("/v1/teams"))
@@ -548,6 +554,7 @@ impl Gateway {
         Ok((
             tok["token"].as_str().context("token")?.to_string(),
             col["id"].as_str().context("collection")?.to_string(),
+            team["id"].as_str().context("team id")?.to_string(),
         ))
     }
 

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use rewind_gateway::search::{IndexDoc, SearchIndex};
 
-use super::{Gateway, ROOT, cpu_seconds, realistic_event, self_rss_mib};
+use super::{Gateway, cpu_seconds, realistic_event, self_rss_mib};
 
 struct Setup {
     team_id: String,
@@ -24,36 +24,11 @@ struct Setup {
 }
 
 async fn setup(gw: &Gateway) -> anyhow::Result<Setup> {
-    let http = reqwest::Client::new();
-    let team: serde_json::Value = http
-        .post(gw.url("/v1/teams"))
-        .bearer_auth(ROOT)
-        .json(&serde_json::json!({"name": "bench"}))
-        .send()
-        .await?
-        .json()
-        .await?;
-    let admin = team["admin_token"].as_str().context("team")?.to_string();
-    let col: serde_json::Value = http
-        .post(gw.url("/v1/collections"))
-        .bearer_auth(&admin)
-        .json(&serde_json::json!({"name": "events"}))
-        .send()
-        .await?
-        .json()
-        .await?;
-    let tok: serde_json::Value = http
-        .post(gw.url("/v1/tokens"))
-        .bearer_auth(&admin)
-        .json(&serde_json::json!({"name": "bench", "scopes": ["ingest", "read"]}))
-        .send()
-        .await?
-        .json()
-        .await?;
+    let (token, collection_id, team_id) = gw.setup_with_team().await?;
     Ok(Setup {
-        team_id: team["id"].as_str().context("team id")?.to_string(),
-        collection_id: col["id"].as_str().context("collection")?.to_string(),
-        token: tok["token"].as_str().context("token")?.to_string(),
+        team_id,
+        collection_id,
+        token,
     })
 }
 

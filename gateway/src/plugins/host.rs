@@ -624,11 +624,7 @@ impl PluginHost {
                     Err(e) => Err(e),
                 },
             };
-            match r {
-                Ok(Ok(())) => Ok(()),
-                Ok(Err(reason)) => Err(PluginError::Init(reason)),
-                Err(e) => Err(PluginError::Init(describe(&e, limits))),
-            }
+            init_outcome(r, limits)
         };
         let r = tokio::time::timeout(limits.wall, call)
             .await
@@ -679,11 +675,7 @@ impl PluginHost {
                 .instantiate_async(&mut store)
                 .await
                 .map_err(|e| PluginError::Call(describe(&e, limits)))?;
-            match inst.call_init(&mut store, config).await {
-                Ok(Ok(())) => {}
-                Ok(Err(reason)) => return Err(PluginError::Init(reason)),
-                Err(e) => return Err(PluginError::Init(describe(&e, limits))),
-            }
+            init_outcome(inst.call_init(&mut store, config).await, limits)?;
             inst.call_transform(&mut store, &batch)
                 .await
                 .map_err(|e| PluginError::Call(describe(&e, limits)))
@@ -838,11 +830,7 @@ impl PluginHost {
                 .instantiate_async(&mut store)
                 .await
                 .map_err(|e| PluginError::Call(describe(&e, limits)))?;
-            match inst.call_init(&mut store, config).await {
-                Ok(Ok(())) => {}
-                Ok(Err(reason)) => return Err(PluginError::Init(reason)),
-                Err(e) => return Err(PluginError::Init(describe(&e, limits))),
-            }
+            init_outcome(inst.call_init(&mut store, config).await, limits)?;
             inst.call_deliver(&mut store, &batch)
                 .await
                 .map_err(|e| PluginError::Call(describe(&e, limits)))
@@ -902,11 +890,7 @@ impl PluginHost {
                 .instantiate_async(&mut store)
                 .await
                 .map_err(|e| PluginError::Call(describe(&e, limits)))?;
-            match inst.call_init(&mut store, config).await {
-                Ok(Ok(())) => {}
-                Ok(Err(reason)) => return Err(PluginError::Init(reason)),
-                Err(e) => return Err(PluginError::Init(describe(&e, limits))),
-            }
+            init_outcome(inst.call_init(&mut store, config).await, limits)?;
             inst.call_handle(&mut store, &request)
                 .await
                 .map_err(|e| PluginError::Call(describe(&e, limits)))
@@ -1036,6 +1020,18 @@ fn flush_output(store: &mut Store<HostState>) {
     let text = String::from_utf8_lossy(&text).into_owned();
     for line in text.lines().filter(|l| !l.trim().is_empty()) {
         s.write_log("info", line);
+    }
+}
+
+/// What a plugin's `init` said: its refusal, or the trap that stopped it.
+fn init_outcome(
+    r: wasmtime::Result<Result<(), String>>,
+    limits: &Limits,
+) -> Result<(), PluginError> {
+    match r {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(reason)) => Err(PluginError::Init(reason)),
+        Err(e) => Err(PluginError::Init(describe(&e, limits))),
     }
 }
 
