@@ -954,3 +954,124 @@ async fn rename_and_filter_plugins_shape_a_collection() {
         "{v}"
     );
 }
+
+/// Bad input to the plugin APIs: each answered with a 4xx that says what is wrong.
+#[tokio::test]
+async fn bad_plugin_api_input_is_refused_with_reasons() {
+    let gw = Gateway::start(&[]).await;
+    let (admin, col) = gw.team_with_collection("acme", "orders").await;
+    let (s, _) = upload(&gw, &admin, "hostile", "1.0.0", wasm("hostile-transform")).await;
+    assert_eq!(s, 201);
+    let (s, _) = upload(
+        &gw,
+        &admin,
+        "webhook",
+        "1.0.0",
+        wasm("rewind-plugin-http-webhook"),
+    )
+    .await;
+    assert_eq!(s, 201);
+    let pipeline = format!("/v1/collections/{col}/pipeline");
+    let msg = |v: &Value| {
+        v["error"]["message"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string()
+    };
+
+    // A destination plugin in a pipeline, a config that is not an object, an unknown key,
+    // an unknown plugin.
+    let (s, v) = gw
+        .call(
+            Method::PUT,
+            &pipeline,
+            &admin,
+            Some(json!({"steps": [{"plugin": "webhook@1.0.0", "config": {"url": "http://x"}}]})),
+        )
+        .await;
+    assert_eq!(s, 422, "{v}");
+    assert!(msg(&v).contains("must be transforms"), "{v}");
+    let (s, v) = gw
+        .call(
+            Method::PUT,
+            &pipeline,
+            &admin,
+            Some(json!({"steps": [{"plugin": "hostile@1.0.0", "config": [1]}]})),
+        )
+        .await;
+    assert_eq!(s, 400, "{v}");
+    assert!(msg(&v).contains("config must be a JSON object"), "{v}");
+    let (s, _) = gw
+        .call(
+            Method::PUT,
+            &pipeline,
+            &admin,
+            Some(json!({"steps": [{"plugin": "hostile@1.0.0", "cpu": 5}]})),
+        )
+        .await;
+    assert_eq!(s, 400);
+    let (s, _) = gw
+        .call(
+            Method::PUT,
+            &pipeline,
+            &admin,
+            Some(json!({"steps": [{"plugin": "nope@1.0.0"}]})),
+        )
+        .await;
+    assert_eq!(s, 404);
+
+    // Destinations and hooks need plugins of their kind.
+    let (s, v) = gw
+        .call(
+            Method::POST,
+            "/v1/destinations",
+            &admin,
+            Some(json!({"name": "d", "plugin": "hostile@1.0.0"})),
+        )
+        .await;
+    assert_eq!(s, 400, "{v}");
+    assert!(msg(&v).contains("needs a destination plugin"), "{v}");
+    let (s, v) = gw
+        .call(
+            Method::POST,
+            "/v1/hooks",
+            &admin,
+            Some(json!({"name": "h", "plugin": "hostile@1.0.0", "collection": "orders"})),
+        )
+        .await;
+    assert_eq!(s, 400, "{v}");
+    assert!(msg(&v).contains("needs an ingress plugin"), "{v}");
+
+    // The test endpoint: malformed JSON, too many events.
+    let (s, _) = gw
+        .call(
+            Method::POST,
+            "/v1/destinations",
+            &admin,
+            Some(json!({"name": "crm", "plugin": "webhook@1.0.0", "config": {"url": "https://crm.example.com/"}})),
+        )
+        .await;
+    assert_eq!(s, 201);
+    let r = gw
+        .http
+        .post(gw.url("/v1/destinations/crm/test"))
+        .bearer_auth(&admin)
+        .body("{not json")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    let v: Value = r.json().await.unwrap();
+    assert!(msg(&v).contains("invalid JSON body"), "{v}");
+    let many: Vec<Value> = (0..101).map(|i| json!({"n": i})).collect();
+    let (s, v) = gw
+        .call(
+            Method::POST,
+            "/v1/destinations/crm/test",
+            &admin,
+            Some(json!({"events": many})),
+        )
+        .await;
+    assert_eq!(s, 400, "{v}");
+    assert!(msg(&v).contains("at most 100"), "{v}");
+}
