@@ -338,7 +338,12 @@ async fn hostile_transforms_are_contained_and_other_teams_flow_on() {
                 Method::PUT,
                 &format!("/v1/collections/{col}/pipeline"),
                 &admin,
-                Some(json!({"steps": [{"plugin": "hostile@1.0.0", "config": {"mode": mode}}]})),
+                // Only `loop` is about the CPU limit: the others get a generous one so the
+                // limit under test is what stops them, however loaded the machine is.
+                Some(
+                    json!({"steps": [{"plugin": "hostile@1.0.0", "config": {"mode": mode},
+                                       "cpu_ms": if mode == "loop" { 50 } else { 2000 }}]}),
+                ),
             )
             .await;
         assert_eq!(s, 200, "{mode}: {v}");

@@ -116,7 +116,22 @@ async fn an_endless_loop_is_stopped_at_its_cpu_limit() {
 #[tokio::test]
 async fn unbounded_memory_is_stopped_at_the_memory_limit() {
     let host = host();
-    let out = run(&host, "grow", &events(&["x"])).await;
+    let c = host.compile(hostile_wasm()).await.unwrap();
+    // A generous CPU budget, so the memory limit is what stops it on a loaded machine too.
+    let limits = Limits {
+        cpu: Duration::from_secs(2),
+        wall: Duration::from_secs(20),
+        ..limits()
+    };
+    let out = host
+        .transform(
+            &c,
+            "hostile",
+            r#"{"mode":"grow"}"#,
+            &limits,
+            &events(&["x"]),
+        )
+        .await;
     assert!(
         failed(&out[0]).contains("memory limit of 32 MiB"),
         "{out:?}"
