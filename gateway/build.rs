@@ -4,7 +4,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     // SAFETY-free: build scripts are single-threaded, setting the variable is sound here.
     unsafe_set_protoc(&protoc);
     let root = "../proto";
-    let files = ["admin", "bus", "common", "ingest", "search"]
+    let files = ["admin", "bus", "common", "ingest", "replay", "search"]
         .map(|f| format!("{root}/rewind/v1/{f}.proto"));
     tonic_prost_build::configure()
         .bytes(".rewind.v1")

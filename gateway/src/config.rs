@@ -70,6 +70,17 @@ pub struct ServeArgs {
     /// Let destination plugins reach loopback and private addresses (local setups, tests).
     #[arg(long, env = "REWIND_ALLOW_PRIVATE_DESTINATIONS", num_args = 0..=1, default_missing_value = "true")]
     pub allow_private_destinations: Option<bool>,
+    /// Replays of one team that run at once; more wait as `pending` [default: 4].
+    #[arg(long, env = "REWIND_REPLAY_MAX_RUNNING")]
+    pub replay_max_running: Option<u32>,
+    /// Events per second all of a team's replays together may deliver (the team's replay
+    /// quota); 0 for no cap [default: 100000].
+    #[arg(long, env = "REWIND_REPLAY_TEAM_RATE")]
+    pub replay_team_rate: Option<u32>,
+    /// Requests per second a team may make to the replay API (429 + Retry-After above it);
+    /// bursts of twice that pass [default: 20].
+    #[arg(long, env = "REWIND_REPLAY_API_RATE")]
+    pub replay_api_rate: Option<u32>,
     /// Largest single event, bytes [default: 1048576].
     #[arg(long, env = "REWIND_MAX_EVENT_BYTES")]
     pub max_event_bytes: Option<usize>,
@@ -135,6 +146,9 @@ pub struct FileConfig {
     pub search_memory_bytes: Option<usize>,
     pub archive_flush_secs: Option<u64>,
     pub allow_private_destinations: Option<bool>,
+    pub replay_max_running: Option<u32>,
+    pub replay_team_rate: Option<u32>,
+    pub replay_api_rate: Option<u32>,
     pub archive_target_bytes: Option<usize>,
     pub archive_max_buffered_bytes: Option<usize>,
     pub archive_compact_secs: Option<u64>,
@@ -216,6 +230,7 @@ pub struct Config {
     pub archive_compact: Option<Duration>,
     pub archive_file_target_bytes: u64,
     pub allow_private_destinations: bool,
+    pub replay: crate::replay::ReplayOptions,
     pub limits: Limits,
     pub rate_limit: RateLimitConfig,
     pub id_field: Option<String>,
@@ -437,6 +452,26 @@ impl ServeArgs {
                 .allow_private_destinations
                 .or(file.allow_private_destinations)
                 .unwrap_or(false),
+            replay: crate::replay::ReplayOptions {
+                max_running_per_team: self
+                    .replay_max_running
+                    .or(file.replay_max_running)
+                    .unwrap_or(4)
+                    .max(1),
+                team_rate: match self
+                    .replay_team_rate
+                    .or(file.replay_team_rate)
+                    .unwrap_or(100_000)
+                {
+                    0 => None,
+                    r => Some(r),
+                },
+                api_rate: self
+                    .replay_api_rate
+                    .or(file.replay_api_rate)
+                    .unwrap_or(20)
+                    .max(1),
+            },
             limits: Limits {
                 max_event_bytes,
                 max_request_bytes,

@@ -16,5 +16,6 @@ pub mod metrics;
 pub mod plugins;
 pub mod proto;
 pub mod query;
+pub mod replay;
 pub mod search;
 pub mod server;

@@ -236,7 +236,11 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         bus: bus.clone(),
         metrics,
         max_message_bytes: config.limits.max_request_bytes,
+        replays: crate::replay::Replays::new(instance.clone(), config.replay.clone()),
     });
+    // Replays run until shutdown; on stop each finishes its batch and saves its checkpoint.
+    let (replays_stop, replays_stop_rx) = tokio::sync::watch::channel(false);
+    let replays_task = tokio::spawn(state.replays.clone().run(state.clone(), replays_stop_rx));
     let app = api::router(state);
 
     let listener = tokio::net::TcpListener::bind(config.listen)
@@ -265,6 +269,12 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
             let _ = stop_rx2.wait_for(|s| *s).await;
             tokio::time::sleep(grace).await;
         } => tracing::warn!(?grace, "in-flight requests did not finish within the grace period; their clients get no ack"),
+    }
+    let _ = replays_stop.send(true);
+    if tokio::time::timeout(grace, replays_task).await.is_err() {
+        tracing::warn!(
+            "replays did not stop in the grace period; they resume from their checkpoints"
+        );
     }
     // The archiver and the indexer write what they hold, then the bus flushes.
     let _ = archiver_stop.send(true);

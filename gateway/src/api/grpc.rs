@@ -23,7 +23,8 @@ use pb::token_service_server::{TokenService, TokenServiceServer};
 const STREAM_PIPELINE: usize = 16;
 
 /// Full names of the services, as they appear in gRPC paths.
-pub const SERVICES: [&str; 5] = [
+pub const SERVICES: [&str; 6] = [
+    "rewind.v1.ReplayService",
     "rewind.v1.SearchService",
     "rewind.v1.TeamService",
     "rewind.v1.TokenService",
@@ -39,15 +40,19 @@ pub fn routes(state: Arc<AppState>) -> Routes {
         .add_service(TokenServiceServer::new(svc.clone()).max_decoding_message_size(limit))
         .add_service(CollectionServiceServer::new(svc.clone()).max_decoding_message_size(limit))
         .add_service(IngestServiceServer::new(svc.clone()).max_decoding_message_size(limit))
-        .add_service(SearchServiceServer::new(svc).max_decoding_message_size(limit))
+        .add_service(SearchServiceServer::new(svc.clone()).max_decoding_message_size(limit))
+        .add_service(
+            pb::replay_service_server::ReplayServiceServer::new(svc)
+                .max_decoding_message_size(limit),
+        )
         .clone()
 }
 
 #[derive(Clone)]
-pub struct Grpc(Arc<AppState>);
+pub struct Grpc(pub(super) Arc<AppState>);
 
 impl Grpc {
-    async fn principal<T>(&self, request: &Request<T>) -> Result<Principal, Status> {
+    pub(super) async fn principal<T>(&self, request: &Request<T>) -> Result<Principal, Status> {
         let header = request
             .metadata()
             .get("authorization")
@@ -301,7 +306,7 @@ impl IngestService for Grpc {
     }
 }
 
-fn opt(s: &str) -> Option<&str> {
+pub(super) fn opt(s: &str) -> Option<&str> {
     (!s.is_empty()).then_some(s)
 }
 

@@ -5,7 +5,9 @@
 pub mod admin;
 pub mod error;
 pub mod grpc;
+pub mod grpc_replay;
 pub mod plugins;
+pub mod replays;
 pub mod rest;
 pub mod search;
 
@@ -41,6 +43,8 @@ pub struct AppState {
     pub allow_private_destinations: bool,
     pub destination_http: reqwest::Client,
     pub nats: Option<async_nats::Client>,
+    /// The replay scheduler, its quotas and API limiter.
+    pub replays: Arc<crate::replay::Replays>,
 }
 
 /// REST and gRPC on one router.

@@ -479,15 +479,46 @@ pub struct PipelineBody {
     steps: Vec<StepBody>,
 }
 
-#[derive(Deserialize)]
+#[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct StepBody {
     /// `name@version` or a plugin id.
-    plugin: String,
+    pub plugin: String,
     #[serde(default)]
-    config: Value,
-    memory_mib: Option<u64>,
-    cpu_ms: Option<u64>,
+    pub config: Value,
+    pub memory_mib: Option<u64>,
+    pub cpu_ms: Option<u64>,
+}
+
+/// Resolves the plugins of transform steps (`name@version` or id) in the caller's team.
+/// `what` names the list in errors (`steps`, `transforms`).
+pub async fn step_specs(
+    state: &AppState,
+    team_id: &str,
+    steps: Vec<StepBody>,
+    what: &str,
+) -> Result<Vec<crate::plugins::pipeline::StepSpec>, ApiError> {
+    let mut specs = Vec::with_capacity(steps.len());
+    for (i, step) in steps.into_iter().enumerate() {
+        let config = match step.config {
+            Value::Null => json!({}),
+            c @ Value::Object(_) => c,
+            _ => {
+                return Err(ApiError::bad_request(format!(
+                    "{what}[{i}].config must be a JSON object"
+                )));
+            }
+        };
+        let p = find_plugin(state, team_id, &step.plugin).await?;
+        specs.push(crate::plugins::pipeline::StepSpec {
+            plugin_id: p.id.clone(),
+            plugin: format!("{}@{}", p.name, p.version),
+            config,
+            memory_mib: step.memory_mib,
+            cpu_ms: step.cpu_ms,
+        });
+    }
+    Ok(specs)
 }
 
 fn pipeline_json(collection: &str, steps: &[crate::plugins::pipeline::StepSpec]) -> Value {
@@ -503,7 +534,7 @@ fn pipeline_json(collection: &str, steps: &[crate::plugins::pipeline::StepSpec])
     })
 }
 
-fn pipeline_error(e: crate::plugins::pipeline::PipelineError) -> ApiError {
+pub(crate) fn pipeline_error(e: crate::plugins::pipeline::PipelineError) -> ApiError {
     match e {
         crate::plugins::pipeline::PipelineError::Invalid(m) => {
             ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_pipeline", m)
@@ -524,26 +555,7 @@ pub async fn put_pipeline(
     let caller = who.require(Scope::Admin)?;
     let collection =
         super::admin::get_collection(state.meta.as_ref(), &caller.team_id, &id).await?;
-    let mut specs = Vec::with_capacity(body.steps.len());
-    for (i, step) in body.steps.into_iter().enumerate() {
-        let config = match step.config {
-            Value::Null => json!({}),
-            c @ Value::Object(_) => c,
-            _ => {
-                return Err(ApiError::bad_request(format!(
-                    "steps[{i}].config must be a JSON object"
-                )));
-            }
-        };
-        let p = find_plugin(&state, &caller.team_id, &step.plugin).await?;
-        specs.push(crate::plugins::pipeline::StepSpec {
-            plugin_id: p.id.clone(),
-            plugin: format!("{}@{}", p.name, p.version),
-            config,
-            memory_mib: step.memory_mib,
-            cpu_ms: step.cpu_ms,
-        });
-    }
+    let specs = step_specs(&state, &caller.team_id, body.steps, "steps").await?;
     state
         .pipelines
         .set(&caller.team_id, &collection.id, specs.clone())

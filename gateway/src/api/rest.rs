@@ -80,6 +80,15 @@ pub fn router(state: Arc<AppState>) -> Router {
             "/v1/hooks/{id}",
             post(super::plugins::receive_hook).delete(super::plugins::delete_hook),
         )
+        .route(
+            "/v1/replays",
+            post(super::replays::create_replay).get(super::replays::list_replays),
+        )
+        .route("/v1/replays/{id}", get(super::replays::get_replay))
+        .route(
+            "/v1/replays/{id}/{action}",
+            post(super::replays::control_replay),
+        )
         // Bodies are read by the handlers with their own limit and error message.
         .layer(DefaultBodyLimit::disable())
         .fallback(not_found)
@@ -782,6 +791,7 @@ async fn export(
             from,
             to,
             filter: filter.map(std::sync::Arc::new),
+            after: None,
         },
     );
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<bytes::Bytes, std::io::Error>>(8);

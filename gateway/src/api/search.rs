@@ -147,6 +147,7 @@ async fn scan_archive_newest(
             to,
             // Filter, text and cursor are checked below, with the facets.
             filter: None,
+            after: None,
         },
     );
     let request = Arc::new(request.clone());

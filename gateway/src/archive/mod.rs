@@ -8,6 +8,7 @@ pub mod compact;
 pub mod parquet;
 pub mod read;
 pub mod schema;
+pub mod select;
 pub mod store;
 
 use std::collections::{HashMap, HashSet};

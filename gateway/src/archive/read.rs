@@ -5,6 +5,7 @@ use std::sync::Arc;
 
 use arrow::array::{Array, BinaryArray, StringArray, TimestampMicrosecondArray};
 use bytes::Bytes;
+use futures::StreamExt;
 use object_store::{ObjectStore, ObjectStoreExt};
 use parquet::arrow::ProjectionMask;
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
@@ -120,6 +121,8 @@ pub struct Scan {
     pub from: i64,
     pub to: i64,
     pub filter: Option<Arc<crate::query::Expr>>,
+    /// Start after this event (received_at µs, id): a resumed replay's checkpoint.
+    pub after: Option<(i64, String)>,
 }
 
 /// Streams the selected events, oldest first (`received_at`, then id), in chunks, through
@@ -147,37 +150,58 @@ async fn run_scan(
     tx: &tokio::sync::mpsc::Sender<Result<Vec<ArchivedEvent>, String>>,
 ) -> Result<(), String> {
     // The last event sent: everything up to it (in scan order) is done.
-    let mut cursor: Option<(i64, String)> = None;
+    let mut cursor: Option<(i64, String)> = scan.after.clone();
     let mut replans = 0;
+    // With fields that got no column, an absent column proves nothing about a file's rows.
+    let capped = meta
+        .collection_columns(Some(&scan.collection_id))
+        .await
+        .map_err(|e| e.to_string())?
+        .len()
+        >= super::schema::MAX_COLUMNS;
     'plan: loop {
         let from = cursor.as_ref().map_or(scan.from, |c| c.0);
         let files = meta
             .list_archive_files(&scan.team_id, &scan.collection_id, from, scan.to)
             .await
             .map_err(|e| e.to_string())?;
-        for group in overlapping_groups(files) {
-            let mut events = Vec::new();
-            for file in &group {
-                match read_file(store, file, from, scan.to).await {
-                    Ok(mut e) => events.append(&mut e),
-                    Err(e) if e.not_found && replans < 10 => {
-                        tracing::debug!(path = %e.path, "archive file replaced during a scan; re-reading the manifest");
-                        replans += 1;
-                        continue 'plan;
-                    }
-                    Err(e) => return Err(e.to_string()),
+        // Two groups are read at once (decoding takes a core each); they are sent in order.
+        let filter = scan.filter.clone();
+        let mut reads = futures::stream::iter(overlapping_groups(files).into_iter().map(|group| {
+            let filter = filter.clone();
+            async move {
+                let mut events = Vec::new();
+                for file in &group {
+                    let (mut e, _) = super::select::read_selected(
+                        store,
+                        file,
+                        from,
+                        scan.to,
+                        filter.clone(),
+                        capped,
+                    )
+                    .await?;
+                    events.append(&mut e);
                 }
+                Ok::<_, ReadError>(events)
             }
+        }))
+        .buffered(2);
+        while let Some(read) = reads.next().await {
+            let mut events = match read {
+                Ok(events) => events,
+                Err(e) if e.not_found && replans < 10 => {
+                    tracing::debug!(path = %e.path, "archive file replaced during a scan; re-reading the manifest");
+                    replans += 1;
+                    continue 'plan;
+                }
+                Err(e) => return Err(e.to_string()),
+            };
             events.retain(|e| {
                 cursor
                     .as_ref()
                     .is_none_or(|(t, id)| (e.received_at, e.id.as_str()) > (*t, id.as_str()))
             });
-            if let Some(filter) = &scan.filter {
-                events.retain(|e| {
-                    crate::query::payload_matches(Some(filter), &e.content_type, &e.payload)
-                });
-            }
             events.sort_by(|a, b| (a.received_at, &a.id).cmp(&(b.received_at, &b.id)));
             if let Some(last) = events.last() {
                 cursor = Some((last.received_at, last.id.clone()));

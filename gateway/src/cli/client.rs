@@ -12,14 +12,14 @@ use super::{
     TailArgs, TeamCommand, TokenCommand,
 };
 
-struct Client {
+pub(super) struct Client {
     http: reqwest::Client,
     url: String,
     token: String,
 }
 
 impl Client {
-    fn new(remote: &Remote, token: Option<String>) -> anyhow::Result<Self> {
+    pub(super) fn new(remote: &Remote, token: Option<String>) -> anyhow::Result<Self> {
         let token = token.or_else(|| remote.token.clone()).ok_or_else(|| {
             anyhow!("no token: set REWIND_TOKEN (or pass --token) to a team token")
         })?;
@@ -32,7 +32,29 @@ impl Client {
         })
     }
 
-    async fn call(
+    pub(super) async fn call(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> anyhow::Result<Value> {
+        // A 429 is waited out (as long as its Retry-After says) a few times before failing.
+        let mut attempts = 0;
+        loop {
+            match self.call_once(method.clone(), path, body.clone()).await {
+                Err(e) if attempts < 10 => match e.downcast_ref::<RateLimited>() {
+                    Some(RateLimited(wait)) => {
+                        attempts += 1;
+                        tokio::time::sleep(*wait).await;
+                    }
+                    None => return Err(e),
+                },
+                other => return other,
+            }
+        }
+    }
+
+    async fn call_once(
         &self,
         method: reqwest::Method,
         path: &str,
@@ -50,6 +72,15 @@ impl Client {
             .await
             .with_context(|| format!("cannot reach the gateway at {}", self.url))?;
         let status = resp.status();
+        if status == reqwest::StatusCode::TOO_MANY_REQUESTS {
+            let wait = resp
+                .headers()
+                .get(reqwest::header::RETRY_AFTER)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.parse::<u64>().ok())
+                .unwrap_or(1);
+            return Err(RateLimited(Duration::from_secs(wait)).into());
+        }
         let text = resp.text().await?;
         if !status.is_success() {
             let message = serde_json::from_str::<Value>(&text)
@@ -66,7 +97,23 @@ impl Client {
     }
 }
 
-fn print(value: &Value) {
+/// The gateway said 429: wait this long.
+#[derive(Debug)]
+struct RateLimited(Duration);
+
+impl std::fmt::Display for RateLimited {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "429 Too Many Requests: the gateway asks to wait {}s",
+            self.0.as_secs()
+        )
+    }
+}
+
+impl std::error::Error for RateLimited {}
+
+pub(super) fn print(value: &Value) {
     println!(
         "{}",
         serde_json::to_string_pretty(value).unwrap_or_default()

@@ -3,6 +3,7 @@
 
 mod client;
 mod plugin;
+mod replay;
 
 use std::path::PathBuf;
 
@@ -77,6 +78,13 @@ pub enum Command {
         remote: Remote,
         #[command(subcommand)]
         command: PluginCommand,
+    },
+    /// Replay a slice of a collection's archive into a destination (docs/replays.md).
+    Replay {
+        #[command(flatten)]
+        remote: Remote,
+        #[command(subcommand)]
+        command: replay::ReplayCommand,
     },
     /// Inspect the durable bus directly (gateway stopped, for the local bus).
     Bus {
@@ -286,6 +294,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Token { remote, command } => client::token(remote, command).await,
         Command::Collection { remote, command } => client::collection(remote, command).await,
         Command::Plugin { remote, command } => plugin::run(remote, command).await,
+        Command::Replay { remote, command } => replay::run(remote, command).await,
         Command::Send(args) => client::send(args).await,
         Command::Export(args) => client::export(args).await,
         Command::Search(args) => client::search(args).await,

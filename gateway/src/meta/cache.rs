@@ -297,4 +297,59 @@ impl Metastore for CachedMetastore {
     ) -> Result<Vec<StoredColumn>, MetaError> {
         self.inner.collection_columns(collection_id).await
     }
+
+    async fn create_replay(&self, r: &super::ReplayRecord) -> Result<(), MetaError> {
+        self.inner.create_replay(r).await
+    }
+    async fn get_replay(
+        &self,
+        team_id: &str,
+        id: &str,
+    ) -> Result<Option<super::ReplayRecord>, MetaError> {
+        self.inner.get_replay(team_id, id).await
+    }
+    async fn list_replays(
+        &self,
+        team_id: &str,
+        limit: i64,
+    ) -> Result<Vec<super::ReplayRecord>, MetaError> {
+        self.inner.list_replays(team_id, limit).await
+    }
+    async fn set_replay_status(
+        &self,
+        team_id: &str,
+        id: &str,
+        from: &[&str],
+        to: &str,
+        error: Option<&str>,
+    ) -> Result<bool, MetaError> {
+        self.inner
+            .set_replay_status(team_id, id, from, to, error)
+            .await
+    }
+    async fn save_replay_progress(
+        &self,
+        id: &str,
+        owner: &str,
+        progress: &super::ReplayProgress,
+        lease_until: i64,
+    ) -> Result<bool, MetaError> {
+        self.inner
+            .save_replay_progress(id, owner, progress, lease_until)
+            .await
+    }
+    async fn claim_replays(
+        &self,
+        owner: &str,
+        now: i64,
+        lease_until: i64,
+    ) -> Result<Vec<super::ReplayRecord>, MetaError> {
+        self.inner.claim_replays(owner, now, lease_until).await
+    }
+    async fn release_replay(&self, id: &str, owner: &str) -> Result<(), MetaError> {
+        self.inner.release_replay(id, owner).await
+    }
+    async fn running_replays(&self, team_id: &str) -> Result<i64, MetaError> {
+        self.inner.running_replays(team_id).await
+    }
 }

@@ -373,6 +373,149 @@ async fn contract_suite(store: &dyn Metastore) {
     );
 
     plugins_and_destinations(store, &a.id, &b.id, &orders_a.id).await;
+    replays(store, &a.id, &b.id, &orders_a.id).await;
+}
+
+async fn replays(store: &dyn Metastore, a: &str, b: &str, orders_a: &str) {
+    let now = now_micros();
+    let r = ReplayRecord {
+        id: new_id("rpl"),
+        team_id: a.into(),
+        collection_id: orders_a.into(),
+        spec: "{}".into(),
+        status: "pending".into(),
+        total: None,
+        delivered: 0,
+        failed: 0,
+        retried: 0,
+        checkpoint: None,
+        rate_milli: 0,
+        error: None,
+        owner: None,
+        lease_until: 0,
+        created_at: now,
+        updated_at: now,
+        started_at: None,
+        finished_at: None,
+    };
+    store.create_replay(&r).await.unwrap();
+    assert_eq!(store.get_replay(a, &r.id).await.unwrap(), Some(r.clone()));
+    // Another team sees nothing of it.
+    assert_eq!(store.get_replay(b, &r.id).await.unwrap(), None);
+    assert!(store.list_replays(b, 10).await.unwrap().is_empty());
+    assert!(
+        !store
+            .set_replay_status(b, &r.id, &["pending"], "cancelled", None)
+            .await
+            .unwrap()
+    );
+    assert_eq!(store.list_replays(a, 10).await.unwrap().len(), 1);
+
+    // One gateway claims it; another cannot while the lease holds, can once it expired.
+    let claimed = store
+        .claim_replays("gw1", now, now + 1_000_000)
+        .await
+        .unwrap();
+    assert_eq!(claimed.len(), 1);
+    assert_eq!(claimed[0].owner.as_deref(), Some("gw1"));
+    assert!(
+        store
+            .claim_replays("gw2", now, now + 1_000_000)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    // Its own claims come back to the same gateway (a restart with the same instance id).
+    assert_eq!(
+        store
+            .claim_replays("gw1", now, now + 1_000_000)
+            .await
+            .unwrap()
+            .len(),
+        1
+    );
+
+    assert!(
+        store
+            .set_replay_status(a, &r.id, &["pending"], "running", None)
+            .await
+            .unwrap()
+    );
+    assert_eq!(store.running_replays(a).await.unwrap(), 1);
+    assert_eq!(store.running_replays(b).await.unwrap(), 0);
+    let progress = ReplayProgress {
+        total: Some(10),
+        delivered: 4,
+        failed: 1,
+        retried: 2,
+        checkpoint: Some((now, "01J".into())),
+        rate_milli: 5000,
+    };
+    assert!(
+        store
+            .save_replay_progress(&r.id, "gw1", &progress, now + 2_000_000)
+            .await
+            .unwrap()
+    );
+    // A gateway that lost the lease cannot record progress.
+    assert!(
+        !store
+            .save_replay_progress(&r.id, "gw2", &progress, now + 2_000_000)
+            .await
+            .unwrap()
+    );
+    let got = store.get_replay(a, &r.id).await.unwrap().unwrap();
+    assert_eq!(
+        (got.total, got.delivered, got.failed, got.retried),
+        (Some(10), 4, 1, 2)
+    );
+    assert_eq!(got.checkpoint, Some((now, "01J".into())));
+    assert!(got.started_at.is_some());
+    // The lease runs out: another gateway takes over.
+    let later = now + 3_000_000;
+    let taken = store
+        .claim_replays("gw2", later, later + 1_000_000)
+        .await
+        .unwrap();
+    assert_eq!(taken.len(), 1);
+    assert_eq!(taken[0].checkpoint, Some((now, "01J".into())));
+    store.release_replay(&r.id, "gw2").await.unwrap();
+    assert_eq!(
+        store.get_replay(a, &r.id).await.unwrap().unwrap().owner,
+        None
+    );
+
+    // Transitions only from the named states; terminal ones set finished_at and the error.
+    assert!(
+        !store
+            .set_replay_status(a, &r.id, &["paused"], "running", None)
+            .await
+            .unwrap()
+    );
+    assert!(
+        store
+            .set_replay_status(
+                a,
+                &r.id,
+                &["running", "paused"],
+                "failed",
+                Some("too many failures")
+            )
+            .await
+            .unwrap()
+    );
+    let got = store.get_replay(a, &r.id).await.unwrap().unwrap();
+    assert_eq!(got.status, "failed");
+    assert_eq!(got.error.as_deref(), Some("too many failures"));
+    assert!(got.finished_at.is_some());
+    // Finished replays are never claimed.
+    assert!(
+        store
+            .claim_replays("gw3", later * 2, later * 2)
+            .await
+            .unwrap()
+            .is_empty()
+    );
 }
 
 async fn plugins_and_destinations(store: &dyn Metastore, a: &str, b: &str, orders_a: &str) {

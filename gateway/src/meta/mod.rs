@@ -113,6 +113,48 @@ pub struct HookRecord {
     pub created_at: i64,
 }
 
+/// A replay (docs/replays.md) with its progress and lease.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReplayRecord {
+    pub id: String,
+    pub team_id: String,
+    pub collection_id: String,
+    /// What to replay: JSON of `replay::ReplaySpec`.
+    pub spec: String,
+    /// `pending`, `running`, `paused`, `completed`, `failed` or `cancelled`.
+    pub status: String,
+    /// Events selected, once counted.
+    pub total: Option<i64>,
+    pub delivered: i64,
+    /// Dead-lettered (permanent failures, exhausted retries, failed transforms).
+    pub failed: i64,
+    /// Delivery attempts that were retried.
+    pub retried: i64,
+    /// The last event done, as (received_at µs, id): a resumed replay starts after it.
+    pub checkpoint: Option<(i64, String)>,
+    /// Current delivery rate in events per 1000 s.
+    pub rate_milli: i64,
+    pub error: Option<String>,
+    /// The gateway running it, and until when its lease holds (µs).
+    pub owner: Option<String>,
+    pub lease_until: i64,
+    pub created_at: i64,
+    pub updated_at: i64,
+    pub started_at: Option<i64>,
+    pub finished_at: Option<i64>,
+}
+
+/// Progress a replay's runner records after each batch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReplayProgress {
+    pub total: Option<i64>,
+    pub delivered: i64,
+    pub failed: i64,
+    pub retried: i64,
+    pub checkpoint: Option<(i64, String)>,
+    pub rate_milli: i64,
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum MetaError {
     #[error("{what} {name:?} already exists")]
@@ -268,4 +310,41 @@ pub trait Metastore: Send + Sync {
         &self,
         collection_id: Option<&str>,
     ) -> Result<Vec<StoredColumn>, MetaError>;
+
+    async fn create_replay(&self, r: &ReplayRecord) -> Result<(), MetaError>;
+    async fn get_replay(&self, team_id: &str, id: &str) -> Result<Option<ReplayRecord>, MetaError>;
+    /// The team's replays, newest first.
+    async fn list_replays(&self, team_id: &str, limit: i64)
+    -> Result<Vec<ReplayRecord>, MetaError>;
+    /// Moves a replay from one of `from` to `to` (with `error` when it failed); `false` when
+    /// it was in none of them. Terminal states set `finished_at`, `running` sets `started_at`
+    /// the first time.
+    async fn set_replay_status(
+        &self,
+        team_id: &str,
+        id: &str,
+        from: &[&str],
+        to: &str,
+        error: Option<&str>,
+    ) -> Result<bool, MetaError>;
+    /// Records progress and renews the lease, if `owner` still holds it (`false` otherwise).
+    async fn save_replay_progress(
+        &self,
+        id: &str,
+        owner: &str,
+        progress: &ReplayProgress,
+        lease_until: i64,
+    ) -> Result<bool, MetaError>;
+    /// Takes the lease of every unfinished replay that has no owner, is `owner`'s already,
+    /// or whose lease ran out before `now`; returns those now held by `owner`.
+    async fn claim_replays(
+        &self,
+        owner: &str,
+        now: i64,
+        lease_until: i64,
+    ) -> Result<Vec<ReplayRecord>, MetaError>;
+    /// Gives a replay's lease up (on shutdown), so another gateway may take it at once.
+    async fn release_replay(&self, id: &str, owner: &str) -> Result<(), MetaError>;
+    /// How many of the team's replays are `running`.
+    async fn running_replays(&self, team_id: &str) -> Result<i64, MetaError>;
 }

@@ -11,7 +11,7 @@ use sqlx::{AnyPool, Row};
 
 use super::{
     ArchiveFile, Collection, DestinationRecord, HookRecord, MetaError, Metastore, PluginRecord,
-    StoredColumn, Team, TokenRecord,
+    ReplayProgress, ReplayRecord, StoredColumn, Team, TokenRecord,
 };
 use crate::auth::Scopes;
 
@@ -843,4 +843,221 @@ impl Metastore for SqlMetastore {
         };
         Ok(rows.iter().map(column_from_row).collect::<Result<_, _>>()?)
     }
+
+    async fn create_replay(&self, r: &ReplayRecord) -> Result<(), MetaError> {
+        sqlx::query(
+            "INSERT INTO replays (id, team_id, collection_id, spec, status, total, delivered, \
+             failed, retried, checkpoint_at, checkpoint_id, rate_milli, error, owner, lease_until, \
+             created_at, updated_at, started_at, finished_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19)",
+        )
+        .bind(&r.id)
+        .bind(&r.team_id)
+        .bind(&r.collection_id)
+        .bind(&r.spec)
+        .bind(&r.status)
+        .bind(r.total)
+        .bind(r.delivered)
+        .bind(r.failed)
+        .bind(r.retried)
+        .bind(r.checkpoint.as_ref().map(|c| c.0))
+        .bind(r.checkpoint.as_ref().map(|c| c.1.clone()))
+        .bind(r.rate_milli)
+        .bind(r.error.clone())
+        .bind(r.owner.clone())
+        .bind(r.lease_until)
+        .bind(r.created_at)
+        .bind(r.updated_at)
+        .bind(r.started_at)
+        .bind(r.finished_at)
+        .execute(&self.pool)
+        .await
+        .map_err(|e| map_insert_error(e, "replay", &r.id))?;
+        Ok(())
+    }
+
+    async fn get_replay(&self, team_id: &str, id: &str) -> Result<Option<ReplayRecord>, MetaError> {
+        let row = sqlx::query(&format!(
+            "SELECT {REPLAY_COLUMNS} FROM replays WHERE team_id = $1 AND id = $2"
+        ))
+        .bind(team_id)
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(row.as_ref().map(replay_from_row).transpose()?)
+    }
+
+    async fn list_replays(
+        &self,
+        team_id: &str,
+        limit: i64,
+    ) -> Result<Vec<ReplayRecord>, MetaError> {
+        let rows = sqlx::query(&format!(
+            "SELECT {REPLAY_COLUMNS} FROM replays WHERE team_id = $1 \
+             ORDER BY created_at DESC, id DESC LIMIT $2"
+        ))
+        .bind(team_id)
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows.iter().map(replay_from_row).collect::<Result<_, _>>()?)
+    }
+
+    async fn set_replay_status(
+        &self,
+        team_id: &str,
+        id: &str,
+        from: &[&str],
+        to: &str,
+        error: Option<&str>,
+    ) -> Result<bool, MetaError> {
+        if from.is_empty() {
+            return Ok(false);
+        }
+        let now = crate::ids::now_micros();
+        let terminal = matches!(to, "completed" | "failed" | "cancelled");
+        let placeholders: Vec<String> = (0..from.len()).map(|i| format!("${}", i + 7)).collect();
+        let sql = format!(
+            "UPDATE replays SET status = $1, error = COALESCE($2, error), updated_at = $3, \
+             started_at = CASE WHEN $1 = 'running' AND started_at IS NULL THEN $3 ELSE started_at END, \
+             finished_at = CASE WHEN $4 = 1 THEN $3 ELSE finished_at END \
+             WHERE team_id = $5 AND id = $6 AND status IN ({})",
+            placeholders.join(", ")
+        );
+        let mut q = sqlx::query(&sql)
+            .bind(to)
+            .bind(error)
+            .bind(now)
+            .bind(i64::from(terminal))
+            .bind(team_id)
+            .bind(id);
+        for f in from {
+            q = q.bind(*f);
+        }
+        Ok(q.execute(&self.pool).await?.rows_affected() == 1)
+    }
+
+    async fn save_replay_progress(
+        &self,
+        id: &str,
+        owner: &str,
+        p: &ReplayProgress,
+        lease_until: i64,
+    ) -> Result<bool, MetaError> {
+        let done = sqlx::query(
+            "UPDATE replays SET total = COALESCE($1, total), delivered = $2, failed = $3, \
+             retried = $4, checkpoint_at = COALESCE($5, checkpoint_at), \
+             checkpoint_id = COALESCE($6, checkpoint_id), rate_milli = $7, lease_until = $8, \
+             updated_at = $9 WHERE id = $10 AND owner = $11",
+        )
+        .bind(p.total)
+        .bind(p.delivered)
+        .bind(p.failed)
+        .bind(p.retried)
+        .bind(p.checkpoint.as_ref().map(|c| c.0))
+        .bind(p.checkpoint.as_ref().map(|c| c.1.clone()))
+        .bind(p.rate_milli)
+        .bind(lease_until)
+        .bind(crate::ids::now_micros())
+        .bind(id)
+        .bind(owner)
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    async fn claim_replays(
+        &self,
+        owner: &str,
+        now: i64,
+        lease_until: i64,
+    ) -> Result<Vec<ReplayRecord>, MetaError> {
+        // One conditional update per candidate, so two gateways never both win one.
+        let candidates = sqlx::query(
+            "SELECT id FROM replays WHERE status IN ('pending', 'running', 'paused') \
+             AND (owner IS NULL OR owner = $1 OR lease_until < $2) ORDER BY created_at",
+        )
+        .bind(owner)
+        .bind(now)
+        .fetch_all(&self.pool)
+        .await?;
+        let mut claimed = Vec::new();
+        for row in candidates {
+            let id: String = row.try_get("id")?;
+            let won = sqlx::query(
+                "UPDATE replays SET owner = $1, lease_until = $2 WHERE id = $3 \
+                 AND status IN ('pending', 'running', 'paused') \
+                 AND (owner IS NULL OR owner = $1 OR lease_until < $4)",
+            )
+            .bind(owner)
+            .bind(lease_until)
+            .bind(&id)
+            .bind(now)
+            .execute(&self.pool)
+            .await?
+            .rows_affected()
+                == 1;
+            if won
+                && let Some(row) = sqlx::query(&format!(
+                    "SELECT {REPLAY_COLUMNS} FROM replays WHERE id = $1"
+                ))
+                .bind(&id)
+                .fetch_optional(&self.pool)
+                .await?
+            {
+                claimed.push(replay_from_row(&row)?);
+            }
+        }
+        Ok(claimed)
+    }
+
+    async fn release_replay(&self, id: &str, owner: &str) -> Result<(), MetaError> {
+        sqlx::query(
+            "UPDATE replays SET owner = NULL, lease_until = 0 WHERE id = $1 AND owner = $2",
+        )
+        .bind(id)
+        .bind(owner)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn running_replays(&self, team_id: &str) -> Result<i64, MetaError> {
+        let row = sqlx::query(
+            "SELECT COUNT(*) AS n FROM replays WHERE team_id = $1 AND status = 'running'",
+        )
+        .bind(team_id)
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(row.try_get("n")?)
+    }
+}
+
+const REPLAY_COLUMNS: &str = "id, team_id, collection_id, spec, status, total, delivered, failed, \
+     retried, checkpoint_at, checkpoint_id, rate_milli, error, owner, lease_until, created_at, \
+     updated_at, started_at, finished_at";
+
+fn replay_from_row(row: &AnyRow) -> Result<ReplayRecord, sqlx::Error> {
+    let at: Option<i64> = row.try_get("checkpoint_at")?;
+    let cid: Option<String> = row.try_get("checkpoint_id")?;
+    Ok(ReplayRecord {
+        id: row.try_get("id")?,
+        team_id: row.try_get("team_id")?,
+        collection_id: row.try_get("collection_id")?,
+        spec: row.try_get("spec")?,
+        status: row.try_get("status")?,
+        total: row.try_get("total")?,
+        delivered: row.try_get("delivered")?,
+        failed: row.try_get("failed")?,
+        retried: row.try_get("retried")?,
+        checkpoint: at.zip(cid),
+        rate_milli: row.try_get("rate_milli")?,
+        error: row.try_get("error")?,
+        owner: row.try_get("owner")?,
+        lease_until: row.try_get("lease_until")?,
+        created_at: row.try_get("created_at")?,
+        updated_at: row.try_get("updated_at")?,
+        started_at: row.try_get("started_at")?,
+        finished_at: row.try_get("finished_at")?,
+    })
 }

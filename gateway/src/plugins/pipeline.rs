@@ -131,7 +131,11 @@ impl Pipelines {
             .map_err(|e| PipelineError::Invalid(format!("plugin {}@{}: {e}", p.name, p.version)))
     }
 
-    async fn build(&self, team_id: &str, specs: Vec<StepSpec>) -> Result<Pipeline, PipelineError> {
+    pub async fn build(
+        &self,
+        team_id: &str,
+        specs: Vec<StepSpec>,
+    ) -> Result<Pipeline, PipelineError> {
         let mut steps = Vec::with_capacity(specs.len());
         for spec in specs {
             let p = self
@@ -209,7 +213,29 @@ impl Pipelines {
                 "a pipeline has at most {MAX_STEPS} steps"
             )));
         }
-        let pipeline = self.build(team_id, specs.clone()).await?;
+        let pipeline = self.validate(team_id, specs.clone()).await?;
+        let text =
+            (!specs.is_empty()).then(|| serde_json::to_string(&specs).expect("specs serialize"));
+        self.meta
+            .set_pipeline(team_id, collection_id, text.as_deref())
+            .await
+            .map_err(|e| PipelineError::Unavailable(e.to_string()))?;
+        let value = (!pipeline.steps.is_empty()).then(|| Arc::new(pipeline));
+        self.cache
+            .write()
+            .expect("lock")
+            .insert(collection_id.to_string(), (Instant::now(), value));
+        Ok(())
+    }
+
+    /// Builds a chain of transforms and checks it: every step is a transform plugin of the
+    /// team that accepts its config.
+    pub async fn validate(
+        &self,
+        team_id: &str,
+        specs: Vec<StepSpec>,
+    ) -> Result<Pipeline, PipelineError> {
+        let pipeline = self.build(team_id, specs).await?;
         for step in &pipeline.steps {
             if step.compiled.kind != PluginKind::Transform {
                 return Err(PipelineError::Invalid(format!(
@@ -225,18 +251,7 @@ impl Pipelines {
                     PipelineError::Invalid(format!("{} refused its config: {e}", step.name))
                 })?;
         }
-        let text =
-            (!specs.is_empty()).then(|| serde_json::to_string(&specs).expect("specs serialize"));
-        self.meta
-            .set_pipeline(team_id, collection_id, text.as_deref())
-            .await
-            .map_err(|e| PipelineError::Unavailable(e.to_string()))?;
-        let value = (!pipeline.steps.is_empty()).then(|| Arc::new(pipeline));
-        self.cache
-            .write()
-            .expect("lock")
-            .insert(collection_id.to_string(), (Instant::now(), value));
-        Ok(())
+        Ok(pipeline)
     }
 
     /// Runs events through a pipeline: what is left to store, and what failed.
