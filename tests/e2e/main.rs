@@ -11,5 +11,6 @@ mod grpc;
 mod ingest;
 mod nats;
 mod plugins;
+mod replays;
 mod s3;
 mod search;

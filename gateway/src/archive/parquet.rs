@@ -239,6 +239,11 @@ impl FileWriter {
         self.writer.write(batch)
     }
 
+    /// Ends the current row group (the next rows start a new one).
+    pub fn end_row_group(&mut self) -> Result<(), parquet::errors::ParquetError> {
+        self.writer.flush()
+    }
+
     pub fn finish(self) -> Result<Bytes, parquet::errors::ParquetError> {
         Ok(Bytes::from(self.writer.into_inner()?))
     }

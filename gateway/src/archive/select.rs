@@ -670,6 +670,7 @@ mod tests {
         let mut w = FileWriter::new(arrow_schema, slot_of).unwrap();
         for chunk in rows.chunks(50) {
             w.write(chunk).unwrap();
+            w.end_row_group().unwrap();
         }
         (w.finish().unwrap(), events)
     }

@@ -30,7 +30,9 @@ use crate::plugins::pipeline::StepSpec;
 pub const LEASE: Duration = Duration::from_secs(15);
 /// Most events in one delivery batch.
 pub const MAX_BATCH: usize = 5_000;
-pub const DEFAULT_BATCH: usize = 500;
+/// Default events per batch: a destination call must finish within its wall-clock limit
+/// (10 s), and a webhook in `event` mode makes one request per event.
+pub const DEFAULT_BATCH: usize = 100;
 pub const DEFAULT_MAX_RETRIES: u32 = 10;
 pub const DEFAULT_MAX_FAILURE_RATIO: f64 = 0.1;
 /// The failure ratio is judged once this many events were tried (or at the end).
