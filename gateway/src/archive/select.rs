@@ -261,11 +261,11 @@ impl Node {
     }
 
     /// Truth for a whole row group from its statistics: `No` only when no row can match.
-    fn group(&self, rg: &RowGroupMetaData, schema: &Schema) -> Tri {
+    fn group(&self, rg: &RowGroupMetaData) -> Tri {
         match self {
-            Node::And(p) => and(p.iter().map(|n| n.group(rg, schema))),
-            Node::Or(p) => or(p.iter().map(|n| n.group(rg, schema))),
-            Node::Not(n) => match n.group(rg, schema) {
+            Node::And(p) => and(p.iter().map(|n| n.group(rg))),
+            Node::Or(p) => or(p.iter().map(|n| n.group(rg))),
+            Node::Not(n) => match n.group(rg) {
                 Tri::Yes => Tri::No,
                 _ => Tri::Maybe,
             },
@@ -510,7 +510,7 @@ pub fn select_bytes(
             continue;
         }
         if let Some(n) = &node
-            && n.group(rg, &schema) == Tri::No
+            && n.group(rg) == Tri::No
         {
             continue;
         }

@@ -15,7 +15,7 @@ use super::client::{Client, print};
 #[derive(Debug, Subcommand)]
 pub enum ReplayCommand {
     /// Start a replay of a collection's archive into a destination (or a collection).
-    Create(CreateArgs),
+    Create(Box<CreateArgs>),
     /// Show a replay's state and progress.
     Get { id: String },
     /// List the team's replays, newest first.
@@ -90,7 +90,7 @@ pub async fn run(remote: Remote, command: ReplayCommand) -> anyhow::Result<()> {
     let client = Client::new(&remote, None)?;
     use reqwest::Method;
     match command {
-        ReplayCommand::Create(args) => create(&client, args).await,
+        ReplayCommand::Create(args) => create(&client, *args).await,
         ReplayCommand::Get { id } => {
             print(
                 &client
