@@ -34,6 +34,9 @@ mod search_bench;
 #[path = "plugin_bench.rs"]
 mod plugin_bench;
 
+#[path = "replay_bench.rs"]
+mod replay_bench;
+
 #[derive(Parser)]
 struct Args {
     /// Seconds per scenario.
@@ -72,6 +75,13 @@ struct Args {
     /// instantiation time.
     #[arg(long)]
     plugins: bool,
+    /// Replay benchmark: archive this many events and replay them unpaced to NATS and to a
+    /// batched webhook; then the selective-filter run over --replay-scan-events.
+    #[arg(long)]
+    replay_events: Option<usize>,
+    /// Events archived for the selective (0.1%) replay run, compared with DuckDB.
+    #[arg(long, default_value_t = 10_000_000)]
+    replay_scan_events: usize,
     /// Queries per search scenario.
     #[arg(long, default_value_t = 200)]
     search_queries: usize,
@@ -517,6 +527,10 @@ impl Gateway {
         format!("http://127.0.0.1:{}{path}", self.port)
     }
 
+    fn data_dir(&self) -> &std::path::Path {
+        self.dir.as_ref().expect("running").path()
+    }
+
     /// Team, collection and an ingest token: `(token, collection id)`.
     async fn setup(&self) -> anyhow::Result<(String, String)> {
         let (token, collection, _) = self.setup_with_team().await?;
@@ -864,6 +878,9 @@ async fn main() -> anyhow::Result<()> {
     }
     if args.plugins {
         return plugin_bench::run(args.secs, args.event_bytes).await;
+    }
+    if let Some(events) = args.replay_events {
+        return replay_bench::run(events, args.replay_scan_events).await;
     }
     if let Some(events) = args.search_events {
         return search_bench::run(
