@@ -1182,3 +1182,91 @@ async fn grpc_watch_follows_progress_and_stream_sends_the_events() {
         .unwrap_err();
     assert_eq!(err.code(), tonic::Code::NotFound);
 }
+
+#[tokio::test]
+async fn replay_time_transforms_run_before_delivery_and_their_failures_are_dead_letters() {
+    let gw = gateway(&[]).await;
+    let rx = Receiver::start(|_| 200).await;
+    let (admin, token, col) = setup(&gw, "acme", &rx).await;
+    for (name, package) in [
+        ("redact", "rewind-plugin-redact"),
+        ("hostile", "hostile-transform"),
+    ] {
+        let resp = gw
+            .http
+            .post(gw.url("/v1/plugins"))
+            .query(&[("name", name), ("version", "1.0.0")])
+            .bearer_auth(&admin)
+            .body(std::fs::read(fixtures::build(package)).unwrap())
+            .send()
+            .await
+            .unwrap();
+        assert!(resp.status().is_success());
+    }
+    let body: String = (0..100)
+        .map(|i| {
+            let note = if i % 10 == 0 { "poison" } else { "ok" };
+            format!(
+                "{}\n",
+                json!({"n": i, "email": format!("u{i}@example.com"), "note": note})
+            )
+        })
+        .collect();
+    assert_eq!(
+        gw.send(&token, &col, "application/x-ndjson", body)
+            .await
+            .status(),
+        202
+    );
+    archived(&gw, &token, &col, 100).await;
+
+    // A destination plugin is no transform: refused before anything runs.
+    let (s, v) = gw
+        .call(
+            Method::POST,
+            "/v1/replays",
+            &token,
+            Some(json!({"collection": "orders", "destination": "hook",
+                "transforms": [{"plugin": "webhook@1.0.0", "config": {}}]})),
+        )
+        .await;
+    assert_eq!(s, 422, "{v}");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("transform"),
+        "{v}"
+    );
+
+    let r = create(
+        &gw,
+        &token,
+        json!({"collection": "orders", "destination": "hook", "max_failure_ratio": 0.2,
+        "transforms": [
+            {"plugin": "redact@1.0.0", "config": {"paths": ["email"]}},
+            {"plugin": "hostile@1.0.0", "config": {"mode": "poison"}},
+        ]}),
+    )
+    .await;
+    let done = finished(
+        &gw,
+        &token,
+        r["id"].as_str().unwrap(),
+        Duration::from_secs(60),
+    )
+    .await;
+    assert_eq!(done["status"], "completed", "{done}");
+    assert_eq!(
+        (done["delivered"].as_i64(), done["failed"].as_i64()),
+        (Some(90), Some(10))
+    );
+    let hits = rx.delivered();
+    assert_eq!(hits.len(), 90);
+    for h in &hits {
+        let v: Value = serde_json::from_slice(&h.body).unwrap();
+        assert_eq!(v["email"], "[REDACTED]", "{v}");
+        assert_eq!(v["note"], "ok");
+    }
+    assert_eq!(done["transforms"][0]["plugin"], "redact@1.0.0");
+}

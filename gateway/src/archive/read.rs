@@ -216,6 +216,55 @@ async fn run_scan(
     }
 }
 
+/// Counts a selection's events. Without a filter, files entirely inside `[from, to)` count by
+/// their manifest rows and only the files at the edges are read; with one, every file is
+/// read with the filter pushed down. `after` is ignored.
+pub async fn count(
+    store: &Arc<dyn ObjectStore>,
+    meta: &dyn crate::meta::Metastore,
+    scan: &Scan,
+) -> Result<i64, String> {
+    let capped = meta
+        .collection_columns(Some(&scan.collection_id))
+        .await
+        .map_err(|e| e.to_string())?
+        .len()
+        >= super::schema::MAX_COLUMNS;
+    // A file replaced by compaction while counting: count again from a fresh manifest.
+    'plan: for _ in 0..10 {
+        let files = meta
+            .list_archive_files(&scan.team_id, &scan.collection_id, scan.from, scan.to)
+            .await
+            .map_err(|e| e.to_string())?;
+        let mut n = 0i64;
+        for file in &files {
+            if scan.filter.is_none()
+                && file.min_received_at >= scan.from
+                && file.max_received_at < scan.to
+            {
+                n += file.rows;
+                continue;
+            }
+            match super::select::read_selected(
+                store,
+                file,
+                scan.from,
+                scan.to,
+                scan.filter.clone(),
+                capped,
+            )
+            .await
+            {
+                Ok((events, _)) => n += events.len() as i64,
+                Err(e) if e.not_found => continue 'plan,
+                Err(e) => return Err(e.to_string()),
+            }
+        }
+        return Ok(n);
+    }
+    Err("the archive kept changing under the count; retry".into())
+}
+
 /// Groups files (sorted by `min_received_at`) whose time ranges overlap, so each group can be
 /// merged in memory and groups streamed one after the other, oldest first.
 pub fn overlapping_groups(files: Vec<ArchiveFile>) -> Vec<Vec<ArchiveFile>> {

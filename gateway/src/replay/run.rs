@@ -256,40 +256,36 @@ impl Runner {
         }
     }
 
-    /// Counts the selection in the background (for progress and ETA).
+    /// Counts the selection in the background (for progress and ETA) when that is cheap
+    /// beside the delivery: without a filter (the manifest's row counts), or when the replay
+    /// is paced (delivery, not scanning, is the limit). An unpaced filtered replay would scan
+    /// the archive twice at once; its total is known when its own scan ends.
     fn count(&self, spec: &ReplaySpec, filter: Option<Arc<crate::query::Expr>>) {
-        if self.total.load(Ordering::Relaxed) >= 0 {
+        if self.total.load(Ordering::Relaxed) >= 0
+            || (filter.is_some() && spec.pace == Pace::Unpaced)
+        {
             return;
         }
         let total = self.total.clone();
-        let mut rx = crate::archive::read::spawn_scan(
-            self.state.archive.clone(),
-            self.state.meta.clone(),
-            Scan {
-                team_id: self.rec.team_id.clone(),
-                collection_id: self.rec.collection_id.clone(),
-                from: spec.from,
-                to: spec.to,
-                filter,
-                after: None,
-            },
-        );
+        let (store, meta) = (self.state.archive.clone(), self.state.meta.clone());
+        let scan = Scan {
+            team_id: self.rec.team_id.clone(),
+            collection_id: self.rec.collection_id.clone(),
+            from: spec.from,
+            to: spec.to,
+            filter,
+            after: None,
+        };
         let limit = spec.limit;
         tokio::spawn(async move {
-            let mut n = 0i64;
-            while let Some(chunk) = rx.recv().await {
-                match chunk {
-                    Ok(events) => n += events.len() as i64,
-                    Err(e) => {
-                        tracing::warn!(error = %e, "cannot count a replay's selection");
-                        return;
-                    }
+            match crate::archive::read::count(&store, meta.as_ref(), &scan).await {
+                Ok(n) => {
+                    let n = limit.map_or(n, |l| n.min(l));
+                    // The runner may have finished (and set the exact total) first.
+                    let _ = total.compare_exchange(-1, n, Ordering::Relaxed, Ordering::Relaxed);
                 }
-                if limit.is_some_and(|l| n >= l) {
-                    break;
-                }
+                Err(e) => tracing::warn!(error = %e, "cannot count a replay's selection"),
             }
-            total.store(limit.map_or(n, |l| n.min(l)), Ordering::Relaxed);
         });
     }
 
@@ -349,6 +345,11 @@ impl Runner {
             }
             let room = spec.limit.map_or(i64::MAX, |l| l - taken);
             if buffer.is_empty() || room <= 0 {
+                // Everything selected has been taken: that is the total.
+                self.total.store(taken, Ordering::Relaxed);
+                if let Some(reason) = self.over_threshold(&spec, true) {
+                    return Err(reason);
+                }
                 return Ok(End::Completed);
             }
             let mut n = batch_size.min(buffer.len()).min(room as usize);
@@ -396,20 +397,29 @@ impl Runner {
             if !self.save().await? {
                 return Ok(End::LostLease);
             }
-            let tried = self.done();
-            if tried >= FAILURE_RATIO_MIN_EVENTS.min(self.total.load(Ordering::Relaxed).max(1))
-                && self.progress.failed as f64 > spec.max_failure_ratio * tried as f64
-            {
-                return Err(format!(
+            if let Some(reason) = self.over_threshold(&spec, false) {
+                return Err(reason);
+            }
+        }
+    }
+
+    /// The failure-ratio check: once [`FAILURE_RATIO_MIN_EVENTS`] events were tried (or the
+    /// whole selection, when it is smaller), and at the end.
+    fn over_threshold(&self, spec: &ReplaySpec, at_end: bool) -> Option<String> {
+        let tried = self.done();
+        let total = self.total.load(Ordering::Relaxed);
+        let enough = at_end || tried >= FAILURE_RATIO_MIN_EVENTS || (total >= 0 && tried >= total);
+        (enough && tried > 0 && self.progress.failed as f64 > spec.max_failure_ratio * tried as f64)
+            .then(|| {
+                format!(
                     "{} of {} events failed ({:.0}%), more than the replay's max_failure_ratio of {:.0}%; the failures are in collection {}.dead-letter",
                     self.progress.failed,
                     tried,
                     100.0 * self.progress.failed as f64 / tried as f64,
                     100.0 * spec.max_failure_ratio,
                     spec.collection
-                ));
-            }
-        }
+                )
+            })
     }
 
     /// Sleeps until `at` (original pacing), returning early when the replay is no longer
