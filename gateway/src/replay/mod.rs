@@ -304,9 +304,10 @@ impl Replays {
                         tracing::info!(replay = %rec.id, status = %rec.status, "running replay");
                         let (me, state, stop) = (self.clone(), state.clone(), stop.clone());
                         tasks.spawn(async move {
-                            let id = rec.id.clone();
-                            run::run(state, me.clone(), rec, stop).await;
-                            me.running.lock().expect("lock").remove(&id);
+                            // Forgets the runner even if it panicked, so the replay is
+                            // picked up again.
+                            let _running = Running(me.clone(), rec.id.clone());
+                            run::run(state, me, rec, stop).await;
                         });
                     }
                 }
@@ -320,6 +321,15 @@ impl Replays {
             }
         }
         while tasks.join_next().await.is_some() {}
+    }
+}
+
+/// A replay with a runner in this process, until dropped.
+struct Running(Arc<Replays>, String);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.0.running.lock().expect("lock").remove(&self.1);
     }
 }
 

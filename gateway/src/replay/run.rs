@@ -170,6 +170,7 @@ impl Runner {
     /// Waits until the replay may run: `Ok(None)` to go on, `Ok(Some(end))` to stop.
     async fn gate(&mut self) -> Result<Option<End>, String> {
         loop {
+            let mut wait = Duration::from_millis(100);
             if self.stopping() {
                 return Ok(Some(End::Stopping));
             }
@@ -178,6 +179,7 @@ impl Runner {
                 s if s.is_terminal() => return Ok(Some(End::Gone)),
                 Status::Paused => self.paused_seen = true,
                 Status::Pending => {
+                    wait = Duration::from_millis(500);
                     let running = self
                         .state
                         .meta
@@ -206,7 +208,7 @@ impl Runner {
             if self.last_lease.elapsed() > Duration::from_secs(1) && !self.save().await? {
                 return Ok(Some(End::LostLease));
             }
-            tokio::time::sleep(Duration::from_millis(100)).await;
+            tokio::time::sleep(wait).await;
         }
     }
 
