@@ -86,6 +86,37 @@ pub fn classify_error(reason: String) -> Delivery {
     }
 }
 
+/// The body of a batch: a JSON array of the payloads. JSON payloads are spliced in as they
+/// are (no re-serialization); anything else becomes a base64 string.
+pub fn batch_body(events: &[Event<'_>]) -> Vec<u8> {
+    // JSON payloads (validated when they were ingested) are spliced in as they are; the
+    // rest become base64 strings.
+    let mut body =
+        Vec::with_capacity(events.iter().map(|e| e.payload.len() + 1).sum::<usize>() + 2);
+    body.push(b'[');
+    for (i, e) in events.iter().enumerate() {
+        if i > 0 {
+            body.push(b',');
+        }
+        let json = e
+            .header("content-type")
+            .is_none_or(|ct| ct.starts_with("application/json"))
+            && serde_json::from_slice::<&serde_json::value::RawValue>(e.payload).is_ok();
+        if json {
+            body.extend_from_slice(e.payload);
+        } else {
+            let text = base64::engine::general_purpose::STANDARD.encode(e.payload);
+            body.extend_from_slice(
+                serde_json::to_string(&text)
+                    .expect("a string serializes")
+                    .as_bytes(),
+            );
+        }
+    }
+    body.push(b']');
+    body
+}
+
 fn now_secs() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -206,17 +237,7 @@ impl Destination for Webhook {
         if events.is_empty() {
             return Vec::new();
         }
-        let items: Vec<serde_json::Value> = events
-            .iter()
-            .map(|e| {
-                serde_json::from_slice(e.payload).unwrap_or_else(|_| {
-                    serde_json::Value::String(
-                        base64::engine::general_purpose::STANDARD.encode(e.payload),
-                    )
-                })
-            })
-            .collect();
-        let body = serde_json::to_vec(&items).expect("JSON values serialize");
+        let body = batch_body(events);
         let id = format!("{}-{}", events[0].id, events[events.len() - 1].id);
         let req = self.request(&id, events, body, "application/json");
         let result = self.send(&req);
@@ -279,6 +300,33 @@ mod tests {
             classify_error("timed out".into()),
             Delivery::Retryable { .. }
         ));
+    }
+
+    #[test]
+    fn batch_bodies_splice_json_and_encode_the_rest() {
+        let mut w = rewind_plugin_sdk::codec::BatchWriter::new();
+        w.push(
+            "a",
+            1,
+            [("content-type", "application/json")],
+            br#"{"n": 1}"#,
+        );
+        w.push(
+            "b",
+            2,
+            [("content-type", "application/octet-stream")],
+            &[0, 255],
+        );
+        w.push("c", 3, [("content-type", "application/json")], b"{broken");
+        let buf = w.finish();
+        let events: Vec<Event<'_>> = rewind_plugin_sdk::codec::BatchReader::new(&buf)
+            .unwrap()
+            .map(Result::unwrap)
+            .collect();
+        let body = batch_body(&events);
+        assert_eq!(body, br#"[{"n": 1},"AP8=","e2Jyb2tlbg=="]"#.to_vec());
+        let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(v[0]["n"], 1);
     }
 
     #[test]
