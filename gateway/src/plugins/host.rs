@@ -66,6 +66,8 @@ pub struct HostState {
     cpu: Duration,
     wall_deadline: Instant,
     caps: Option<Arc<DestinationCaps>>,
+    /// NATS messages were published in this call (flushed once when it returns).
+    nats_unflushed: bool,
 }
 
 impl WasiView for HostState {
@@ -260,18 +262,17 @@ impl destination::rewind::plugin::nats::Host for HostState {
         }
         let started = Instant::now();
         let left = self.wall_deadline.saturating_duration_since(Instant::now());
+        // Buffered: the whole call's messages are flushed once when it returns, before any
+        // of them counts as delivered (see `deliver_once`).
         let r = tokio::time::timeout(left, async {
             client
                 .publish_with_headers(subject.clone(), map, payload.into())
-                .await
-                .map_err(|e| format!("publish to {subject}: {e}"))?;
-            client
-                .flush()
                 .await
                 .map_err(|e| format!("publish to {subject}: {e}"))
         })
         .await
         .unwrap_or_else(|_| Err(format!("publish to {subject} timed out")));
+        self.nats_unflushed = true;
         self.io += started.elapsed();
         r
     }
@@ -580,6 +581,7 @@ impl PluginHost {
             cpu: limits.cpu,
             wall_deadline: Instant::now() + limits.wall,
             caps: None,
+            nats_unflushed: false,
         };
         let mut store = Store::new(&self.engine, state);
         store.limiter(|s| &mut s.limits);
@@ -850,6 +852,30 @@ impl PluginHost {
                 out.len(),
                 events.len()
             )));
+        }
+        // NATS publishes are buffered by the client: nothing is delivered until they are
+        // flushed to the server.
+        if store.data().nats_unflushed
+            && let Some(client) = store.data().caps.as_ref().and_then(|c| c.nats.clone())
+        {
+            let left = store
+                .data()
+                .wall_deadline
+                .saturating_duration_since(Instant::now())
+                .max(Duration::from_millis(100));
+            match tokio::time::timeout(left, client.flush()).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    return Err(PluginError::Timeout(format!(
+                        "flushing NATS publishes: {e}"
+                    )));
+                }
+                Err(_) => {
+                    return Err(PluginError::Timeout(
+                        "flushing NATS publishes ran past the wall-clock deadline".into(),
+                    ));
+                }
+            }
         }
         use destination::rewind::plugin::types::Delivery;
         Ok(out
