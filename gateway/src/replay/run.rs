@@ -337,9 +337,19 @@ impl Runner {
         // Original pacing: the first event's time and the instant it went.
         let mut origin: Option<(i64, tokio::time::Instant)> = None;
         loop {
-            // Fill the buffer enough for one batch.
+            // Wait for at least one event, then take what else is ready up to a batch: a
+            // selective scan delivers its first events without waiting for a full batch.
             while !scan_done && buffer.len() < batch_size {
-                match scan.recv().await {
+                let next = if buffer.is_empty() {
+                    scan.recv().await
+                } else {
+                    match scan.try_recv() {
+                        Ok(chunk) => Some(chunk),
+                        Err(tokio::sync::mpsc::error::TryRecvError::Empty) => break,
+                        Err(tokio::sync::mpsc::error::TryRecvError::Disconnected) => None,
+                    }
+                };
+                match next {
                     Some(Ok(chunk)) => buffer.extend(chunk),
                     Some(Err(e)) => return Err(format!("cannot read the archive: {e}")),
                     None => scan_done = true,
