@@ -334,12 +334,12 @@ pub async fn run(events: usize, scan_events: usize) -> anyhow::Result<()> {
     let (v, secs) = replay(
         &api,
         &token,
-        json!({"collection": "events", "destination": "nats", "batch_size": 1000}),
+        json!({"collection": "events", "destination": "nats", "batch_size": 5000}),
     )
     .await?;
     tokio::time::sleep(Duration::from_millis(500)).await;
     println!(
-        "| unpaced replay → NATS (nats-publish plugin), batches of 1000 | {} events in {secs:.2} s: **{:.0} events/s**; the subscriber received {} |",
+        "| unpaced replay → NATS (nats-publish plugin), batches of 5000 | {} events in {secs:.2} s: **{:.0} events/s**; the subscriber received {} |",
         v["delivered"],
         events as f64 / secs,
         nats_seen.load(Ordering::Relaxed)
