@@ -98,6 +98,8 @@ enum Node {
         name: String,
         exact: bool,
         test: Test,
+        /// Index of the column among the filter's columns (see [`Node::assign`]).
+        slot: usize,
     },
 }
 
@@ -135,10 +137,12 @@ fn equals(v: Val<'_>, lit: &Literal) -> Option<bool> {
         Val::Bool(b) => Some(if b { "true" } else { "false" } == lit.text),
         // A widened column holds strings and the text of numbers and booleans; all three
         // compare the same way under `equals` (numbers by value, the rest by text).
-        Val::Text(t) => Some(match (as_number(t), lit.number) {
-            (Some(a), Some(b)) => a == b,
-            _ => t == lit.text,
-        }),
+        Val::Text(t) => Some(
+            match lit.number.and_then(|b| as_number(t).map(|a| a == b)) {
+                Some(same) => same,
+                None => t == lit.text,
+            },
+        ),
     }
 }
 
@@ -228,6 +232,7 @@ fn compile(expr: &Expr, schema: &Schema, capped: bool) -> Node {
                     name: path.to_string(),
                     exact,
                     test,
+                    slot: 0,
                 }
             }
             Ok(_) => Node::Const(Tri::Maybe),
@@ -247,13 +252,18 @@ fn compile(expr: &Expr, schema: &Schema, capped: bool) -> Node {
 }
 
 impl Node {
-    fn columns<'a>(&'a self, out: &mut Vec<&'a str>) {
+    /// Collects the columns the filter reads into `out` and numbers each leaf's column.
+    fn assign(&mut self, out: &mut Vec<String>) {
         match self {
-            Node::And(p) | Node::Or(p) => p.iter().for_each(|n| n.columns(out)),
-            Node::Not(n) => n.columns(out),
-            Node::Leaf { name, .. } => {
-                if !out.contains(&name.as_str()) {
-                    out.push(name)
+            Node::And(p) | Node::Or(p) => p.iter_mut().for_each(|n| n.assign(out)),
+            Node::Not(n) => n.assign(out),
+            Node::Leaf { name, slot, .. } => {
+                *slot = match out.iter().position(|n| n == name) {
+                    Some(i) => i,
+                    None => {
+                        out.push(name.clone());
+                        out.len() - 1
+                    }
                 }
             }
             Node::Const(_) => {}
@@ -270,7 +280,9 @@ impl Node {
                 _ => Tri::Maybe,
             },
             Node::Const(t) => *t,
-            Node::Leaf { name, exact, test } => {
+            Node::Leaf {
+                name, exact, test, ..
+            } => {
                 if !exact {
                     return Tri::Maybe;
                 }
@@ -400,17 +412,17 @@ impl Col<'_> {
     }
 }
 
-/// The node tree with leaves bound to a batch's columns.
+/// The node tree with leaves bound to a batch's columns (in [`Node::assign`] order).
 struct Bound<'a> {
     node: &'a Node,
-    cols: Vec<(&'a str, Col<'a>)>,
+    cols: Vec<Col<'a>>,
 }
 
 impl<'a> Bound<'a> {
-    fn new(node: &'a Node, names: &[&'a str], batch: &'a RecordBatch) -> Self {
+    fn new(node: &'a Node, names: &[String], batch: &'a RecordBatch) -> Self {
         let cols = names
             .iter()
-            .map(|n| (*n, Col::of(batch.column_by_name(n))))
+            .map(|n| Col::of(batch.column_by_name(n)))
             .collect();
         Self { node, cols }
     }
@@ -425,9 +437,11 @@ impl<'a> Bound<'a> {
             Node::Or(p) => or(p.iter().map(|n| self.eval(n, i))),
             Node::Not(n) => self.eval(n, i).not(),
             Node::Const(t) => *t,
-            Node::Leaf { name, exact, test } => match self.cols.iter().find(|(n, _)| n == name) {
-                Some((_, Col::None)) | None => Tri::Maybe,
-                Some((_, c)) => leaf(c.get(i), *exact, test),
+            Node::Leaf {
+                exact, test, slot, ..
+            } => match &self.cols[*slot] {
+                Col::None => Tri::Maybe,
+                c => leaf(c.get(i), *exact, test),
             },
         }
     }
@@ -489,12 +503,11 @@ pub fn select_bytes(
     )
     .map_err(err)?;
     let schema = builder.schema().clone();
-    let node = filter.map(|f| compile(f, &schema, capped));
-    let mut names: Vec<&str> = Vec::new();
-    if let Some(n) = &node {
-        n.columns(&mut names);
+    let mut node = filter.map(|f| compile(f, &schema, capped));
+    let mut names: Vec<String> = Vec::new();
+    if let Some(n) = &mut node {
+        n.assign(&mut names);
     }
-    let names: Vec<String> = names.into_iter().map(String::from).collect();
 
     let metadata = builder.metadata().clone();
     let mut stats = SelectStats {
@@ -541,8 +554,9 @@ pub fn select_bytes(
                 .downcast_ref::<TimestampMicrosecondArray>()
                 .cloned()
         });
-        let names: Vec<&str> = pred_names.iter().map(String::as_str).collect();
-        let bound = pred_node.as_ref().map(|n| Bound::new(n, &names, &batch));
+        let bound = pred_node
+            .as_ref()
+            .map(|n| Bound::new(n, &pred_names, &batch));
         let keep: BooleanArray = (0..batch.num_rows())
             .map(|i| {
                 let in_time = times
@@ -562,7 +576,6 @@ pub fn select_bytes(
         .map_err(err)?;
 
     let mut out = Vec::new();
-    let name_refs: Vec<&str> = names.iter().map(String::as_str).collect();
     for batch in reader {
         let batch = batch.map_err(|e| e.to_string())?;
         let col = |name: &str| {
@@ -574,7 +587,7 @@ pub fn select_bytes(
         let times = downcast::<TimestampMicrosecondArray>(col("received_at")?, "received_at")?;
         let types = downcast::<StringArray>(col("content_type")?, "content_type")?;
         let payloads = downcast::<BinaryArray>(col("payload")?, "payload")?;
-        let bound = node.as_ref().map(|n| Bound::new(n, &name_refs, &batch));
+        let bound = node.as_ref().map(|n| Bound::new(n, &names, &batch));
         for i in 0..batch.num_rows() {
             let t = times.value(i);
             if t < from || t >= to {

@@ -389,6 +389,7 @@ pub async fn run(events: usize, scan_events: usize) -> anyhow::Result<()> {
     let script = format!(
         "import duckdb, time\n\
          c = duckdb.connect()\n\
+         c.execute('SET enable_progress_bar = false')\n\
          t = time.time()\n\
          n = len(c.execute(\"SELECT id, received_at, payload FROM read_parquet('{glob}') WHERE tier = 'rare' ORDER BY received_at, id\").fetchall())\n\
          print(n, time.time() - t)\n"
@@ -396,7 +397,7 @@ pub async fn run(events: usize, scan_events: usize) -> anyhow::Result<()> {
     match Command::new("python3").arg("-c").arg(&script).output() {
         Ok(out) if out.status.success() => {
             let text = String::from_utf8_lossy(&out.stdout);
-            let mut parts = text.split_whitespace();
+            let mut parts = text.lines().last().unwrap_or("").split_whitespace();
             let rows: u64 = parts.next().unwrap_or("0").parse().unwrap_or(0);
             let duck: f64 = parts.next().unwrap_or("0").parse().unwrap_or(0.0);
             let duck_speed = scan_events as f64 / duck;

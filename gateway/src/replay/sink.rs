@@ -142,8 +142,13 @@ pub async fn deliver(
     let mut todo: Vec<usize> = (0..events.len()).collect();
     let mut attempt = 1u32;
     loop {
-        let batch: Vec<PluginEvent> = todo.iter().map(|&i| events[i].clone()).collect();
-        let results = sink.send(&batch).await;
+        // The first attempt sends the batch as it is; retries send the events still to go.
+        let results = if todo.len() == events.len() {
+            sink.send(events).await
+        } else {
+            let batch: Vec<PluginEvent> = todo.iter().map(|&i| events[i].clone()).collect();
+            sink.send(&batch).await
+        };
         let mut again = Vec::new();
         let mut wait_at_least = None;
         for (&i, r) in todo.iter().zip(results) {
