@@ -234,12 +234,18 @@ impl Runner {
                     .await
                     .map_err(|e| format!("cannot load destination {name:?}: {e}"))?;
                 let config: serde_json::Value = serde_json::from_str(&d.config).unwrap_or_default();
+                // The destination's CPU budget is per call; a replay's batches may be far
+                // larger than a test delivery, so it grows with the batch (20 µs an event).
+                let mut limits = PluginKind::Destination.default_limits();
+                limits.cpu = (limits.cpu
+                    + Duration::from_micros(20) * spec.effective_batch() as u32)
+                    .min(crate::plugins::MAX_CPU);
                 Ok(Sink::Plugin {
                     host: self.state.plugins.clone(),
                     compiled,
                     name: format!("{}@{}", p.name, p.version),
                     config: d.config.clone(),
-                    limits: PluginKind::Destination.default_limits(),
+                    limits,
                     caps: Arc::new(crate::api::plugins::caps(&self.state, &config)),
                 })
             }
