@@ -477,10 +477,6 @@ impl Runner {
                 headers: vec![
                     ("content-type".into(), e.content_type.clone()),
                     ("rewind-replay-id".into(), self.rec.id.clone()),
-                    (
-                        "rewind-received-at".into(),
-                        crate::ids::micros_to_rfc3339(e.received_at_micros),
-                    ),
                 ],
                 payload: e.payload.clone(),
             })
