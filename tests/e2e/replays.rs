@@ -1270,3 +1270,106 @@ async fn replay_time_transforms_run_before_delivery_and_their_failures_are_dead_
     }
     assert_eq!(done["transforms"][0]["plugin"], "redact@1.0.0");
 }
+
+/// Two gateways share a PostgreSQL metastore, a NATS bus and an archive; the one running a
+/// replay is killed, and the other takes the replay over once its lease has run out.
+#[tokio::test]
+async fn another_gateway_takes_a_replay_over_when_its_gateway_dies() {
+    let base = std::env::var("REWIND_TEST_POSTGRES_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into());
+    let db = format!("rewind_e2e_takeover_{}", std::process::id());
+    let psql = |sql: &str| {
+        let out = Command::new("psql")
+            .arg(&base)
+            .args(["-c", sql])
+            .output()
+            .expect("psql must be installed");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    psql(&format!("DROP DATABASE IF EXISTS {db}"));
+    psql(&format!("CREATE DATABASE {db}"));
+    let url = format!("{}/{db}", &base[..base.rfind('/').unwrap()]);
+    let nats = Nats::start();
+    let archive = tempfile::tempdir().unwrap();
+    let archive_path = archive.path().display().to_string();
+    let flags = [
+        "--bus",
+        &nats.url(),
+        "--metastore",
+        &url,
+        "--archive",
+        &archive_path,
+        "--archive-flush-secs",
+        "1",
+        "--allow-private-destinations",
+    ];
+    let mut a = Gateway::start(&flags).await;
+    let mut b = Gateway::start(&flags).await;
+    let rx = Receiver::start(|_| 200).await;
+    let (_, token, col) = setup(&a, "acme", &rx).await;
+    let ids = ingest(&a, &token, &col, 600, |_| false).await;
+    archived(&a, &token, &col, 600).await;
+    let r = create(
+        &a,
+        &token,
+        json!({"collection": "orders", "destination": "hook", "rate_per_sec": 100}),
+    )
+    .await;
+    let id = r["id"].as_str().unwrap().to_string();
+    wait_for("deliveries start", Duration::from_secs(20), || {
+        rx.delivered().len() >= 100
+    })
+    .await;
+    let owner = get(&a, &token, &id).await["gateway"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let instance = |gw: &Gateway| {
+        std::fs::read_to_string(gw.data_dir.join("instance-id"))
+            .unwrap()
+            .trim()
+            .to_string()
+    };
+    let (a_id, b_id) = (instance(&a), instance(&b));
+    assert!(
+        owner == a_id || owner == b_id,
+        "{owner} is one of the two gateways"
+    );
+    // Kill the one running it; ask the survivor.
+    let survivor = if owner == a_id {
+        a.kill9();
+        &b
+    } else {
+        b.kill9();
+        &a
+    };
+    let killed_at = Instant::now();
+    let done = finished(survivor, &token, &id, Duration::from_secs(60)).await;
+    assert_eq!(done["status"], "completed", "{done}");
+    assert_ne!(done["gateway"], owner.as_str());
+    // Nothing was delivered while the dead gateway's lease (15 s) still held.
+    let resumed = rx
+        .delivered()
+        .into_iter()
+        .filter(|h| h.at > killed_at + Duration::from_secs(1))
+        .map(|h| h.at)
+        .min()
+        .expect("deliveries after the kill");
+    assert!(
+        resumed - killed_at >= Duration::from_secs(10),
+        "the survivor took over after {:?}",
+        resumed - killed_at
+    );
+    let got: HashSet<String> = rx.delivered().into_iter().map(|h| h.event_id).collect();
+    assert_eq!(
+        got,
+        ids.into_iter().collect::<HashSet<_>>(),
+        "every event arrived"
+    );
+    drop((a, b));
+    psql(&format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)"));
+}

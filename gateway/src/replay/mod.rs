@@ -205,6 +205,8 @@ pub fn replay_json(r: &ReplayRecord) -> Value {
         "started_at": r.started_at.map(micros_to_rfc3339),
         "finished_at": r.finished_at.map(micros_to_rfc3339),
         "checkpoint": r.checkpoint.as_ref().map(|(t, id)| json!({"received_at": micros_to_rfc3339(*t), "id": id})),
+        // The gateway (instance id) holding the replay's lease, while it is unfinished.
+        "gateway": r.owner,
     });
     if let Some(total) = r.total {
         v["progress"] = json!(if total == 0 {
