@@ -1395,3 +1395,42 @@ async fn another_gateway_takes_a_replay_over_when_its_gateway_dies() {
     drop((a, b));
     psql(&format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)"));
 }
+
+/// SIGTERM mid-replay: the gateway finishes its batch, records the checkpoint and gives the
+/// lease up; after the restart the replay goes on from there.
+#[tokio::test]
+async fn a_graceful_restart_resumes_from_the_checkpoint_without_resending() {
+    let mut gw = gateway(&[]).await;
+    let rx = Receiver::start(|_| 200).await;
+    let (_, token, col) = setup(&gw, "acme", &rx).await;
+    let ids = ingest(&gw, &token, &col, 600, |_| false).await;
+    archived(&gw, &token, &col, 600).await;
+    let r = create(
+        &gw,
+        &token,
+        json!({"collection": "orders", "destination": "hook", "rate_per_sec": 200}),
+    )
+    .await;
+    let id = r["id"].as_str().unwrap().to_string();
+    wait_for("half way", Duration::from_secs(20), || {
+        rx.delivered().len() >= 200
+    })
+    .await;
+    let status = gw.terminate();
+    assert!(status.success(), "a clean exit: {status:?}\n{}", gw.log());
+    let at_stop = rx.delivered().len();
+    gw.restart().await;
+    let v = get(&gw, &token, &id).await;
+    // The checkpoint covers what was delivered before the stop.
+    assert!(
+        v["delivered"].as_i64().unwrap() as usize >= at_stop.saturating_sub(20),
+        "{v} vs {at_stop}"
+    );
+    let done = finished(&gw, &token, &id, Duration::from_secs(30)).await;
+    assert_eq!(done["status"], "completed", "{done}");
+    let hits = rx.delivered();
+    let got: HashSet<&str> = hits.iter().map(|h| h.event_id.as_str()).collect();
+    assert_eq!(got, ids.iter().map(String::as_str).collect::<HashSet<_>>());
+    // A clean stop re-sends nothing: the batch in flight finished and was checkpointed.
+    assert_eq!(hits.len(), 600, "{} deliveries", hits.len());
+}
