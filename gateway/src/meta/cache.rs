@@ -352,4 +352,12 @@ impl Metastore for CachedMetastore {
     async fn running_replays(&self, team_id: &str) -> Result<i64, MetaError> {
         self.inner.running_replays(team_id).await
     }
+    async fn start_replay(
+        &self,
+        team_id: &str,
+        id: &str,
+        max_running: i64,
+    ) -> Result<bool, MetaError> {
+        self.inner.start_replay(team_id, id, max_running).await
+    }
 }

@@ -347,4 +347,13 @@ pub trait Metastore: Send + Sync {
     async fn release_replay(&self, id: &str, owner: &str) -> Result<(), MetaError>;
     /// How many of the team's replays are `running`.
     async fn running_replays(&self, team_id: &str) -> Result<i64, MetaError>;
+    /// Moves a `pending` replay to `running` if fewer than `max_running` of the team's
+    /// replays run and no older replay of the team is still pending (first come, first
+    /// served); atomic per team across gateways. `true` when it started.
+    async fn start_replay(
+        &self,
+        team_id: &str,
+        id: &str,
+        max_running: i64,
+    ) -> Result<bool, MetaError>;
 }

@@ -1031,6 +1031,40 @@ impl Metastore for SqlMetastore {
         .await?;
         Ok(row.try_get("n")?)
     }
+
+    async fn start_replay(
+        &self,
+        team_id: &str,
+        id: &str,
+        max_running: i64,
+    ) -> Result<bool, MetaError> {
+        let mut tx = self.pool.begin().await?;
+        // Writing the team's row first serializes concurrent starts of one team: a row lock
+        // on PostgreSQL, the database's write lock on SQLite.
+        sqlx::query("UPDATE teams SET name = name WHERE id = $1")
+            .bind(team_id)
+            .execute(&mut *tx)
+            .await?;
+        let started = sqlx::query(
+            "UPDATE replays SET status = 'running', updated_at = $1, \
+             started_at = COALESCE(started_at, $1) \
+             WHERE team_id = $2 AND id = $3 AND status = 'pending' \
+             AND (SELECT COUNT(*) FROM replays r WHERE r.team_id = $2 AND r.status = 'running') < $4 \
+             AND NOT EXISTS (SELECT 1 FROM replays o WHERE o.team_id = $2 AND o.status = 'pending' \
+                 AND (o.created_at < replays.created_at \
+                      OR (o.created_at = replays.created_at AND o.id < replays.id)))",
+        )
+        .bind(crate::ids::now_micros())
+        .bind(team_id)
+        .bind(id)
+        .bind(max_running)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected()
+            == 1;
+        tx.commit().await?;
+        Ok(started)
+    }
 }
 
 const REPLAY_COLUMNS: &str = "id, team_id, collection_id, spec, status, total, delivered, failed, \

@@ -180,25 +180,16 @@ impl Runner {
                 Status::Paused => self.paused_seen = true,
                 Status::Pending => {
                     wait = Duration::from_millis(500);
-                    let running = self
+                    if self
                         .state
                         .meta
-                        .running_replays(&self.rec.team_id)
+                        .start_replay(
+                            &self.rec.team_id,
+                            &self.rec.id,
+                            i64::from(self.replays.options.max_running_per_team),
+                        )
                         .await
-                        .map_err(|e| e.to_string())?;
-                    if running < i64::from(self.replays.options.max_running_per_team)
-                        && self
-                            .state
-                            .meta
-                            .set_replay_status(
-                                &self.rec.team_id,
-                                &self.rec.id,
-                                &["pending"],
-                                "running",
-                                None,
-                            )
-                            .await
-                            .map_err(|e| e.to_string())?
+                        .map_err(|e| e.to_string())?
                     {
                         return Ok(None);
                     }
