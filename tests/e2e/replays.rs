@@ -84,21 +84,26 @@ async fn gateway(extra: &[&str]) -> Gateway {
     Gateway::start(&args).await
 }
 
+/// Uploads a plugin built from `package` as `name@1.0.0`.
+async fn upload(gw: &Gateway, admin: &str, name: &str, package: &str) {
+    let resp = gw
+        .http
+        .post(gw.url("/v1/plugins"))
+        .query(&[("name", name), ("version", "1.0.0")])
+        .bearer_auth(admin)
+        .body(std::fs::read(fixtures::build(package)).unwrap())
+        .send()
+        .await
+        .unwrap();
+    assert!(resp.status().is_success(), "{}", resp.text().await.unwrap());
+}
+
 /// A team with collection `orders`, the webhook plugin and a destination `hook` pointing at
 /// the receiver. Returns (admin token, replay token, collection id).
 async fn setup(gw: &Gateway, team: &str, rx: &Receiver) -> (String, String, String) {
     let (admin, col) = gw.team_with_collection(team, "orders").await;
     let replay = gw.token(&admin, &["replay", "read", "ingest"]).await;
-    let resp = gw
-        .http
-        .post(gw.url("/v1/plugins"))
-        .query(&[("name", "webhook"), ("version", "1.0.0")])
-        .bearer_auth(&admin)
-        .body(std::fs::read(fixtures::build("rewind-plugin-http-webhook")).unwrap())
-        .send()
-        .await
-        .unwrap();
-    assert!(resp.status().is_success(), "{}", resp.text().await.unwrap());
+    upload(gw, &admin, "webhook", "rewind-plugin-http-webhook").await;
     let (s, v) = gw
         .call(
             Method::POST,
@@ -920,16 +925,7 @@ async fn replays_publish_to_real_nats_with_ids_in_the_headers() {
     let gw = Gateway::start(&["--bus", &nats.url(), "--archive-flush-secs", "1"]).await;
     let (admin, col) = gw.team_with_collection("acme", "orders").await;
     let token = gw.token(&admin, &["replay", "ingest"]).await;
-    let resp = gw
-        .http
-        .post(gw.url("/v1/plugins"))
-        .query(&[("name", "nats"), ("version", "1.0.0")])
-        .bearer_auth(&admin)
-        .body(std::fs::read(fixtures::build("rewind-plugin-nats-publish")).unwrap())
-        .send()
-        .await
-        .unwrap();
-    assert!(resp.status().is_success());
+    upload(&gw, &admin, "nats", "rewind-plugin-nats-publish").await;
     let (s, v) = gw
         .call(
             Method::POST,
@@ -1210,21 +1206,8 @@ async fn replay_time_transforms_run_before_delivery_and_their_failures_are_dead_
     let gw = gateway(&[]).await;
     let rx = Receiver::start(|_| 200).await;
     let (admin, token, col) = setup(&gw, "acme", &rx).await;
-    for (name, package) in [
-        ("redact", "rewind-plugin-redact"),
-        ("hostile", "hostile-transform"),
-    ] {
-        let resp = gw
-            .http
-            .post(gw.url("/v1/plugins"))
-            .query(&[("name", name), ("version", "1.0.0")])
-            .bearer_auth(&admin)
-            .body(std::fs::read(fixtures::build(package)).unwrap())
-            .send()
-            .await
-            .unwrap();
-        assert!(resp.status().is_success());
-    }
+    upload(&gw, &admin, "redact", "rewind-plugin-redact").await;
+    upload(&gw, &admin, "hostile", "hostile-transform").await;
     let body: String = (0..100)
         .map(|i| {
             let note = if i % 10 == 0 { "poison" } else { "ok" };

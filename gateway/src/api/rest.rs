@@ -856,8 +856,17 @@ async fn get_event(
             .list_archive_files(&caller.team_id, &collection.id, at - slack, at + slack)
             .await?;
         for file in &files {
-            match crate::archive::read::read_file(&state.archive, file, i64::MIN, i64::MAX).await {
-                Ok(events) => {
+            match crate::archive::select::read_selected(
+                &state.archive,
+                file,
+                i64::MIN,
+                i64::MAX,
+                None,
+                false,
+            )
+            .await
+            {
+                Ok((events, _)) => {
                     if let Some(e) = events.into_iter().find(|e| e.id == event_id) {
                         break 'search Some(e);
                     }

@@ -3,12 +3,9 @@
 
 use std::sync::Arc;
 
-use arrow::array::{Array, BinaryArray, StringArray, TimestampMicrosecondArray};
 use bytes::Bytes;
 use futures::StreamExt;
-use object_store::{ObjectStore, ObjectStoreExt};
-use parquet::arrow::ProjectionMask;
-use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+use object_store::ObjectStore;
 
 use crate::meta::ArchiveFile;
 
@@ -28,88 +25,6 @@ pub struct ReadError {
     pub message: String,
     /// The object is gone (replaced by compaction since the manifest was read).
     pub not_found: bool,
-}
-
-/// Reads the events of one file whose `received_at` is in `[from, to)`.
-pub async fn read_file(
-    store: &Arc<dyn ObjectStore>,
-    file: &ArchiveFile,
-    from: i64,
-    to: i64,
-) -> Result<Vec<ArchivedEvent>, ReadError> {
-    let err = |message: String| ReadError {
-        path: file.path.clone(),
-        message,
-        not_found: false,
-    };
-    // Files are bounded by the archiver's target size, so reading one whole is bounded too.
-    let bytes = store
-        .get(&file.path.as_str().into())
-        .await
-        .map_err(|e| ReadError {
-            not_found: matches!(e, object_store::Error::NotFound { .. }),
-            ..err(e.to_string())
-        })?
-        .bytes()
-        .await
-        .map_err(|e| err(e.to_string()))?;
-    let batches = tokio::task::spawn_blocking(move || {
-        let builder = ParquetRecordBatchReaderBuilder::try_new(bytes)?;
-        let mask = ProjectionMask::columns(
-            builder.metadata().file_metadata().schema_descr(),
-            ["id", "received_at", "content_type", "payload"],
-        );
-        builder
-            .with_projection(mask)
-            .with_batch_size(8192)
-            .build()?
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(parquet::errors::ParquetError::from)
-    })
-    .await
-    .map_err(|e| err(e.to_string()))?
-    .map_err(|e| err(e.to_string()))?;
-    let mut out = Vec::new();
-    for batch in batches {
-        let col = |name: &str| {
-            batch
-                .column_by_name(name)
-                .ok_or_else(|| err(format!("column {name} missing")))
-        };
-        let ids = col("id")?
-            .as_any()
-            .downcast_ref::<StringArray>()
-            .ok_or_else(|| err("id is not a string column".into()))?;
-        let times = col("received_at")?
-            .as_any()
-            .downcast_ref::<TimestampMicrosecondArray>()
-            .ok_or_else(|| err("received_at is not a timestamp column".into()))?;
-        let types = col("content_type")?
-            .as_any()
-            .downcast_ref::<StringArray>()
-            .ok_or_else(|| err("bad content_type".into()))?;
-        let payloads = col("payload")?
-            .as_any()
-            .downcast_ref::<BinaryArray>()
-            .ok_or_else(|| err("bad payload".into()))?;
-        for i in 0..batch.num_rows() {
-            let t = times.value(i);
-            if t < from || t >= to {
-                continue;
-            }
-            out.push(ArchivedEvent {
-                id: ids.value(i).to_string(),
-                received_at: t,
-                content_type: if types.is_null(i) {
-                    String::new()
-                } else {
-                    types.value(i).to_string()
-                },
-                payload: Bytes::copy_from_slice(payloads.value(i)),
-            });
-        }
-    }
-    Ok(out)
 }
 
 /// What to read from a collection's archive.
