@@ -244,6 +244,9 @@ pub enum Outcome<'a> {
     Events(BatchReaderOwned<'a>),
     /// The event failed, with the plugin's reason.
     Failed(&'a str),
+    /// The input event, kept exactly as it came in (one byte in the buffer: the host reuses
+    /// the event it already holds instead of copying it back out of the plugin).
+    Unchanged,
 }
 
 /// The events of one outcome (a nested batch inside the result buffer).
@@ -295,6 +298,7 @@ impl<'a> Iterator for OutcomeReader<'a> {
                 }))
             }
             1 => Ok(Outcome::Failed(self.cur.str()?)),
+            2 => Ok(Outcome::Unchanged),
             _ => Err(DecodeError("unknown outcome tag")),
         })();
         if r.is_err() {
@@ -371,6 +375,12 @@ impl OutcomeWriter {
     #[doc(hidden)]
     pub fn truncate_to(&mut self, len: usize) {
         self.buf.truncate(len);
+    }
+
+    /// The next input event is kept unchanged (and is its only output).
+    pub fn unchanged(&mut self) {
+        self.buf.push(2);
+        self.count += 1;
     }
 
     /// The next input event failed.

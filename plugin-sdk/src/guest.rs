@@ -32,17 +32,36 @@ pub struct Emit<'w> {
     w: &'w mut OutcomeWriter,
     open: (usize, u32),
     input: Event<'w>,
+    /// `keep()` was the first thing emitted and is not written yet: when it stays the only
+    /// output, the outcome is the one-byte "unchanged" instead of a copy of the event.
+    kept: bool,
 }
 
 impl Emit<'_> {
     /// Keeps the input event as it is.
     pub fn keep(&mut self) {
+        if self.open.1 == 0 {
+            self.kept = true;
+            self.open.1 = 1;
+            return;
+        }
+        self.write_kept();
         let input = self.input;
         self.w.event_unchanged(&mut self.open, &input);
     }
 
+    /// Writes a pending `keep()` out as an event (something else is emitted after it).
+    fn write_kept(&mut self) {
+        if std::mem::take(&mut self.kept) {
+            let input = self.input;
+            self.open.1 = 0;
+            self.w.event_unchanged(&mut self.open, &input);
+        }
+    }
+
     /// The input event with a new payload (same id, time and headers).
     pub fn payload(&mut self, payload: &[u8]) {
+        self.write_kept();
         let input = self.input;
         self.w.event(
             &mut self.open,
@@ -59,6 +78,7 @@ impl Emit<'_> {
         headers: impl IntoIterator<Item = (&'h str, &'h str)>,
         payload: &[u8],
     ) {
+        self.write_kept();
         let at = self.input.received_at;
         self.w.event(&mut self.open, "", at, headers, payload);
     }
@@ -102,8 +122,15 @@ pub fn transform_batch<T: Transform>(
             w: &mut w,
             open: (at, 0),
             input: e,
+            kept: false,
         };
         match t.transform(&e, &mut out) {
+            Ok(()) if out.kept => {
+                // Kept, and nothing else: one byte instead of the event.
+                let open = out.open;
+                w.truncate_to(open.0 - 1);
+                w.unchanged();
+            }
             Ok(()) => {
                 let open = out.open;
                 w.end_events(open);
@@ -399,4 +426,73 @@ macro_rules! export_ingress {
             $crate::bindings::ingress::__rewind_export_ingress!(__RewindPlugin);
         };
     };
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::codec::{BatchWriter, Outcome, OutcomeReader};
+
+    /// Keeps, keeps and adds, replaces, or fails, by the event's payload.
+    struct Mixed;
+
+    impl Transform for Mixed {
+        fn new(_: Config) -> Result<Self, String> {
+            Ok(Mixed)
+        }
+        fn transform(&mut self, e: &Event<'_>, out: &mut Emit<'_>) -> Result<(), String> {
+            match e.payload {
+                b"keep" => out.keep(),
+                b"keep+add" => {
+                    out.keep();
+                    out.payload(b"added");
+                }
+                b"add+keep" => {
+                    out.payload(b"added");
+                    out.keep();
+                }
+                b"keep+fail" => {
+                    out.keep();
+                    return Err("no".into());
+                }
+                _ => {}
+            }
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_kept_event_is_one_byte_unless_more_is_emitted() {
+        let mut w = BatchWriter::new();
+        for p in ["keep", "keep+add", "add+keep", "keep+fail", "drop"] {
+            w.push("ID", 7, [("h", "v")], p.as_bytes());
+        }
+        let out = transform_batch(&mut Mixed, &w.finish()).unwrap();
+        let got: Vec<_> = OutcomeReader::new(&out)
+            .unwrap()
+            .map(|o| match o.unwrap() {
+                Outcome::Unchanged => vec!["unchanged".to_string()],
+                Outcome::Failed(r) => vec![format!("failed {r}")],
+                Outcome::Events(b) => b
+                    .events()
+                    .map(|e| {
+                        let e = e.unwrap();
+                        format!("{} {}", e.id, String::from_utf8_lossy(e.payload))
+                    })
+                    .collect(),
+            })
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                vec!["unchanged".to_string()],
+                vec!["ID keep+add".into(), " added".into()],
+                vec![" added".into(), "ID add+keep".into()],
+                vec!["failed no".into()],
+                vec![],
+            ]
+        );
+        // "keep" costs one byte of the result buffer, not a copy of the event.
+        assert_eq!(out[4], 2);
+    }
 }

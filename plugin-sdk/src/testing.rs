@@ -24,9 +24,11 @@ pub fn run_transform<T: crate::Transform>(
     }
     let out = crate::transform_batch(&mut t, &w.finish()).map_err(|e| e.to_string())?;
     let mut results = Vec::new();
-    for o in OutcomeReader::new(&out).map_err(|e| e.to_string())? {
+    let outcomes = OutcomeReader::new(&out).map_err(|e| e.to_string())?;
+    for (o, input) in outcomes.zip(payloads) {
         results.push(match o.map_err(|e| e.to_string())? {
             Outcome::Failed(reason) => Err(reason.to_string()),
+            Outcome::Unchanged => Ok(vec![input.to_vec()]),
             Outcome::Events(b) => Ok(b
                 .events()
                 .map(|e| e.map(|e| e.payload.to_vec()))

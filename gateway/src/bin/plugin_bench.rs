@@ -133,12 +133,34 @@ pub async fn run(secs: u64, event_bytes: usize) -> anyhow::Result<()> {
         host.instantiate_only(&plugin, &limits).await?;
     }
     println!(
-        "  instantiation from the pre-instantiated component (fresh store, pooling allocator): {:.1} µs",
+        "  instantiation from the pre-instantiated component (fresh store, pooling allocator, slot reused): {:.1} µs",
         t0.elapsed().as_secs_f64() * 1e6 / n as f64
     );
+    // Warm instances: what the pool holds after the cases above, per instance.
+    let stats = host.warm_stats();
     println!(
-        "  component: {} bytes of wasm; an idle instance holds its linear memory's initial pages plus the store (see docs/benchmarks.md)",
+        "  warm (idle) instances after the runs: {} holding {:.1} MiB of linear memory ({:.1} MiB each); component: {} bytes of wasm",
+        stats.instances,
+        stats.memory_bytes as f64 / (1 << 20) as f64,
+        stats.memory_bytes as f64 / (1 << 20) as f64 / stats.instances.max(1) as f64,
         noop.len()
+    );
+    // A call on a warm instance, one event: the per-call overhead once an instance exists.
+    let one = events(1, 64, false);
+    let buf = encode(&one);
+    let plugin = host.compile(&noop).await?;
+    for _ in 0..100 {
+        host.transform_raw(&plugin, "bench-one", noop_cfg, &limits, buf.clone())
+            .await?;
+    }
+    let t0 = Instant::now();
+    for _ in 0..n {
+        host.transform_raw(&plugin, "bench-one", noop_cfg, &limits, buf.clone())
+            .await?;
+    }
+    println!(
+        "  a call of one event on a warm instance (checkout, budgets, call, return): {:.1} µs",
+        t0.elapsed().as_secs_f64() * 1e6 / n as f64
     );
     Ok(())
 }

@@ -1,10 +1,16 @@
 //! The plugin host: one wasmtime engine (component model, async, pooling allocator, epoch
 //! interruption), uploads validated and compiled once (cache keyed by sha256, compiles
-//! serialized and time-limited), and every call in a fresh store with memory and table limits,
+//! serialized and time-limited), and every call in a store of its own with memory and table limits,
 //! a CPU budget (guest time, measured with epochs), a wall-clock deadline, WASI without
 //! capabilities (no files, no environment, no sockets; stdout/stderr go to the plugin's log),
 //! and only the imports of the plugin's world. A trap or a limit fails that call with a clear
 //! reason, never the gateway; a failing batch is split to find the poison event.
+//!
+//! Transform instances are kept warm: after a call that succeeded (and printed nothing to
+//! stdout/stderr), the instance goes back to a small pool keyed by plugin, pipeline step and
+//! config, and the next batch of the same step reuses it (already initialised, its memory
+//! already mapped) with fresh per-call budgets. A call that fails in any way drops its
+//! instance; idle instances are dropped after [`WARM_IDLE`].
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -36,6 +42,102 @@ const MAX_LOG_LINE: usize = 4096;
 const CACHE_ENTRIES: usize = 256;
 /// A transform may return at most this many times its input (plus 64 KiB).
 pub const MAX_OUTPUT_FACTOR: usize = 16;
+/// Bytes of a pooled linear memory kept resident when its slot is reused.
+const KEEP_RESIDENT: usize = 0;
+/// Warm instances kept per (plugin, step, config): about one per core.
+const WARM_PER_KEY: usize = 2;
+/// A warm instance unused this long is dropped (its memory returned).
+pub const WARM_IDLE: Duration = Duration::from_secs(30);
+
+/// Which calls may share a warm instance: the same plugin bytes, step name, config and
+/// memory limit (CPU and wall-clock budgets are set afresh on every call).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct WarmKey {
+    sha256: String,
+    name: String,
+    config: String,
+    memory_bytes: usize,
+}
+
+/// An initialised transform instance between calls.
+struct Warm {
+    store: Store<HostState>,
+    instance: transform::Transform,
+    idle_since: Instant,
+}
+
+/// The warm instances, bounded in number per key and in all.
+#[derive(Default)]
+struct WarmPool {
+    by_key: HashMap<WarmKey, Vec<Warm>>,
+    total: usize,
+}
+
+impl WarmPool {
+    fn take(&mut self, key: &WarmKey) -> Option<Warm> {
+        let list = self.by_key.get_mut(key)?;
+        let w = list.pop()?;
+        if list.is_empty() {
+            self.by_key.remove(key);
+        }
+        self.total -= 1;
+        Some(w)
+    }
+
+    /// Keeps `w` unless the pool is full (then the oldest idle instance makes room, or `w`
+    /// is dropped when its own key is full).
+    fn put(&mut self, key: WarmKey, w: Warm, max_total: usize) {
+        if max_total == 0 {
+            return;
+        }
+        if self
+            .by_key
+            .get(&key)
+            .is_some_and(|l| l.len() >= WARM_PER_KEY)
+        {
+            return;
+        }
+        if self.total >= max_total {
+            let oldest = self
+                .by_key
+                .iter()
+                .filter_map(|(k, l)| l.first().map(|w| (k.clone(), w.idle_since)))
+                .min_by_key(|(_, t)| *t)
+                .map(|(k, _)| k);
+            if let Some(k) = oldest {
+                let list = self.by_key.get_mut(&k).expect("present");
+                list.remove(0);
+                if list.is_empty() {
+                    self.by_key.remove(&k);
+                }
+                self.total -= 1;
+            }
+        }
+        self.by_key.entry(key).or_default().push(w);
+        self.total += 1;
+    }
+
+    /// Drops instances idle since before `cutoff`.
+    fn expire(&mut self, cutoff: Instant) {
+        let mut dropped = 0;
+        self.by_key.retain(|_, l| {
+            let before = l.len();
+            l.retain(|w| w.idle_since >= cutoff);
+            dropped += before - l.len();
+            !l.is_empty()
+        });
+        self.total -= dropped;
+    }
+}
+
+/// What the warm pool holds now.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct WarmStats {
+    /// Idle instances.
+    pub instances: usize,
+    /// Their linear memory, in all.
+    pub memory_bytes: usize,
+}
 
 /// A compiled, validated component, ready to instantiate.
 pub struct Compiled {
@@ -55,7 +157,7 @@ enum Pre {
 pub struct HostState {
     wasi: WasiCtx,
     table: ResourceTable,
-    limits: StoreLimits,
+    limits: Limiter,
     /// What the plugin wrote to stdout/stderr in this call.
     out: MemoryOutputPipe,
     plugin: String,
@@ -68,6 +170,50 @@ pub struct HostState {
     caps: Option<Arc<DestinationCaps>>,
     /// NATS messages were published in this call (flushed once when it returns).
     nats_unflushed: bool,
+}
+
+/// The store's limits, keeping count of the linear memory the instance holds.
+struct Limiter {
+    inner: StoreLimits,
+    memory: usize,
+}
+
+impl wasmtime::ResourceLimiter for Limiter {
+    fn memory_growing(
+        &mut self,
+        current: usize,
+        desired: usize,
+        maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        let allow = self.inner.memory_growing(current, desired, maximum)?;
+        if allow {
+            self.memory += desired.saturating_sub(current);
+        }
+        Ok(allow)
+    }
+    fn memory_grow_failed(&mut self, error: wasmtime::Error) -> wasmtime::Result<()> {
+        self.inner.memory_grow_failed(error)
+    }
+    fn table_growing(
+        &mut self,
+        current: usize,
+        desired: usize,
+        maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        self.inner.table_growing(current, desired, maximum)
+    }
+    fn table_grow_failed(&mut self, error: wasmtime::Error) -> wasmtime::Result<()> {
+        self.inner.table_grow_failed(error)
+    }
+    fn instances(&self) -> usize {
+        self.inner.instances()
+    }
+    fn tables(&self) -> usize {
+        self.inner.tables()
+    }
+    fn memories(&self) -> usize {
+        self.inner.memories()
+    }
 }
 
 impl WasiView for HostState {
@@ -333,6 +479,9 @@ pub struct PluginHost {
     cache: Mutex<HashMap<String, Arc<Compiled>>>,
     compiling: tokio::sync::Semaphore,
     stop: Arc<AtomicBool>,
+    warm: Arc<Mutex<WarmPool>>,
+    /// Most warm instances kept in all (a quarter of the instance slots).
+    warm_max: usize,
 }
 
 impl Drop for PluginHost {
@@ -358,9 +507,11 @@ fn engine_config(opts: &HostOptions, pooling: bool) -> wasmtime::Config {
         p.max_memory_size(opts.max_memory_bytes);
         p.max_memories_per_component(4);
         p.max_tables_per_component(8);
-        // A call's memory is reset with memset instead of being decommitted and faulted in
-        // again (fresh pages cost a kernel zeroing per 4 KiB): the first MiBs stay resident.
-        p.linear_memory_keep_resident(8 << 20);
+        // A slot's memory is reset with memset instead of being decommitted and faulted in
+        // again (fresh pages cost a kernel zeroing per 4 KiB) up to this size. Warm instances
+        // made the reuse of slots rare, so only a little is kept: memset on every slot reuse
+        // is what made fresh instances slow.
+        p.linear_memory_keep_resident(KEEP_RESIDENT);
         p.table_keep_resident(64 << 10);
         c.allocation_strategy(wasmtime::InstanceAllocationStrategy::Pooling(p));
     }
@@ -400,15 +551,28 @@ impl PluginHost {
             ingress::Ingress::add_to_linker::<_, HasSelf<HostState>>(l, |s| s)
         })?;
         let stop = Arc::new(AtomicBool::new(false));
+        let warm = Arc::new(Mutex::new(WarmPool::default()));
         {
             let engine = engine.clone();
             let stop = stop.clone();
+            let warm = Arc::downgrade(&warm);
             std::thread::Builder::new()
                 .name("wasm-epoch".into())
                 .spawn(move || {
+                    let mut ticks = 0u32;
                     while !stop.load(Ordering::Relaxed) {
                         std::thread::sleep(TICK);
                         engine.increment_epoch();
+                        ticks = ticks.wrapping_add(1);
+                        // About once a second, idle warm instances expire.
+                        if ticks % 1000 == 0
+                            && let Some(pool) = warm.upgrade()
+                        {
+                            let cutoff = Instant::now().checked_sub(WARM_IDLE);
+                            if let Some(cutoff) = cutoff {
+                                pool.lock().expect("lock").expire(cutoff);
+                            }
+                        }
                     }
                 })
                 .map_err(|e| PluginError::Host(format!("epoch thread: {e}")))?;
@@ -421,6 +585,8 @@ impl PluginHost {
             cache: Mutex::default(),
             compiling: tokio::sync::Semaphore::new(1),
             stop,
+            warm,
+            warm_max: (opts.max_instances / 4) as usize,
         }))
     }
 
@@ -561,14 +727,17 @@ impl PluginHost {
         let state = HostState {
             wasi,
             table: ResourceTable::new(),
-            limits: StoreLimitsBuilder::new()
-                .memory_size(limits.memory_bytes)
-                .table_elements(100_000)
-                .instances(16)
-                .tables(16)
-                .memories(4)
-                .trap_on_grow_failure(true)
-                .build(),
+            limits: Limiter {
+                inner: StoreLimitsBuilder::new()
+                    .memory_size(limits.memory_bytes)
+                    .table_elements(100_000)
+                    .instances(16)
+                    .tables(16)
+                    .memories(4)
+                    .trap_on_grow_failure(true)
+                    .build(),
+                memory: 0,
+            },
             out: pipe,
             plugin: plugin.to_string(),
             log_lines: 0,
@@ -581,7 +750,7 @@ impl PluginHost {
         };
         let mut store = Store::new(&self.engine, state);
         store.limiter(|s| &mut s.limits);
-        store.set_epoch_deadline(SLICE_TICKS.min(ticks(limits.cpu)));
+        Self::rearm(&mut store, limits);
         store.epoch_deadline_callback(|ctx| {
             let s = ctx.data();
             let guest = s.started.elapsed().saturating_sub(s.io);
@@ -592,6 +761,38 @@ impl PluginHost {
             Ok(UpdateDeadline::Yield(left.min(SLICE_TICKS)))
         });
         store
+    }
+
+    /// Gives a store the budgets of a new call: CPU and wall-clock from now, log lines.
+    fn rearm(store: &mut Store<HostState>, limits: &Limits) {
+        let s = store.data_mut();
+        s.started = Instant::now();
+        s.io = Duration::ZERO;
+        s.cpu = limits.cpu;
+        s.wall_deadline = s.started + limits.wall;
+        s.log_lines = 0;
+        store.set_epoch_deadline(SLICE_TICKS.min(ticks(limits.cpu)));
+    }
+
+    /// The warm transform instances kept now.
+    pub fn warm_stats(&self) -> WarmStats {
+        let pool = self.warm.lock().expect("lock");
+        WarmStats {
+            instances: pool.total,
+            memory_bytes: pool
+                .by_key
+                .values()
+                .flatten()
+                .map(|w| w.store.data().limits.memory)
+                .sum(),
+        }
+    }
+
+    /// Drops every warm instance (tests and benchmarks; idle ones also expire by themselves).
+    pub fn drop_warm(&self) {
+        let mut pool = self.warm.lock().expect("lock");
+        pool.by_key.clear();
+        pool.total = 0;
     }
 
     /// Instantiates a plugin and runs its `init` with `config` only: checks a config before
@@ -667,16 +868,38 @@ impl PluginHost {
             )));
         };
         let input = batch.len();
-        let mut store = self.store(name, limits);
+        let key = WarmKey {
+            sha256: plugin.sha256.clone(),
+            name: name.to_string(),
+            config: config.to_string(),
+            memory_bytes: limits.memory_bytes,
+        };
+        let warm = self.warm.lock().expect("lock").take(&key);
+        let (mut store, warm_instance) = match warm {
+            Some(w) => {
+                let mut store = w.store;
+                Self::rearm(&mut store, limits);
+                (store, Some(w.instance))
+            }
+            None => (self.store(name, limits), None),
+        };
         let call = async {
-            let inst = pre
-                .instantiate_async(&mut store)
+            let inst = match warm_instance {
+                Some(i) => i,
+                None => {
+                    let i = pre
+                        .instantiate_async(&mut store)
+                        .await
+                        .map_err(|e| PluginError::Call(describe(&e, limits)))?;
+                    init_outcome(i.call_init(&mut store, config).await, limits)?;
+                    i
+                }
+            };
+            let out = inst
+                .call_transform(&mut store, &batch)
                 .await
                 .map_err(|e| PluginError::Call(describe(&e, limits)))?;
-            init_outcome(inst.call_init(&mut store, config).await, limits)?;
-            inst.call_transform(&mut store, &batch)
-                .await
-                .map_err(|e| PluginError::Call(describe(&e, limits)))
+            Ok((inst, out))
         };
         let out = match tokio::time::timeout(limits.wall, call).await {
             Ok(r) => r,
@@ -685,7 +908,24 @@ impl PluginHost {
                 limits.wall.as_millis()
             ))),
         };
+        // Output capture is per store: an instance that printed is not reused (its next
+        // call's lines would be mixed with these).
+        let printed = !store.data().out.contents().is_empty();
         flush_output(&mut store);
+        let out = match out {
+            Ok((inst, out)) => {
+                if !printed {
+                    let w = Warm {
+                        store,
+                        instance: inst,
+                        idle_since: Instant::now(),
+                    };
+                    self.warm.lock().expect("lock").put(key, w, self.warm_max);
+                }
+                Ok(out)
+            }
+            Err(e) => Err(e),
+        };
         let out = out?;
         let cap = input * MAX_OUTPUT_FACTOR + (64 << 10);
         if out.len() > cap {
@@ -980,6 +1220,7 @@ pub fn decode_outcomes(
     for (outcome, input) in reader.zip(events) {
         match outcome.map_err(bad)? {
             Outcome::Failed(reason) => results.push(TransformResult::Failed(reason.to_string())),
+            Outcome::Unchanged => results.push(TransformResult::Events(vec![input.clone()])),
             Outcome::Events(batch) => {
                 let mut v = Vec::new();
                 for e in batch.events() {

@@ -225,3 +225,44 @@ async fn bad_uploads_are_refused_with_a_reason() {
     assert!(err(host.compile(&broken).await).contains("not valid"));
     still_serves(&host).await;
 }
+
+fn payloads(out: &[TransformResult]) -> Vec<String> {
+    out.iter()
+        .map(|r| match r {
+            TransformResult::Events(e) => String::from_utf8_lossy(&e[0].payload).into_owned(),
+            TransformResult::Failed(reason) => format!("failed: {reason}"),
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn instances_stay_warm_between_good_calls_and_never_after_a_failure() {
+    let host = host();
+    assert_eq!(host.warm_stats().instances, 0);
+    // The second call reuses the first call's instance (it has counted one event already).
+    let one = events(&["a"]);
+    assert_eq!(payloads(&run(&host, "count", &one).await), ["1"]);
+    assert_eq!(payloads(&run(&host, "count", &one).await), ["2"]);
+    let stats = host.warm_stats();
+    assert_eq!(stats.instances, 1);
+    assert!(
+        stats.memory_bytes >= 64 << 10,
+        "an idle instance holds its linear memory: {stats:?}"
+    );
+    // A different config is a different step: its own instance.
+    let c = host.compile(hostile_wasm()).await.unwrap();
+    let other = host
+        .transform(&c, "hostile", r#"{"mode":"count","x":1}"#, &limits(), &one)
+        .await;
+    assert_eq!(payloads(&other), ["1"]);
+    assert_eq!(host.warm_stats().instances, 2);
+    // A call that traps drops its instance: the next call starts from a fresh one.
+    let out = run(&host, "count", &events(&["trap"])).await;
+    assert!(failed(&out[0]).contains("asked to trap"), "{out:?}");
+    assert_eq!(payloads(&run(&host, "count", &one).await), ["1"]);
+    // Instances that printed are not kept (their captured output is per store).
+    host.drop_warm();
+    assert_eq!(host.warm_stats(), Default::default());
+    run(&host, "print", &one).await;
+    assert_eq!(host.warm_stats().instances, 0);
+}

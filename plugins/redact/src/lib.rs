@@ -3,15 +3,18 @@
 //!
 //! Config: `{"paths": ["user.email", "card.number"], "action": "mask" | "drop", "mask": "***"}`
 //! (`action` defaults to `mask`, `mask` to `"[REDACTED]"`). Events that are not JSON objects,
-//! or lack every path, pass unchanged (byte for byte); a redacted event is re-serialized.
+//! or lack every path, pass unchanged (byte for byte); in a redacted event only the redacted
+//! members change (see [`scan`] for how paths are matched: every duplicate key, every reading
+//! of a dotted path and escaped keys are redacted).
+
+mod scan;
 
 use rewind_plugin_sdk::{Config, Emit, Event, Transform, json};
+pub use scan::Action;
 
 pub struct Redact {
     paths: Vec<String>,
-    /// The last segment of each path, quoted, to skip events that cannot contain it.
-    needles: Vec<Vec<u8>>,
-    drop: bool,
+    action: Action,
     mask: serde_json::Value,
 }
 
@@ -25,48 +28,49 @@ impl Transform for Redact {
         if paths.is_empty() {
             return Err("config `paths` must list at least one field to redact".into());
         }
-        let drop = match config.opt_str("action")?.unwrap_or("mask") {
-            "mask" => false,
-            "drop" => true,
+        if let Some(p) = paths.iter().find(|p| p.is_empty()) {
+            return Err(format!("config `paths` has an empty path ({p:?})"));
+        }
+        let mask = config
+            .get("mask")
+            .cloned()
+            .unwrap_or_else(|| serde_json::Value::String("[REDACTED]".into()));
+        let action = match config.opt_str("action")?.unwrap_or("mask") {
+            "mask" => Action::Mask(json::to_bytes(&mask)),
+            "drop" => Action::Drop,
             other => {
                 return Err(format!(
                     "config `action` must be \"mask\" or \"drop\", got {other:?}"
                 ));
             }
         };
-        let mask = config
-            .get("mask")
-            .cloned()
-            .unwrap_or_else(|| serde_json::Value::String("[REDACTED]".into()));
-        let needles = paths
-            .iter()
-            .map(|p| format!("\"{}", p.rsplit('.').next().unwrap_or(p)).into_bytes())
-            .collect();
         Ok(Self {
             paths,
-            needles,
-            drop,
+            action,
             mask,
         })
     }
 
     fn transform(&mut self, event: &Event<'_>, out: &mut Emit<'_>) -> Result<(), String> {
-        let payload = event.payload;
-        let may_contain = self
-            .needles
-            .iter()
-            .any(|n| payload.windows(n.len()).any(|w| w == n.as_slice()));
-        if !may_contain {
-            out.keep();
-            return Ok(());
+        match scan::redact(event.payload, &self.paths, &self.action) {
+            Ok(Some(redacted)) => out.payload(&redacted),
+            Ok(None) => out.keep(),
+            // Not JSON the scanner reads: if it is JSON after all, redact the parsed value
+            // (never let a path through); raw events pass unchanged.
+            Err(scan::Malformed) => match json::parse(event.payload) {
+                Some(value) => self.redact_value(value, out),
+                None => out.keep(),
+            },
         }
-        let Some(mut value) = json::parse(payload) else {
-            out.keep();
-            return Ok(());
-        };
+        Ok(())
+    }
+}
+
+impl Redact {
+    fn redact_value(&self, mut value: serde_json::Value, out: &mut Emit<'_>) {
         let mut changed = false;
         for path in &self.paths {
-            if self.drop {
+            if self.action == Action::Drop {
                 changed |= json::remove(&mut value, path).is_some();
             } else if let Some(v) = json::get_mut(&mut value, path) {
                 *v = self.mask.clone();
@@ -78,7 +82,6 @@ impl Transform for Redact {
         } else {
             out.keep();
         }
-        Ok(())
     }
 }
 
@@ -99,7 +102,8 @@ mod tests {
         .unwrap();
         assert_eq!(
             out[0].as_ref().unwrap()[0],
-            br#"{"card":"[REDACTED]","n":2,"user":{"email":"[REDACTED]","id":1}}"#
+            br#"{"user":{"email":"[REDACTED]","id":1},"card":"[REDACTED]","n":2}"#,
+            "only the values change; key order and the other bytes stay"
         );
         let config = r#"{"paths":["user.email"],"action":"drop"}"#;
         let out = run_transform::<Redact>(

@@ -3,12 +3,14 @@
 //! (upper-cases payloads), `loop` (never returns), `grow` (allocates without bound),
 //! `amplify` (returns 100× its input), `trap` (panics on every event), `poison` (panics on
 //! events whose payload contains "poison"), `fail` (fails events containing "bad" with a
-//! reason), `recurse` (unbounded recursion), `print` (writes to stdout and the log).
+//! reason), `recurse` (unbounded recursion), `print` (writes to stdout and the log), `count`
+//! (replaces each payload with how many events this instance has seen; panics on "trap").
 
 use rewind_plugin_sdk::{Config, Emit, Event, Level, Transform, log};
 
 pub struct Hostile {
     mode: String,
+    seen: u64,
 }
 
 fn spin(n: u64) -> u64 {
@@ -33,7 +35,7 @@ impl Transform for Hostile {
         if mode == "bad-config" {
             return Err("mode `bad-config` refuses to start".into());
         }
-        Ok(Self { mode })
+        Ok(Self { mode, seen: 0 })
     }
 
     fn transform(&mut self, event: &Event<'_>, out: &mut Emit<'_>) -> Result<(), String> {
@@ -80,6 +82,13 @@ impl Transform for Hostile {
                 println!("stdout line for {}", event.id);
                 log(Level::Info, &format!("log line for {}", event.id));
                 out.keep();
+            }
+            "count" => {
+                if contains(b"trap") {
+                    panic!("asked to trap");
+                }
+                self.seen += 1;
+                out.payload(self.seen.to_string().as_bytes());
             }
             other => return Err(format!("unknown mode {other}")),
         }
