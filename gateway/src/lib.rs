@@ -19,3 +19,4 @@ pub mod query;
 pub mod replay;
 pub mod search;
 pub mod server;
+pub mod sources;

@@ -237,10 +237,18 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         metrics,
         max_message_bytes: config.limits.max_request_bytes,
         replays: crate::replay::Replays::new(instance.clone(), config.replay.clone()),
+        sources: crate::sources::Sources::new(config.allow_private_destinations),
     });
     // Replays run until shutdown; on stop each finishes its batch and saves its checkpoint.
     let (replays_stop, replays_stop_rx) = tokio::sync::watch::channel(false);
-    let replays_task = tokio::spawn(state.replays.clone().run(state.clone(), replays_stop_rx));
+    let replays_task = tokio::spawn(
+        state
+            .replays
+            .clone()
+            .run(state.clone(), replays_stop_rx.clone()),
+    );
+    // Sources subscribe until shutdown (stopped with the replays).
+    let sources_task = tokio::spawn(state.sources.clone().run(state.clone(), replays_stop_rx));
     let app = api::router(state);
 
     let listener = tokio::net::TcpListener::bind(config.listen)
@@ -271,6 +279,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         } => tracing::warn!(?grace, "in-flight requests did not finish within the grace period; their clients get no ack"),
     }
     let _ = replays_stop.send(true);
+    let _ = tokio::time::timeout(grace, sources_task).await;
     if tokio::time::timeout(grace, replays_task).await.is_err() {
         tracing::warn!(
             "replays did not stop in the grace period; they resume from their checkpoints"

@@ -224,6 +224,27 @@ impl Request {
     }
 }
 
+/// A bus message for an ingress plugin (a source's subscription).
+#[derive(Debug, Clone)]
+pub struct Message {
+    /// The bus it came from: `nats`.
+    pub bus: String,
+    /// The subject it was published to.
+    pub subject: String,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+impl Message {
+    /// The first header named `name` (ASCII case-insensitive).
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+}
+
 /// An event an ingress plugin produces (the gateway assigns its id and time).
 #[derive(Debug, Clone, Default)]
 pub struct NewEvent {
@@ -247,16 +268,35 @@ impl Rejection {
     }
 }
 
-/// An ingress adapter: turns an inbound request into events.
+/// An ingress adapter: turns an inbound HTTP request (a hook) or a bus message (a source)
+/// into events.
 pub trait Ingress: Sized + 'static {
     fn new(config: Config) -> Result<Self, String>;
     fn handle(&mut self, request: &Request) -> Result<Vec<NewEvent>, Rejection>;
+    /// A bus message; by default refused (the adapter takes HTTP requests only).
+    fn handle_message(&mut self, message: &Message) -> Result<Vec<NewEvent>, Rejection> {
+        let _ = message;
+        Err(Rejection::new(
+            415,
+            "this ingress adapter takes HTTP requests (hooks) only, not bus messages",
+        ))
+    }
+}
+
+/// What an ingress plugin is given.
+#[doc(hidden)]
+pub enum Inbound {
+    Request(Request),
+    Message(Message),
 }
 
 #[doc(hidden)]
-pub fn __run_ingress<I: Ingress>(request: &Request) -> Result<Vec<u8>, Rejection> {
-    let events =
-        with_state::<I, _>(|i| i.handle(request)).map_err(|e| Rejection::new(500, e))??;
+pub fn __run_ingress<I: Ingress>(input: &Inbound) -> Result<Vec<u8>, Rejection> {
+    let events = with_state::<I, _>(|i| match input {
+        Inbound::Request(r) => i.handle(r),
+        Inbound::Message(m) => i.handle_message(m),
+    })
+    .map_err(|e| Rejection::new(500, e))??;
     let mut w = crate::codec::BatchWriter::new();
     for e in &events {
         w.push(
@@ -404,18 +444,27 @@ macro_rules! export_ingress {
                     $crate::__init::<$t>(&config, <$t as $crate::Ingress>::new)
                 }
                 fn handle(
-                    request: $crate::bindings::ingress::rewind::plugin::types::InboundRequest,
+                    input: $crate::bindings::ingress::rewind::plugin::types::Inbound,
                 ) -> ::std::result::Result<
                     ::std::vec::Vec<u8>,
                     $crate::bindings::ingress::rewind::plugin::types::Rejection,
                 > {
-                    let r = $crate::Request {
-                        method: request.method,
-                        path: request.path,
-                        headers: request.headers,
-                        body: request.body,
+                    use $crate::bindings::ingress::rewind::plugin::types::Inbound as I;
+                    let input = match input {
+                        I::Request(request) => $crate::Inbound::Request($crate::Request {
+                            method: request.method,
+                            path: request.path,
+                            headers: request.headers,
+                            body: request.body,
+                        }),
+                        I::Message(m) => $crate::Inbound::Message($crate::Message {
+                            bus: m.bus,
+                            subject: m.subject,
+                            headers: m.headers,
+                            body: m.body,
+                        }),
                     };
-                    $crate::__run_ingress::<$t>(&r).map_err(|e| {
+                    $crate::__run_ingress::<$t>(&input).map_err(|e| {
                         $crate::bindings::ingress::rewind::plugin::types::Rejection {
                             status: e.status,
                             reason: e.reason,

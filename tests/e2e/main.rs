@@ -14,3 +14,4 @@ mod plugins;
 mod replays;
 mod s3;
 mod search;
+mod sources;

@@ -10,6 +10,7 @@ pub mod plugins;
 pub mod replays;
 pub mod rest;
 pub mod search;
+pub mod sources;
 
 use std::sync::Arc;
 
@@ -45,6 +46,8 @@ pub struct AppState {
     pub nats: Option<async_nats::Client>,
     /// The replay scheduler, its quotas and API limiter.
     pub replays: Arc<crate::replay::Replays>,
+    /// The NATS subscriptions of sources.
+    pub sources: Arc<crate::sources::Sources>,
 }
 
 /// REST and gRPC on one router.

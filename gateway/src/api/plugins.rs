@@ -75,7 +75,7 @@ fn storage_error(e: impl std::fmt::Display) -> ApiError {
 }
 
 /// Plugin and version names: 1–64 of letters, digits, `_ - .`.
-fn valid_name(s: &str) -> bool {
+pub(crate) fn valid_name(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 64
         && s.chars()
@@ -166,7 +166,11 @@ pub async fn list(State((state, _)): St, Auth(who): Auth) -> Result<Json<Value>,
     ))
 }
 
-async fn find_plugin(state: &AppState, team_id: &str, r: &str) -> Result<PluginRecord, ApiError> {
+pub(crate) async fn find_plugin(
+    state: &AppState,
+    team_id: &str,
+    r: &str,
+) -> Result<PluginRecord, ApiError> {
     state
         .meta
         .get_plugin(team_id, r)
@@ -743,7 +747,8 @@ pub async fn receive_hook(
                 .to_string()
         })
         .unwrap_or_default();
-    let inbound = crate::plugins::bindings::ingress::rewind::plugin::types::InboundRequest {
+    use crate::plugins::bindings::ingress::rewind::plugin::types::{Inbound, InboundRequest};
+    let inbound = InboundRequest {
         method: parts.method.to_string(),
         path,
         headers: parts
@@ -765,7 +770,7 @@ pub async fn receive_hook(
             &name,
             &hook.config,
             &PluginKind::Ingress.default_limits(),
-            inbound,
+            Inbound::Request(inbound),
         )
         .await
     {

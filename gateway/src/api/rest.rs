@@ -81,6 +81,14 @@ pub fn router(state: Arc<AppState>) -> Router {
             post(super::plugins::receive_hook).delete(super::plugins::delete_hook),
         )
         .route(
+            "/v1/sources",
+            post(super::sources::create_source).get(super::sources::list_sources),
+        )
+        .route(
+            "/v1/sources/{id}",
+            get(super::sources::get_source).delete(super::sources::delete_source),
+        )
+        .route(
             "/v1/replays",
             post(super::replays::create_replay).get(super::replays::list_replays),
         )

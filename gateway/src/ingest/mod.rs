@@ -53,6 +53,17 @@ pub enum IngestError {
     Pipeline(String),
 }
 
+impl IngestError {
+    /// Worth retrying the same events later (rate limit, overload, the bus or the pipeline
+    /// being unavailable); the others will fail again.
+    pub fn is_temporary(&self) -> bool {
+        matches!(
+            self,
+            Self::RateLimited(_) | Self::Overloaded { .. } | Self::Bus(_) | Self::Pipeline(_)
+        )
+    }
+}
+
 /// Room for a request's bytes in the gateway's in-flight budget; released on drop.
 pub struct Admission(#[allow(dead_code)] tokio::sync::OwnedSemaphorePermit);
 

@@ -195,6 +195,18 @@ impl Metastore for CachedMetastore {
     async fn delete_hook(&self, team_id: &str, id: &str) -> Result<bool, MetaError> {
         self.inner.delete_hook(team_id, id).await
     }
+    async fn create_source(&self, s: &super::SourceRecord) -> Result<(), MetaError> {
+        self.inner.create_source(s).await
+    }
+    async fn list_sources(&self, team_id: &str) -> Result<Vec<super::SourceRecord>, MetaError> {
+        self.inner.list_sources(team_id).await
+    }
+    async fn all_sources(&self) -> Result<Vec<super::SourceRecord>, MetaError> {
+        self.inner.all_sources().await
+    }
+    async fn delete_source(&self, team_id: &str, id: &str) -> Result<bool, MetaError> {
+        self.inner.delete_source(team_id, id).await
+    }
     async fn create_destination(&self, d: &super::DestinationRecord) -> Result<(), MetaError> {
         self.inner.create_destination(d).await
     }

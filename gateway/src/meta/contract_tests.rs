@@ -635,6 +635,32 @@ async fn plugins_and_destinations(store: &dyn Metastore, a: &str, b: &str, order
     assert!(!store.delete_hook(b, "github").await.unwrap());
     assert!(store.delete_hook(a, "github").await.unwrap());
     assert_eq!(store.hook_by_id(&hook.id).await.unwrap(), None);
+    let source = super::SourceRecord {
+        id: "src_0123456789abcdef".into(),
+        team_id: a.into(),
+        name: "orders-bus".into(),
+        plugin_id: plugin.id.clone(),
+        collection_id: orders_a.into(),
+        config: "{}".into(),
+        url: "nats://10.0.0.1:4222".into(),
+        subject: "orders.>".into(),
+        created_at: now_micros(),
+    };
+    store.create_source(&source).await.unwrap();
+    assert!(matches!(
+        store.create_source(&source.clone()).await,
+        Err(MetaError::AlreadyExists { .. })
+    ));
+    assert_eq!(store.list_sources(a).await.unwrap(), vec![source.clone()]);
+    assert_eq!(store.list_sources(b).await.unwrap(), vec![]);
+    assert!(store.all_sources().await.unwrap().contains(&source));
+    assert_eq!(
+        store.delete_plugin(a, &plugin.id).await.unwrap(),
+        Err(vec!["source orders-bus".to_string()])
+    );
+    assert!(!store.delete_source(b, "orders-bus").await.unwrap());
+    assert!(store.delete_source(a, &source.id).await.unwrap());
+    assert_eq!(store.list_sources(a).await.unwrap(), vec![]);
     assert_eq!(store.get_pipeline(a, orders_a).await.unwrap(), None);
     assert_eq!(store.delete_plugin(a, &plugin.id).await.unwrap(), Ok(true));
     assert_eq!(store.get_plugin(a, &plugin.id).await.unwrap(), None);

@@ -113,6 +113,22 @@ pub struct HookRecord {
     pub created_at: i64,
 }
 
+/// A source: a subscription on a team's NATS server whose messages an ingress plugin turns
+/// into events of a collection (docs/plugins.md#sources).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SourceRecord {
+    pub id: String,
+    pub team_id: String,
+    pub name: String,
+    pub plugin_id: String,
+    pub collection_id: String,
+    pub config: String,
+    /// `nats://[user:password@]host:port` (credentials are never shown back).
+    pub url: String,
+    pub subject: String,
+    pub created_at: i64,
+}
+
 /// A replay (docs/replays.md) with its progress and lease.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ReplayRecord {
@@ -306,6 +322,11 @@ pub trait Metastore: Send + Sync {
     async fn hook_by_id(&self, id: &str) -> Result<Option<HookRecord>, MetaError>;
     async fn list_hooks(&self, team_id: &str) -> Result<Vec<HookRecord>, MetaError>;
     async fn delete_hook(&self, team_id: &str, id_or_name: &str) -> Result<bool, MetaError>;
+    async fn create_source(&self, s: &SourceRecord) -> Result<(), MetaError>;
+    async fn list_sources(&self, team_id: &str) -> Result<Vec<SourceRecord>, MetaError>;
+    /// Every team's sources (the gateway subscribes to all of them).
+    async fn all_sources(&self) -> Result<Vec<SourceRecord>, MetaError>;
+    async fn delete_source(&self, team_id: &str, id_or_name: &str) -> Result<bool, MetaError>;
     async fn collection_columns(
         &self,
         collection_id: Option<&str>,

@@ -11,7 +11,7 @@ use sqlx::{AnyPool, Row};
 
 use super::{
     ArchiveFile, Collection, DestinationRecord, HookRecord, MetaError, Metastore, PluginRecord,
-    ReplayProgress, ReplayRecord, StoredColumn, Team, TokenRecord,
+    ReplayProgress, ReplayRecord, SourceRecord, StoredColumn, Team, TokenRecord,
 };
 use crate::auth::Scopes;
 
@@ -152,6 +152,22 @@ fn hook_from_row(row: &AnyRow) -> Result<HookRecord, sqlx::Error> {
     })
 }
 
+fn source_from_row(row: &AnyRow) -> Result<SourceRecord, sqlx::Error> {
+    Ok(SourceRecord {
+        id: row.try_get("id")?,
+        team_id: row.try_get("team_id")?,
+        name: row.try_get("name")?,
+        plugin_id: row.try_get("plugin_id")?,
+        collection_id: row.try_get("collection_id")?,
+        config: row.try_get("config")?,
+        url: row.try_get("url")?,
+        subject: row.try_get("subject")?,
+        created_at: row.try_get("created_at")?,
+    })
+}
+
+const SOURCE_COLUMNS: &str =
+    "id, team_id, name, plugin_id, collection_id, config, url, subject, created_at";
 const HOOK_COLUMNS: &str = "id, team_id, name, plugin_id, collection_id, config, created_at";
 const PLUGIN_COLUMNS: &str = "id, team_id, name, version, kind, sha256, bytes, created_at";
 const DESTINATION_COLUMNS: &str = "id, team_id, name, plugin_id, config, created_at";
@@ -405,6 +421,16 @@ impl Metastore for SqlMetastore {
         {
             users.push(format!("hook {}", row.try_get::<String, _>("name")?));
         }
+        for row in sqlx::query(
+            "SELECT name FROM sources WHERE team_id = $1 AND plugin_id = $2 ORDER BY name",
+        )
+        .bind(team_id)
+        .bind(id)
+        .fetch_all(&mut *tx)
+        .await?
+        {
+            users.push(format!("source {}", row.try_get::<String, _>("name")?));
+        }
         let pattern = format!("%\"plugin_id\":\"{id}\"%");
         for row in sqlx::query(
             "SELECT c.name AS name FROM pipelines p JOIN collections c ON c.id = p.collection_id \
@@ -507,6 +533,54 @@ impl Metastore for SqlMetastore {
         .fetch_all(&self.pool)
         .await?;
         Ok(rows.iter().map(hook_from_row).collect::<Result<_, _>>()?)
+    }
+
+    async fn create_source(&self, s: &SourceRecord) -> Result<(), MetaError> {
+        sqlx::query(
+            "INSERT INTO sources (id, team_id, name, plugin_id, collection_id, config, url, subject, created_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+        )
+        .bind(&s.id)
+        .bind(&s.team_id)
+        .bind(&s.name)
+        .bind(&s.plugin_id)
+        .bind(&s.collection_id)
+        .bind(&s.config)
+        .bind(&s.url)
+        .bind(&s.subject)
+        .bind(s.created_at)
+        .execute(&self.pool)
+        .await
+        .map_err(|e| map_insert_error(e, "source", &s.name))?;
+        Ok(())
+    }
+
+    async fn list_sources(&self, team_id: &str) -> Result<Vec<SourceRecord>, MetaError> {
+        let rows = sqlx::query(&format!(
+            "SELECT {SOURCE_COLUMNS} FROM sources WHERE team_id = $1 ORDER BY name"
+        ))
+        .bind(team_id)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows.iter().map(source_from_row).collect::<Result<_, _>>()?)
+    }
+
+    async fn all_sources(&self) -> Result<Vec<SourceRecord>, MetaError> {
+        let rows = sqlx::query(&format!(
+            "SELECT {SOURCE_COLUMNS} FROM sources ORDER BY created_at, id"
+        ))
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows.iter().map(source_from_row).collect::<Result<_, _>>()?)
+    }
+
+    async fn delete_source(&self, team_id: &str, id_or_name: &str) -> Result<bool, MetaError> {
+        let done = sqlx::query("DELETE FROM sources WHERE team_id = $1 AND (id = $2 OR name = $2)")
+            .bind(team_id)
+            .bind(id_or_name)
+            .execute(&self.pool)
+            .await?;
+        Ok(done.rows_affected() > 0)
     }
 
     async fn delete_hook(&self, team_id: &str, id_or_name: &str) -> Result<bool, MetaError> {

@@ -565,7 +565,7 @@ impl PluginHost {
                         engine.increment_epoch();
                         ticks = ticks.wrapping_add(1);
                         // About once a second, idle warm instances expire.
-                        if ticks % 1000 == 0
+                        if ticks.is_multiple_of(1000)
                             && let Some(pool) = warm.upgrade()
                         {
                             let cutoff = Instant::now().checked_sub(WARM_IDLE);
@@ -1127,15 +1127,16 @@ impl PluginHost {
             .collect())
     }
 
-    /// Runs an ingress plugin on an inbound request: the events it makes (headers, payload),
-    /// or its rejection `(status, reason)`. A failing call is a 500 rejection with the reason.
+    /// Runs an ingress plugin on an inbound request or bus message: the events it makes
+    /// (headers, payload), or its rejection `(status, reason)`. A failing call is a 500
+    /// rejection with the reason.
     pub async fn ingress(
         &self,
         plugin: &Compiled,
         name: &str,
         config: &str,
         limits: &Limits,
-        request: ingress::rewind::plugin::types::InboundRequest,
+        input: ingress::rewind::plugin::types::Inbound,
     ) -> Result<Vec<NewEvent>, (u16, String)> {
         let Pre::Ingress(pre) = &plugin.pre else {
             return Err((
@@ -1153,7 +1154,7 @@ impl PluginHost {
                 .await
                 .map_err(|e| PluginError::Call(describe(&e, limits)))?;
             init_outcome(inst.call_init(&mut store, config).await, limits)?;
-            inst.call_handle(&mut store, &request)
+            inst.call_handle(&mut store, &input)
                 .await
                 .map_err(|e| PluginError::Call(describe(&e, limits)))
         };

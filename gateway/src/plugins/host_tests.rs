@@ -258,7 +258,7 @@ async fn instances_stay_warm_between_good_calls_and_never_after_a_failure() {
     assert_eq!(host.warm_stats().instances, 2);
     // A call that traps drops its instance: the next call starts from a fresh one.
     let out = run(&host, "count", &events(&["trap"])).await;
-    assert!(failed(&out[0]).contains("asked to trap"), "{out:?}");
+    assert!(failed(&out[0]).contains("trapped"), "{out:?}");
     assert_eq!(payloads(&run(&host, "count", &one).await), ["1"]);
     // Instances that printed are not kept (their captured output is per store).
     host.drop_warm();

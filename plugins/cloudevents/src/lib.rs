@@ -1,4 +1,6 @@
-//! `cloudevents`: receives CloudEvents 1.0 over HTTP on a hook URL.
+//! `cloudevents`: receives CloudEvents 1.0 over HTTP on a hook URL, or from NATS through a
+//! source (the NATS protocol binding: the same modes, attributes in `ce-` headers for binary
+//! mode; a message without a content type is read as a structured event).
 //!
 //! - structured mode (`Content-Type: application/cloudevents+json`): one event;
 //! - batched mode (`application/cloudevents-batch+json`): a JSON array, one event each;
@@ -10,7 +12,7 @@
 //! without `specversion` 1.0, `id`, `source` or `type` is rejected with 400 naming what is
 //! missing; a batch is all or nothing. Config: `{}`.
 
-use rewind_plugin_sdk::{Config, Ingress, NewEvent, Rejection, Request};
+use rewind_plugin_sdk::{Config, Ingress, Message, NewEvent, Rejection, Request};
 use serde_json::{Map, Value};
 
 pub struct CloudEvents;
@@ -56,9 +58,34 @@ impl Ingress for CloudEvents {
     }
 
     fn handle(&mut self, request: &Request) -> Result<Vec<NewEvent>, Rejection> {
-        let ct = request
-            .header("content-type")
-            .unwrap_or("")
+        decode(&request.headers, &request.body, "")
+    }
+
+    fn handle_message(&mut self, message: &Message) -> Result<Vec<NewEvent>, Rejection> {
+        decode(
+            &message.headers,
+            &message.body,
+            "application/cloudevents+json",
+        )
+    }
+}
+
+/// One request or message: `default_ct` stands in for a missing content type.
+fn decode(
+    headers: &[(String, String)],
+    body: &[u8],
+    default_ct: &str,
+) -> Result<Vec<NewEvent>, Rejection> {
+    let header = |name: &str| {
+        headers
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    };
+    let binary = header("ce-specversion").is_some();
+    {
+        let ct = header("content-type")
+            .unwrap_or(if binary { "" } else { default_ct })
             .split(';')
             .next()
             .unwrap_or("")
@@ -70,12 +97,12 @@ impl Ingress for CloudEvents {
         };
         match ct.as_str() {
             "application/cloudevents+json" => {
-                let v = parse(&request.body)?;
+                let v = parse(body)?;
                 check(&v, "the event ")?;
                 Ok(vec![event(v)])
             }
             "application/cloudevents-batch+json" => {
-                let Value::Array(items) = parse(&request.body)? else {
+                let Value::Array(items) = parse(body)? else {
                     return Err(Rejection::new(
                         400,
                         "a batch must be a JSON array of CloudEvents",
@@ -86,9 +113,9 @@ impl Ingress for CloudEvents {
                 }
                 Ok(items.into_iter().map(event).collect())
             }
-            _ if request.header("ce-specversion").is_some() => {
+            _ if binary => {
                 let mut obj = Map::new();
-                for (k, v) in &request.headers {
+                for (k, v) in headers {
                     if let Some(attr) = k.to_ascii_lowercase().strip_prefix("ce-") {
                         obj.insert(attr.to_string(), Value::String(v.clone()));
                     }
@@ -97,9 +124,9 @@ impl Ingress for CloudEvents {
                     obj.insert("datacontenttype".into(), Value::String(ct.clone()));
                 }
                 let data = if ct.ends_with("json") {
-                    parse(&request.body)?
+                    parse(body)?
                 } else {
-                    Value::String(String::from_utf8_lossy(&request.body).into_owned())
+                    Value::String(String::from_utf8_lossy(body).into_owned())
                 };
                 obj.insert("data".into(), data);
                 let v = Value::Object(obj);
@@ -177,5 +204,30 @@ mod tests {
             c.handle(&req("text/plain", &[], "x")).unwrap_err().status,
             415
         );
+        // NATS: no content type means a structured event; binary mode by ce- headers.
+        let msg = |headers: &[(&str, &str)], body: &str| Message {
+            bus: "nats".into(),
+            subject: "orders.created".into(),
+            headers: headers
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            body: body.as_bytes().to_vec(),
+        };
+        assert_eq!(c.handle_message(&msg(&[], one)).unwrap().len(), 1);
+        let bin = c
+            .handle_message(&msg(
+                &[
+                    ("ce-specversion", "1.0"),
+                    ("ce-id", "7"),
+                    ("ce-source", "/n"),
+                    ("ce-type", "t"),
+                ],
+                "plain data",
+            ))
+            .unwrap();
+        let v: Value = serde_json::from_slice(&bin[0].payload).unwrap();
+        assert_eq!(v["data"], "plain data");
+        assert_eq!(c.handle_message(&msg(&[], "{}")).unwrap_err().status, 400);
     }
 }
