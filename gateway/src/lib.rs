@@ -14,6 +14,7 @@ pub mod ingest;
 pub mod meta;
 pub mod metrics;
 pub mod plugins;
+pub mod priority;
 pub mod proto;
 pub mod query;
 pub mod replay;

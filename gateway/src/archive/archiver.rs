@@ -100,6 +100,105 @@ async fn stopped(shutdown: &mut tokio::sync::watch::Receiver<bool>) {
     let _ = shutdown.wait_for(|s| *s).await;
 }
 
+/// One encoded Parquet file of a flush, before upload.
+struct EncodedFile {
+    bytes: bytes::Bytes,
+    rows: usize,
+    min_t: i64,
+    max_t: i64,
+    /// Bus positions of the first and last message it holds events of.
+    first: u64,
+    last: u64,
+}
+
+/// Reads a buffer's JSON, extends the collection's schema (new and widened columns go to
+/// `changed`) and encodes one Parquet file per hour partition, rows in bus order.
+fn encode_groups(
+    buf: &Buffer,
+    schema: &mut CollectionSchema,
+    now: i64,
+    changed: &mut Vec<String>,
+) -> Result<Vec<EncodedFile>, String> {
+    // Rows grouped by hour partition; within a group, in bus order.
+    let mut groups: std::collections::BTreeMap<i64, (Vec<Row<'_>>, u64, u64)> = Default::default();
+    for d in &buf.deliveries {
+        for event in &d.batch.events {
+            let fields = if event.content_type == "application/json" {
+                schema
+                    .observe_json(&event.payload, now, changed)
+                    .unwrap_or_default()
+            } else {
+                Vec::new()
+            };
+            let g = groups.entry(hour_of(event.received_at_micros)).or_insert((
+                Vec::new(),
+                u64::MAX,
+                0,
+            ));
+            g.0.push(Row { event, fields });
+            g.1 = g.1.min(d.position);
+            g.2 = g.2.max(d.position);
+        }
+    }
+    let mut out = Vec::new();
+    for (_, (rows, first, last)) in groups {
+        let min_t = rows
+            .iter()
+            .map(|r| r.event.received_at_micros)
+            .min()
+            .unwrap_or(0);
+        let max_t = rows
+            .iter()
+            .map(|r| r.event.received_at_micros)
+            .max()
+            .unwrap_or(0);
+        let row_count = rows.len();
+        let payload_bytes: usize = rows.iter().map(|r| r.event.payload.len()).sum();
+        // The file's inferred columns: those of the schema that occur in its rows, in
+        // schema order.
+        let mut present = vec![false; schema.columns.len()];
+        for row in &rows {
+            for (col, _) in &row.fields {
+                present[*col as usize] = true;
+            }
+        }
+        let mut slot_of = vec![None; schema.columns.len()];
+        let mut columns: Vec<(&str, ColumnType)> = Vec::new();
+        for (i, c) in schema.columns.iter().enumerate() {
+            if present[i] {
+                slot_of[i] = Some(columns.len() as u32);
+                columns.push((c.name.as_str(), c.ty));
+            }
+        }
+        let arrow_schema = file_schema(&columns);
+        // Arrow batches of CHUNK_ROWS rows, each dropped once encoded. Files come out at
+        // about a fifth of the payload; a little more avoids regrowing.
+        let encode = || {
+            let mut writer =
+                FileWriter::with_capacity(arrow_schema, slot_of, payload_bytes / 4 + (1 << 20))?;
+            let mut rows = rows.into_iter();
+            loop {
+                let chunk: Vec<Row<'_>> = rows.by_ref().take(CHUNK_ROWS).collect();
+                if chunk.is_empty() {
+                    break;
+                }
+                writer.write(&chunk)?;
+            }
+            writer.finish()
+        };
+        let bytes = encode().map_err(|e| format!("cannot encode Parquet: {e}"))?;
+        out.push(EncodedFile {
+            bytes,
+            rows: row_count,
+            min_t,
+            max_t,
+            first,
+            last,
+        });
+    }
+    Ok(out)
+}
+
 fn hour_of(micros: i64) -> i64 {
     micros.div_euclid(3_600_000_000)
 }
@@ -308,81 +407,20 @@ impl Archiver {
         let now = now_micros();
         let schema = schemas.entry(collection.to_string()).or_default();
         let mut changed = Vec::new();
-        // Rows grouped by hour partition; within a group, in bus order.
-        let mut groups: std::collections::BTreeMap<i64, (Vec<Row<'_>>, u64, u64)> =
-            Default::default();
-        for d in &buf.deliveries {
-            for event in &d.batch.events {
-                let fields = if event.content_type == "application/json" {
-                    schema
-                        .observe_json(&event.payload, now, &mut changed)
-                        .unwrap_or_default()
-                } else {
-                    Vec::new()
-                };
-                let g = groups.entry(hour_of(event.received_at_micros)).or_insert((
-                    Vec::new(),
-                    u64::MAX,
-                    0,
-                ));
-                g.0.push(Row { event, fields });
-                g.1 = g.1.min(d.position);
-                g.2 = g.2.max(d.position);
-            }
-        }
+        // The CPU-heavy part — reading the JSON, inferring the schema, encoding Parquet — runs
+        // on a thread of its own at a lower scheduling priority, so that on a busy machine
+        // ingest requests (whose acks clients wait for) go first and the archiver takes the
+        // CPU they leave; the async worker only waits for it.
+        let encoded = tokio::task::block_in_place(|| {
+            crate::priority::run_in_background("archive-encode", || {
+                encode_groups(buf, schema, now, &mut changed)
+            })
+        })??;
         let max_position = buf.deliveries.iter().map(|d| d.position).max().unwrap_or(0);
         let mut files = Vec::new();
-        for (_, (rows, first, last)) in groups {
-            let min_t = rows
-                .iter()
-                .map(|r| r.event.received_at_micros)
-                .min()
-                .unwrap_or(0);
-            let max_t = rows
-                .iter()
-                .map(|r| r.event.received_at_micros)
-                .max()
-                .unwrap_or(0);
-            let row_count = rows.len();
-            let payload_bytes: usize = rows.iter().map(|r| r.event.payload.len()).sum();
-            // The file's inferred columns: those of the schema that occur in its rows, in
-            // schema order.
-            let mut present = vec![false; schema.columns.len()];
-            for row in &rows {
-                for (col, _) in &row.fields {
-                    present[*col as usize] = true;
-                }
-            }
-            let mut slot_of = vec![None; schema.columns.len()];
-            let mut columns: Vec<(&str, ColumnType)> = Vec::new();
-            for (i, c) in schema.columns.iter().enumerate() {
-                if present[i] {
-                    slot_of[i] = Some(columns.len() as u32);
-                    columns.push((c.name.as_str(), c.ty));
-                }
-            }
-            let arrow_schema = file_schema(&columns);
-            // Arrow batches of CHUNK_ROWS rows, each dropped once encoded.
-            let bytes = tokio::task::block_in_place(|| {
-                // Files come out at about a fifth of the payload; a little more avoids regrowing.
-                let mut writer = FileWriter::with_capacity(
-                    arrow_schema,
-                    slot_of,
-                    payload_bytes / 4 + (1 << 20),
-                )?;
-                let mut rows = rows.into_iter();
-                loop {
-                    let chunk: Vec<Row<'_>> = rows.by_ref().take(CHUNK_ROWS).collect();
-                    if chunk.is_empty() {
-                        break;
-                    }
-                    writer.write(&chunk)?;
-                }
-                writer.finish()
-            })
-            .map_err(|e| format!("cannot encode Parquet: {e}"))?;
-            let path = object_path(&buf.team_id, collection, min_t, first, last);
-            let size = bytes.len() as i64;
+        for f in encoded {
+            let path = object_path(&buf.team_id, collection, f.min_t, f.first, f.last);
+            let size = f.bytes.len() as i64;
             // Recorded first, so that after a crash before registration the object is removed
             // (see `archive::recover_pending`) instead of lingering for outside readers.
             self.meta
@@ -393,7 +431,7 @@ impl Archiver {
                 .store
                 .put_opts(
                     &ObjectPath::from(path.as_str()),
-                    PutPayload::from(bytes),
+                    PutPayload::from(f.bytes),
                     PutOptions {
                         mode: PutMode::Create,
                         ..Default::default()
@@ -417,12 +455,12 @@ impl Archiver {
                 team_id: buf.team_id.clone(),
                 collection_id: collection.to_string(),
                 path,
-                rows: row_count as i64,
+                rows: f.rows as i64,
                 bytes: size,
-                min_received_at: min_t,
-                max_received_at: max_t,
-                min_position: first as i64,
-                max_position: last as i64,
+                min_received_at: f.min_t,
+                max_received_at: f.max_t,
+                min_position: f.first as i64,
+                max_position: f.last as i64,
                 schema_version: schema.columns.len() as i64,
                 created_at: now,
             });

@@ -123,6 +123,9 @@ fn internal(e: impl std::fmt::Display) -> SearchError {
     SearchError::Internal(e.to_string())
 }
 
+/// Threads tantivy starts for writing (names as /proc shows them, at most 15 bytes).
+const TANTIVY_THREADS: &[&str] = &["thrd-tantivy-in", "merge_thread_", "segment_updater"];
+
 pub struct EmbeddedIndex {
     index: Index,
     reader: IndexReader,
@@ -184,6 +187,40 @@ impl EmbeddedIndex {
             checkpoint: Arc::new(AtomicU64::new(checkpoint)),
             dir: dir.to_path_buf(),
         })
+    }
+
+    /// Adds documents and commits (the blocking half of `index`).
+    fn write(&self, docs: Vec<IndexDoc>) -> Result<(), SearchError> {
+        let documents: Vec<(bool, String, TantivyDocument)> = {
+            let checkpoint = self.checkpoint.load(Ordering::Acquire);
+            docs.iter()
+                .map(|d| (d.position <= checkpoint, d.id.clone(), self.document(d)))
+                .collect()
+        };
+        let max_position = docs.iter().map(|d| d.position).max().unwrap_or(0);
+        let mut writer = self.writer.lock().expect("index writer lock");
+        for (maybe_indexed, id, doc) in documents {
+            if maybe_indexed {
+                writer.delete_term(term(self.fields.id, &id));
+            }
+            if let Err(e) = writer.add_document(doc) {
+                let _ = writer.rollback();
+                return Err(internal(e));
+            }
+        }
+        let new_checkpoint = max_position.max(self.checkpoint.load(Ordering::Acquire));
+        let mut prepared = match writer.prepare_commit() {
+            Ok(p) => p,
+            Err(e) => {
+                let _ = writer.rollback();
+                return Err(internal(e));
+            }
+        };
+        prepared.set_payload(&new_checkpoint.to_string());
+        prepared.commit().map_err(internal)?;
+        drop(writer);
+        self.checkpoint.store(new_checkpoint, Ordering::Release);
+        self.reader.reload().map_err(internal)
     }
 
     fn document(&self, d: &IndexDoc) -> TantivyDocument {
@@ -735,37 +772,13 @@ impl SearchIndex for EmbeddedIndex {
             return Ok(());
         }
         let this = self.clone_handles();
+        // Background priority (crate::priority): building documents here, and tantivy's own
+        // indexing and merge threads, which it starts again at every commit.
         tokio::task::spawn_blocking(move || {
-            let documents: Vec<(bool, String, TantivyDocument)> = {
-                let checkpoint = this.checkpoint.load(Ordering::Acquire);
-                docs.iter()
-                    .map(|d| (d.position <= checkpoint, d.id.clone(), this.document(d)))
-                    .collect()
-            };
-            let max_position = docs.iter().map(|d| d.position).max().unwrap_or(0);
-            let mut writer = this.writer.lock().expect("index writer lock");
-            for (maybe_indexed, id, doc) in documents {
-                if maybe_indexed {
-                    writer.delete_term(term(this.fields.id, &id));
-                }
-                if let Err(e) = writer.add_document(doc) {
-                    let _ = writer.rollback();
-                    return Err(internal(e));
-                }
-            }
-            let new_checkpoint = max_position.max(this.checkpoint.load(Ordering::Acquire));
-            let mut prepared = match writer.prepare_commit() {
-                Ok(p) => p,
-                Err(e) => {
-                    let _ = writer.rollback();
-                    return Err(internal(e));
-                }
-            };
-            prepared.set_payload(&new_checkpoint.to_string());
-            prepared.commit().map_err(internal)?;
-            drop(writer);
-            this.checkpoint.store(new_checkpoint, Ordering::Release);
-            this.reader.reload().map_err(internal)
+            let r = crate::priority::run_in_background("index-write", || this.write(docs))
+                .map_err(SearchError::Internal)?;
+            crate::priority::lower_threads_named(TANTIVY_THREADS);
+            r
         })
         .await
         .map_err(internal)?
