@@ -13,6 +13,7 @@ use rewind_plugin_sdk::{Config, Emit, Event, Transform, json};
 pub use scan::Action;
 
 pub struct Redact {
+    scratch: scan::Scratch,
     paths: Vec<String>,
     action: Action,
     mask: serde_json::Value,
@@ -45,6 +46,7 @@ impl Transform for Redact {
             }
         };
         Ok(Self {
+            scratch: scan::Scratch::default(),
             paths,
             action,
             mask,
@@ -52,8 +54,8 @@ impl Transform for Redact {
     }
 
     fn transform(&mut self, event: &Event<'_>, out: &mut Emit<'_>) -> Result<(), String> {
-        match scan::redact(event.payload, &self.paths, &self.action) {
-            Ok(Some(redacted)) => out.payload(&redacted),
+        match scan::redact_with(&mut self.scratch, event.payload, &self.paths, &self.action) {
+            Ok(Some(redacted)) => out.payload(redacted),
             Ok(None) => out.keep(),
             // Not JSON the scanner reads: if it is JSON after all, redact the parsed value
             // (never let a path through); raw events pass unchanged.

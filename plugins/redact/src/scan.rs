@@ -36,6 +36,13 @@ struct Scan<'a> {
     edits: Vec<Edit>,
 }
 
+/// Buffers reused from one event to the next (no allocation per event once warm).
+#[derive(Default)]
+pub struct Scratch {
+    edits: Vec<Edit>,
+    out: Vec<u8>,
+}
+
 /// Redacts `paths` in `payload`. `Ok(None)`: a JSON object in which no path is present, or
 /// not an object at all (a JSON scalar or array); `Ok(Some(bytes))`: the rewritten event.
 pub fn redact<P: AsRef<[u8]>>(
@@ -43,32 +50,51 @@ pub fn redact<P: AsRef<[u8]>>(
     paths: &[P],
     action: &Action,
 ) -> Result<Option<Vec<u8>>, Malformed> {
+    let mut scratch = Scratch::default();
+    Ok(redact_with(&mut scratch, payload, paths, action)?.map(<[u8]>::to_vec))
+}
+
+/// [`redact`] into reused buffers: the rewritten event borrows from `scratch`.
+pub fn redact_with<'s, P: AsRef<[u8]>>(
+    scratch: &'s mut Scratch,
+    payload: &[u8],
+    paths: &[P],
+    action: &Action,
+) -> Result<Option<&'s [u8]>, Malformed> {
+    scratch.edits.clear();
     let mut s = Scan {
         b: payload,
         i: 0,
-        edits: Vec::new(),
+        edits: std::mem::take(&mut scratch.edits),
     };
-    s.ws();
-    if s.peek() != Some(b'{') {
-        // Scalars and arrays have no members; still check that it is JSON.
-        s.skip()?;
-    } else {
-        s.object(paths, action)?;
-    }
-    s.ws();
-    if s.i != s.b.len() {
-        return Err(Malformed);
-    }
-    if s.edits.is_empty() {
+    let scanned = (|| {
+        s.ws();
+        if s.peek() != Some(b'{') {
+            // Scalars and arrays have no members; still check that it is JSON.
+            s.skip()?;
+        } else {
+            s.object(paths, action)?;
+        }
+        s.ws();
+        if s.i != s.b.len() {
+            return Err(Malformed);
+        }
+        Ok(())
+    })();
+    scratch.edits = s.edits;
+    scanned?;
+    if scratch.edits.is_empty() {
         return Ok(None);
     }
     let mask: &[u8] = match action {
         Action::Mask(m) => m,
         Action::Drop => &[],
     };
-    let mut out = Vec::with_capacity(payload.len() + s.edits.len() * mask.len());
+    let out = &mut scratch.out;
+    out.clear();
+    out.reserve(payload.len() + scratch.edits.len() * mask.len());
     let mut at = 0;
-    for e in &s.edits {
+    for e in &scratch.edits {
         out.extend_from_slice(&payload[at..e.start]);
         if e.mask {
             out.extend_from_slice(mask);
