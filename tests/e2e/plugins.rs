@@ -887,6 +887,26 @@ async fn a_plugin_from_the_template_builds_uploads_and_delivers() {
     );
     let pushed: Value = serde_json::from_str(&pushed).unwrap();
     assert_eq!(pushed["kind"], "destination");
+    // The ingress template (HTTP requests and bus messages) builds and uploads as well.
+    rewind(
+        &["plugin", "new", "my-adapter", "--kind", "ingress"],
+        work.path(),
+    );
+    let adapter = work.path().join("my-adapter");
+    rewind(&["plugin", "build"], &adapter);
+    let pushed = rewind(
+        &[
+            "plugin",
+            "push",
+            "--name",
+            "my-adapter",
+            "--version",
+            "0.1.0",
+        ],
+        &adapter,
+    );
+    let pushed: Value = serde_json::from_str(&pushed).unwrap();
+    assert_eq!(pushed["kind"], "ingress");
 
     let rx = receiver(vec![]).await;
     let (s, v) = gw

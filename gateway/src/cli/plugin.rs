@@ -87,9 +87,10 @@ rewind_plugin_sdk::export_destination!({type_name});
 "#
         ),
         "ingress" => format!(
-            r#"//! A Rewind ingress adapter (docs/plugins.md): each request body becomes one event.
+            r#"//! A Rewind ingress adapter (docs/plugins.md): each request body (a hook) or bus message
+//! body (a source) becomes one event.
 
-use rewind_plugin_sdk::{{Config, Ingress, NewEvent, Rejection, Request}};
+use rewind_plugin_sdk::{{Config, Ingress, Message, NewEvent, Rejection, Request}};
 
 pub struct {type_name};
 
@@ -103,6 +104,10 @@ impl Ingress for {type_name} {{
             return Err(Rejection::new(400, "empty body"));
         }}
         Ok(vec![NewEvent {{ headers: vec![], payload: request.body.clone() }}])
+    }}
+
+    fn handle_message(&mut self, message: &Message) -> Result<Vec<NewEvent>, Rejection> {{
+        Ok(vec![NewEvent {{ headers: vec![], payload: message.body.clone() }}])
     }}
 }}
 
