@@ -1,8 +1,9 @@
-//! Scheduling priority of background work. The archiver's encoding and the search index's
-//! writing run at nice +10, so that on a busy machine the threads that acknowledge clients'
-//! requests get the CPU first and background work takes what they leave (it catches up when
-//! the load drops; its memory is bounded by its own limits). Linux applies a nice value to
-//! one thread; elsewhere these are no-ops.
+//! Scheduling priority of background work. The archiver's encoding runs at nice +10, so that
+//! on a busy machine the threads that acknowledge clients' requests (and answer searches) get
+//! the CPU first and the archiver takes what they leave (it catches up when the load drops;
+//! its memory is bounded by its own limits). The search indexer stays at normal priority:
+//! tried at +10, it fell far behind under a steady search load, and its freshness is a
+//! target of its own. Linux applies a nice value to one thread; elsewhere these are no-ops.
 
 /// The nice value of background threads.
 pub const BACKGROUND_NICE: i32 = 10;
@@ -26,34 +27,6 @@ pub fn run_in_background<T: Send>(name: &str, f: impl FnOnce() -> T + Send) -> R
             .join()
             .map_err(|_| format!("the {name} thread panicked"))
     })
-}
-
-/// Lowers the priority of this process's threads whose name starts with one of `prefixes`
-/// (threads a library spawns, such as tantivy's indexing and merge threads).
-pub fn lower_threads_named(prefixes: &[&str]) {
-    #[cfg(target_os = "linux")]
-    {
-        let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
-            return;
-        };
-        for task in tasks.flatten() {
-            let Some(tid) = task
-                .file_name()
-                .to_str()
-                .and_then(|t| t.parse::<i32>().ok())
-            else {
-                continue;
-            };
-            let Ok(comm) = std::fs::read_to_string(task.path().join("comm")) else {
-                continue;
-            };
-            if prefixes.iter().any(|p| comm.trim_end().starts_with(p)) {
-                set_nice(std::process::id() as i32, tid, BACKGROUND_NICE);
-            }
-        }
-    }
-    #[cfg(not(target_os = "linux"))]
-    let _ = prefixes;
 }
 
 #[cfg(target_os = "linux")]
@@ -103,22 +76,6 @@ mod tests {
         .unwrap();
         assert!(tid > 0);
         assert_eq!(nice, super::BACKGROUND_NICE);
-        // Threads found by name.
-        let (tx, rx) = std::sync::mpsc::channel();
-        let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
-        let t = std::thread::Builder::new()
-            .name("named-worker-1".into())
-            .spawn(move || {
-                tx.send(super::current_tid()).unwrap();
-                done_rx.recv().unwrap();
-            })
-            .unwrap();
-        let tid = rx.recv().unwrap();
-        assert_eq!(nice_of(tid), 0);
-        super::lower_threads_named(&["named-worker"]);
-        assert_eq!(nice_of(tid), super::BACKGROUND_NICE);
-        done_tx.send(()).unwrap();
-        t.join().unwrap();
         // This thread was not touched.
         assert_eq!(nice_of(super::current_tid()), 0);
     }

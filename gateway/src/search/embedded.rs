@@ -123,9 +123,6 @@ fn internal(e: impl std::fmt::Display) -> SearchError {
     SearchError::Internal(e.to_string())
 }
 
-/// Threads tantivy starts for writing (names as /proc shows them, at most 15 bytes).
-const TANTIVY_THREADS: &[&str] = &["thrd-tantivy-in", "merge_thread_", "segment_updater"];
-
 pub struct EmbeddedIndex {
     index: Index,
     reader: IndexReader,
@@ -772,16 +769,12 @@ impl SearchIndex for EmbeddedIndex {
             return Ok(());
         }
         let this = self.clone_handles();
-        // Background priority (crate::priority): building documents here, and tantivy's own
-        // indexing and merge threads, which it starts again at every commit.
-        tokio::task::spawn_blocking(move || {
-            let r = crate::priority::run_in_background("index-write", || this.write(docs))
-                .map_err(SearchError::Internal)?;
-            crate::priority::lower_threads_named(TANTIVY_THREADS);
-            r
-        })
-        .await
-        .map_err(internal)?
+        // Normal priority, unlike the archiver (crate::priority): at nice +10 the indexer
+        // fell minutes behind under searches polled every 20 ms, and how soon an event is
+        // searchable is a target of its own.
+        tokio::task::spawn_blocking(move || this.write(docs))
+            .await
+            .map_err(internal)?
     }
 
     async fn search(&self, request: &SearchRequest) -> Result<SearchPage, SearchError> {

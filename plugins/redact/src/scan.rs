@@ -45,6 +45,7 @@ pub struct Scratch {
 
 /// Redacts `paths` in `payload`. `Ok(None)`: a JSON object in which no path is present, or
 /// not an object at all (a JSON scalar or array); `Ok(Some(bytes))`: the rewritten event.
+#[cfg(test)]
 pub fn redact<P: AsRef<[u8]>>(
     payload: &[u8],
     paths: &[P],
