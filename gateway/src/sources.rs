@@ -402,21 +402,7 @@ async fn subscribe(
         if n == 0 {
             continue;
         }
-        let incoming: Vec<IncomingEvent> = events
-            .into_iter()
-            .map(|(headers, payload)| {
-                let mut headers: HashMap<String, String> = headers.into_iter().collect();
-                let content_type = headers
-                    .remove("content-type")
-                    .unwrap_or_else(|| "application/json".into());
-                IncomingEvent {
-                    payload,
-                    content_type,
-                    headers,
-                    client_id: None,
-                }
-            })
-            .collect();
+        let incoming = crate::api::plugins::incoming_from_plugin(events);
         match ingest(state, source, incoming).await {
             Ok(()) => set(status, |s| s.events += n),
             Err(e) => set(status, |s| {

@@ -608,35 +608,32 @@ fn hook_json(h: &crate::meta::HookRecord, plugin: &str, collection: &str) -> Val
     })
 }
 
-/// `POST /v1/hooks`: binds a public URL, `POST /v1/hooks/{id}`, to an ingress plugin and a
-/// collection. The id (128 random bits) is the URL's secret; the plugin verifies senders
-/// (e.g. `github-webhook` checks `X-Hub-Signature-256`).
-pub async fn create_hook(
-    State((state, _)): St,
-    Auth(who): Auth,
-    JsonBody(h): JsonBody<NewHook>,
-) -> Result<Response, ApiError> {
-    let caller = who.require(Scope::Admin)?;
-    if !valid_name(&h.name) {
-        return Err(ApiError::bad_request(
-            "hook names are 1-64 letters, digits, `_`, `-` or `.`",
-        ));
+/// A step's `config`: a JSON object (`{}` when absent).
+pub(crate) fn object_config(config: Value) -> Result<Value, ApiError> {
+    match config {
+        Value::Null => Ok(json!({})),
+        c @ Value::Object(_) => Ok(c),
+        _ => Err(ApiError::bad_request("`config` must be a JSON object")),
     }
-    let config = match h.config {
-        Value::Null => json!({}),
-        c @ Value::Object(_) => c,
-        _ => return Err(ApiError::bad_request("`config` must be a JSON object")),
-    };
-    let collection =
-        super::admin::get_collection(state.meta.as_ref(), &caller.team_id, &h.collection).await?;
-    let p = find_plugin(&state, &caller.team_id, &h.plugin).await?;
+}
+
+/// The team's ingress plugin `r` (for `what`: "a hook", "a source"), checked to accept
+/// `config`; with the config as the text it is stored as.
+pub(crate) async fn ingress_plugin(
+    state: &AppState,
+    team_id: &str,
+    r: &str,
+    config: &Value,
+    what: &str,
+) -> Result<(PluginRecord, String), ApiError> {
+    let p = find_plugin(state, team_id, r).await?;
     if p.kind != PluginKind::Ingress.as_str() {
         return Err(ApiError::bad_request(format!(
-            "{}@{} is a {} plugin; a hook needs an ingress plugin",
+            "{}@{} is a {} plugin; {what} needs an ingress plugin",
             p.name, p.version, p.kind
         )));
     }
-    let compiled = load(&state, &p).await?;
+    let compiled = load(state, &p).await?;
     let text = config.to_string();
     if let Err(e) = state
         .plugins
@@ -652,6 +649,50 @@ pub async fn create_hook(
             "the plugin refused its config: {e}"
         )));
     }
+    Ok((p, text))
+}
+
+/// Events an ingress plugin made, as ingest takes them (`content-type` from their headers,
+/// JSON when absent).
+pub(crate) fn incoming_from_plugin(
+    events: Vec<crate::plugins::host::NewEvent>,
+) -> Vec<crate::ingest::IncomingEvent> {
+    events
+        .into_iter()
+        .map(|(headers, payload)| {
+            let mut headers: std::collections::HashMap<String, String> =
+                headers.into_iter().collect();
+            let content_type = headers
+                .remove("content-type")
+                .unwrap_or_else(|| "application/json".into());
+            crate::ingest::IncomingEvent {
+                payload,
+                content_type,
+                headers,
+                client_id: None,
+            }
+        })
+        .collect()
+}
+
+/// `POST /v1/hooks`: binds a public URL, `POST /v1/hooks/{id}`, to an ingress plugin and a
+/// collection. The id (128 random bits) is the URL's secret; the plugin verifies senders
+/// (e.g. `github-webhook` checks `X-Hub-Signature-256`).
+pub async fn create_hook(
+    State((state, _)): St,
+    Auth(who): Auth,
+    JsonBody(h): JsonBody<NewHook>,
+) -> Result<Response, ApiError> {
+    let caller = who.require(Scope::Admin)?;
+    if !valid_name(&h.name) {
+        return Err(ApiError::bad_request(
+            "hook names are 1-64 letters, digits, `_`, `-` or `.`",
+        ));
+    }
+    let config = object_config(h.config)?;
+    let collection =
+        super::admin::get_collection(state.meta.as_ref(), &caller.team_id, &h.collection).await?;
+    let (p, text) = ingress_plugin(&state, &caller.team_id, &h.plugin, &config, "a hook").await?;
     let record = crate::meta::HookRecord {
         id: format!("hk_{}", hex::encode(rand::random::<[u8; 16]>())),
         team_id: caller.team_id.clone(),
@@ -785,22 +826,7 @@ pub async fn receive_hook(
             return Err(ApiError::new(status, code, format!("{name}: {reason}")));
         }
     };
-    let incoming: Vec<crate::ingest::IncomingEvent> = events
-        .into_iter()
-        .map(|(headers, payload)| {
-            let mut headers: std::collections::HashMap<String, String> =
-                headers.into_iter().collect();
-            let content_type = headers
-                .remove("content-type")
-                .unwrap_or_else(|| "application/json".into());
-            crate::ingest::IncomingEvent {
-                payload,
-                content_type,
-                headers,
-                client_id: None,
-            }
-        })
-        .collect();
+    let incoming = incoming_from_plugin(events);
     let n = incoming.len();
     let ids = if n == 0 {
         Vec::new()

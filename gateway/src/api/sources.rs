@@ -15,7 +15,6 @@ use super::{ApiError, AppState};
 use crate::auth::Scope;
 use crate::ids::{micros_to_rfc3339, now_micros};
 use crate::meta::{MetaError, SourceRecord};
-use crate::plugins::PluginKind;
 use crate::sources::{SourceUrlError, check_subject, display_url, resolve};
 
 type St = State<(Arc<AppState>, usize)>;
@@ -69,11 +68,7 @@ pub async fn create_source(
         ));
     }
     check_subject(&s.subject).map_err(ApiError::bad_request)?;
-    let config = match s.config {
-        Value::Null => json!({}),
-        c @ Value::Object(_) => c,
-        _ => return Err(ApiError::bad_request("`config` must be a JSON object")),
-    };
+    let config = super::plugins::object_config(s.config)?;
     match resolve(&s.url, state.allow_private_destinations).await {
         Ok(_) => {}
         Err(SourceUrlError::Invalid(e) | SourceUrlError::Refused(e)) => {
@@ -82,29 +77,9 @@ pub async fn create_source(
     }
     let collection =
         super::admin::get_collection(state.meta.as_ref(), &caller.team_id, &s.collection).await?;
-    let p = super::plugins::find_plugin(&state, &caller.team_id, &s.plugin).await?;
-    if p.kind != PluginKind::Ingress.as_str() {
-        return Err(ApiError::bad_request(format!(
-            "{}@{} is a {} plugin; a source needs an ingress plugin",
-            p.name, p.version, p.kind
-        )));
-    }
-    let compiled = super::plugins::load(&state, &p).await?;
-    let text = config.to_string();
-    if let Err(e) = state
-        .plugins
-        .init_only(
-            &compiled,
-            &p.name,
-            &text,
-            &PluginKind::Ingress.default_limits(),
-        )
-        .await
-    {
-        return Err(ApiError::bad_request(format!(
-            "the plugin refused its config: {e}"
-        )));
-    }
+    let (p, text) =
+        super::plugins::ingress_plugin(&state, &caller.team_id, &s.plugin, &config, "a source")
+            .await?;
     let record = SourceRecord {
         id: format!("src_{}", hex::encode(rand::random::<[u8; 12]>())),
         team_id: caller.team_id.clone(),
