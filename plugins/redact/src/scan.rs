@@ -175,61 +175,65 @@ impl Scan<'_> {
         }
     }
 
-    /// Skips one value of any kind without looking at what it holds (bracket counting; a
-    /// scalar runs to the next delimiter).
+    /// Skips one value of any kind without looking at what it holds: a string to its closing
+    /// quote, a scalar to the next delimiter, an object or array by counting brackets (only
+    /// strings are read inside; that is where brackets may not count).
     fn skip(&mut self) -> Result<(), Malformed> {
-        let mut depth = 0usize;
-        loop {
-            self.ws();
-            match self.peek().ok_or(Malformed)? {
-                b'{' | b'[' => {
-                    depth += 1;
-                    self.i += 1;
-                    continue;
-                }
-                b'}' | b']' => {
-                    depth = depth.checked_sub(1).ok_or(Malformed)?;
-                    self.i += 1;
-                }
-                b'"' => {
-                    self.string()?;
-                }
-                b',' | b':' => {
-                    if depth == 0 {
-                        return Err(Malformed);
+        self.ws();
+        match self.peek().ok_or(Malformed)? {
+            b'"' => self.string().map(|_| ()),
+            b'{' | b'[' => self.skip_container(),
+            b'}' | b']' | b',' | b':' => Err(Malformed),
+            _ => {
+                let start = self.i;
+                while let Some(c) = self.peek() {
+                    if matches!(
+                        c,
+                        b',' | b':'
+                            | b'}'
+                            | b']'
+                            | b'{'
+                            | b'['
+                            | b'"'
+                            | b' '
+                            | b'\t'
+                            | b'\n'
+                            | b'\r'
+                    ) {
+                        break;
                     }
                     self.i += 1;
-                    continue;
                 }
-                _ => {
-                    let start = self.i;
-                    while let Some(c) = self.peek() {
-                        if matches!(
-                            c,
-                            b',' | b':'
-                                | b'}'
-                                | b']'
-                                | b'{'
-                                | b'['
-                                | b'"'
-                                | b' '
-                                | b'\t'
-                                | b'\n'
-                                | b'\r'
-                        ) {
-                            break;
-                        }
-                        self.i += 1;
-                    }
-                    if start == self.i {
-                        return Err(Malformed);
-                    }
+                if start == self.i {
+                    return Err(Malformed);
                 }
-            }
-            if depth == 0 {
-                return Ok(());
+                Ok(())
             }
         }
+    }
+
+    /// An object or array from its opening bracket to the matching closing one.
+    fn skip_container(&mut self) -> Result<(), Malformed> {
+        let mut depth = 0usize;
+        while let Some(&c) = self.b.get(self.i) {
+            match c {
+                b'"' => {
+                    self.string()?;
+                    continue;
+                }
+                b'{' | b'[' => depth += 1,
+                b'}' | b']' => {
+                    depth = depth.checked_sub(1).ok_or(Malformed)?;
+                    if depth == 0 {
+                        self.i += 1;
+                        return Ok(());
+                    }
+                }
+                _ => {}
+            }
+            self.i += 1;
+        }
+        Err(Malformed)
     }
 
     /// An object whose members are matched against `paths` (suffixes still to walk).
