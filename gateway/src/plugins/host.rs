@@ -496,6 +496,11 @@ fn engine_config(opts: &HostOptions, pooling: bool) -> wasmtime::Config {
     c.epoch_interruption(true);
     c.max_wasm_stack(1 << 20);
     c.async_stack_size(2 << 20);
+    // For profiling plugins with `perf`: REWIND_WASM_PERFMAP=1 writes /tmp/perf-<pid>.map so
+    // that JIT-compiled plugin functions have names in `perf report` (docs/plugins.md).
+    if std::env::var_os("REWIND_WASM_PERFMAP").is_some_and(|v| v == "1") {
+        c.profiler(wasmtime::ProfilingStrategy::PerfMap);
+    }
 
     if pooling {
         let mut p = wasmtime::PoolingAllocationConfig::default();
