@@ -270,10 +270,21 @@ async fn a_filtered_slice_is_delivered_exactly_and_in_order() {
     assert_eq!(done["failed"], 0);
     assert_eq!(done["progress"], 1.0);
     let hits = rx.delivered();
-    let got: Vec<String> = hits.iter().map(|h| h.event_id.clone()).collect();
-    // Exactly the selected events, each once, in received_at (then id) order: the ingest
-    // order, as ids are ULIDs minted in arrival order.
+    let all: Vec<String> = hits.iter().map(|h| h.event_id.clone()).collect();
+    // Exactly the selected events in received_at (then id) order: the ingest order, as ids
+    // are ULIDs minted in arrival order. Each once — unless a batch was retried (a delivery
+    // that ran past its deadline on an overloaded machine is sent again: at least once,
+    // as documented), which the replay then reports.
+    let mut seen = std::collections::HashSet::new();
+    let got: Vec<String> = all.iter().filter(|id| seen.insert(*id)).cloned().collect();
     assert_eq!(got, expected);
+    if all.len() != got.len() {
+        assert!(
+            done["retried"].as_i64().unwrap() > 0,
+            "{} duplicates without a retry: {done}",
+            all.len() - got.len()
+        );
+    }
     assert!(hits.iter().all(|h| h.replay_id == id));
     let body: Value = serde_json::from_slice(&hits[0].body).unwrap();
     assert_eq!(body["bucket"], 7);
