@@ -11,7 +11,7 @@ pub const BACKGROUND_NICE: i32 = 10;
 /// Lowers the calling thread's priority to [`BACKGROUND_NICE`] (best effort).
 pub fn lower_current_thread() {
     #[cfg(target_os = "linux")]
-    set_nice(std::process::id() as i32, current_tid(), BACKGROUND_NICE);
+    set_nice(current_tid(), BACKGROUND_NICE);
 }
 
 /// Runs `f` on a new thread at background priority and waits for it.
@@ -40,7 +40,7 @@ fn current_tid() -> i32 {
 
 #[cfg(target_os = "linux")]
 #[allow(unsafe_code)] // one libc call taking plain integers; nothing else in the crate is unsafe
-fn set_nice(_pid: i32, tid: i32, nice: i32) {
+fn set_nice(tid: i32, nice: i32) {
     if tid <= 0 {
         return;
     }

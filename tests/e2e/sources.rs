@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use reqwest::Method;
 use serde_json::{Value, json};
 
+use crate::archive::{export as export_query, wait_for_export};
 use crate::support::{Gateway, Nats};
 use rewind_gateway::plugins::fixtures;
 
@@ -23,36 +24,6 @@ async fn upload(gw: &Gateway, token: &str, name: &str, package: &str) {
         .await
         .unwrap();
     assert_eq!(resp.status(), 201, "{}", resp.text().await.unwrap());
-}
-
-async fn export(gw: &Gateway, token: &str, collection: &str) -> Vec<Value> {
-    let text = gw
-        .http
-        .get(gw.url(&format!("/v1/collections/{collection}/export")))
-        .bearer_auth(token)
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    text.lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
-}
-
-/// Polls the export until it holds `n` events (the archive flushes every second in these
-/// tests).
-async fn exported(gw: &Gateway, token: &str, collection: &str, n: usize) -> Vec<Value> {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let events = export(gw, token, collection).await;
-        if events.len() >= n || Instant::now() > deadline {
-            assert_eq!(events.len(), n, "{events:?}");
-            return events;
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
 }
 
 /// Polls a source until its status satisfies `ok`.
@@ -174,7 +145,8 @@ async fn a_source_turns_nats_messages_into_events_of_its_collection() {
         .unwrap();
     client.flush().await.unwrap();
 
-    let events = exported(&gw, &reader, "orders", 4).await;
+    let events = wait_for_export(&gw, &reader, "orders", 4, 30).await;
+    assert_eq!(events.len(), 4, "{events:?}");
     let mut ids: Vec<String> = events
         .iter()
         .map(|e| e["payload"]["id"].as_str().unwrap().to_string())
@@ -199,7 +171,7 @@ async fn a_source_turns_nats_messages_into_events_of_its_collection() {
     nats.restart();
     let deadline = Instant::now() + Duration::from_secs(30);
     let mut n = 0;
-    while export(&gw, &reader, "orders").await.len() < 5 {
+    while export_query(&gw, &reader, "orders", "").await.len() < 5 {
         assert!(Instant::now() < deadline, "no event after the NATS restart");
         if let Ok(c) = async_nats::connect(nats.url()).await {
             n += 1;
@@ -256,7 +228,7 @@ async fn a_source_turns_nats_messages_into_events_of_its_collection() {
     c.flush().await.unwrap();
     // Well past the archive's 1 s flush: whatever was ingested is exported by now.
     tokio::time::sleep(Duration::from_secs(3)).await;
-    let events = export(&gw, &reader, "orders").await;
+    let events = export_query(&gw, &reader, "orders", "").await;
     assert!(events.len() >= 5);
     assert!(
         events.iter().all(|e| e["payload"]["id"] != "late"),
