@@ -209,14 +209,20 @@ impl BatchWriter {
 
     /// Appends an event as read from another batch (headers copied as they are).
     pub fn push_event(&mut self, e: &Event<'_>) {
+        self.push_with_payload(e.id, e, e.payload);
+    }
+
+    /// Appends `e` with this id and payload: its headers are copied as they are encoded
+    /// (not decoded and written again).
+    pub fn push_with_payload(&mut self, id: &str, e: &Event<'_>, payload: &[u8]) {
         if self.buf.is_empty() {
             self.buf.extend_from_slice(&[0; 4]);
         }
-        put_bytes(&mut self.buf, e.id.as_bytes());
+        put_bytes(&mut self.buf, id.as_bytes());
         self.buf.extend_from_slice(&e.received_at.to_le_bytes());
         self.buf.extend_from_slice(&e.header_count.to_le_bytes());
         self.buf.extend_from_slice(e.headers);
-        put_bytes(&mut self.buf, e.payload);
+        put_bytes(&mut self.buf, payload);
         self.count += 1;
     }
 
@@ -351,6 +357,18 @@ impl OutcomeWriter {
             count: 0,
         };
         w.push(id, received_at, headers, payload);
+        self.buf = w.buf;
+        open.1 += 1;
+    }
+
+    /// Appends an input event with a new payload (its id left empty: the input's) to the
+    /// open outcome.
+    pub fn event_with_payload(&mut self, open: &mut (usize, u32), e: &Event<'_>, payload: &[u8]) {
+        let mut w = BatchWriter {
+            buf: std::mem::take(&mut self.buf),
+            count: 0,
+        };
+        w.push_with_payload("", e, payload);
         self.buf = w.buf;
         open.1 += 1;
     }

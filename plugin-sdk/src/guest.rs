@@ -63,13 +63,7 @@ impl Emit<'_> {
     pub fn payload(&mut self, payload: &[u8]) {
         self.write_kept();
         let input = self.input;
-        self.w.event(
-            &mut self.open,
-            "",
-            input.received_at,
-            input.headers(),
-            payload,
-        );
+        self.w.event_with_payload(&mut self.open, &input, payload);
     }
 
     /// An event with new headers and payload (keeps the input's id and time).

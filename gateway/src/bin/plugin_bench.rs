@@ -97,12 +97,36 @@ fn natively<T: rewind_plugin_sdk::Transform>(
 pub async fn run(secs: u64, event_bytes: usize) -> anyhow::Result<()> {
     let secs = secs as f64;
     let host = PluginHost::new(Default::default())?;
+    // REWIND_BENCH_REDACT_WASM=a.wasm,b.wasm,…: only `redact`, these builds in alternating
+    // rounds (so that a slow stretch of a shared machine hits every build alike).
+    if let Some(list) = std::env::var("REWIND_BENCH_REDACT_WASM")
+        .ok()
+        .filter(|l| l.contains(','))
+    {
+        let batch = events(1000, event_bytes, true);
+        let cfg = r#"{"paths":["account.email","session.ip"]}"#;
+        let builds: Vec<(&str, Vec<u8>)> = list
+            .split(',')
+            .map(|p| Ok((p, std::fs::read(p)?)))
+            .collect::<anyhow::Result<_>>()?;
+        for round in 1..=6 {
+            for (path, wasm) in &builds {
+                let (ns, eps) = through_host(&host, wasm, cfg, &batch, secs).await?;
+                println!("  round {round} {path}: {ns:.0} ns/event ({eps:.0} events/s per core)");
+            }
+        }
+        return Ok(());
+    }
     let noop = std::fs::read(rewind_gateway::plugins::fixtures::build(
         "hostile-transform",
     ))?;
-    let redact = std::fs::read(rewind_gateway::plugins::fixtures::build(
-        "rewind-plugin-redact",
-    ))?;
+    // REWIND_BENCH_REDACT_WASM=path: another build of `redact` in place of the workspace's.
+    let redact = match std::env::var_os("REWIND_BENCH_REDACT_WASM") {
+        Some(path) => std::fs::read(path)?,
+        None => std::fs::read(rewind_gateway::plugins::fixtures::build(
+            "rewind-plugin-redact",
+        ))?,
+    };
     let noop_cfg = r#"{"mode":"noop"}"#;
     let redact_cfg = r#"{"paths":["account.email","session.ip"]}"#;
     println!(

@@ -7,6 +7,7 @@
 //! members change (see [`scan`] for how paths are matched: every duplicate key, every reading
 //! of a dotted path and escaped keys are redacted).
 
+mod blocks;
 mod scan;
 
 use rewind_plugin_sdk::{Config, Emit, Event, Transform, json};
