@@ -103,6 +103,18 @@ impl<'a> Cursor<'a> {
     fn str(&mut self) -> Result<&'a str, DecodeError> {
         std::str::from_utf8(self.bytes()?).map_err(|_| DecodeError("text that is not UTF-8"))
     }
+    /// Steps over an event, checking its layout but not its text.
+    fn skip_event(&mut self) -> Result<(), DecodeError> {
+        self.bytes()?;
+        self.i64()?;
+        for _ in 0..self.u16()? {
+            self.bytes()?;
+            self.bytes()?;
+        }
+        self.bytes()?;
+        Ok(())
+    }
+
     fn event(&mut self) -> Result<Event<'a>, DecodeError> {
         let id = self.str()?;
         let received_at = self.i64()?;
@@ -262,8 +274,9 @@ pub struct BatchReaderOwned<'a> {
 }
 
 impl<'a> BatchReaderOwned<'a> {
+    /// The events, each checked (text that is not UTF-8 is an error) as it is read.
     pub fn events(&self) -> BatchReader<'a> {
-        BatchReader::new(self.buf).expect("validated when the outcome was read")
+        BatchReader::new(self.buf).expect("the count was read with the outcome")
     }
 }
 
@@ -296,7 +309,8 @@ impl<'a> Iterator for OutcomeReader<'a> {
                 let start = self.cur.buf;
                 let n = self.cur.u32()?;
                 for _ in 0..n {
-                    self.cur.event()?;
+                    // The layout only: the text is checked when the events are read.
+                    self.cur.skip_event()?;
                 }
                 let used = start.len() - self.cur.buf.len();
                 Ok(Outcome::Events(BatchReaderOwned {
@@ -490,6 +504,21 @@ mod tests {
             panic!()
         };
         assert_eq!(e.events().count(), 0);
+    }
+
+    #[test]
+    fn text_that_is_not_utf8_is_an_error_when_the_events_are_read() {
+        let mut w = OutcomeWriter::with_capacity(0);
+        let mut open = (w.begin_events(), 0);
+        w.event(&mut open, "", 1, [("k", "v")], b"p");
+        w.end_events(open);
+        let mut buf = w.finish();
+        let at = buf.iter().rposition(|&b| b == b'k').unwrap();
+        buf[at] = 0xff;
+        let Ok(Outcome::Events(batch)) = OutcomeReader::new(&buf).unwrap().next().unwrap() else {
+            panic!("the layout is fine");
+        };
+        assert!(batch.events().next().unwrap().is_err());
     }
 
     #[test]

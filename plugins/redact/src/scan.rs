@@ -138,16 +138,19 @@ fn special(b: &[u8], mut i: usize) -> Option<usize> {
 }
 
 impl Scan<'_> {
+    #[inline(always)]
     fn peek(&self) -> Option<u8> {
         self.b.get(self.i).copied()
     }
 
+    #[inline(always)]
     fn ws(&mut self) {
         while let Some(b' ' | b'\t' | b'\n' | b'\r') = self.peek() {
             self.i += 1;
         }
     }
 
+    #[inline(always)]
     fn expect(&mut self, c: u8) -> Result<(), Malformed> {
         if self.peek() == Some(c) {
             self.i += 1;
@@ -159,6 +162,7 @@ impl Scan<'_> {
 
     /// A string starting at the opening quote; returns the span between the quotes and
     /// whether it holds an escape.
+    #[inline(always)]
     fn string(&mut self) -> Result<(usize, usize, bool), Malformed> {
         self.expect(b'"')?;
         let start = self.i;
