@@ -229,8 +229,8 @@ impl Scan<'_> {
         let mut in_string = 0u64; // all ones when the previous block ended inside a string
         let mut escape = 0u64; // the previous block's last byte escapes this block's first
         let mut at = self.i;
+        let mut padded = [b' '; 64]; // the last, short block, filled out with spaces
         while at < self.b.len() {
-            let mut padded = [b' '; 64];
             let block: &[u8; 64] = match self.b.get(at..at + 64) {
                 Some(full) => full.try_into().expect("64 bytes"),
                 None => {
