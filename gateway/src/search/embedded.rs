@@ -3,8 +3,15 @@
 //! Fields: `scope` (team + collection, a mandatory term of every query), `id`,
 //! `received_at` (fast, for ranges and newest-first order), the id's 128 bits as two fast
 //! fields (ties on `received_at` are ordered by id), `kw` (the payload's path terms from
-//! [`super::flatten`]), `facet` (a fast column of `path → value` for facet counts), `text`
-//! (the words of [`crate::query::text`]), and the stored `content_type` and `payload`.
+//! [`super::flatten`], which also give facet counts: a value's postings intersected with the
+//! matches), `text` (the words of [`crate::query::text`]), and the stored `content_type` and
+//! `payload`.
+//!
+//! Indexing cost is per term, so a document carries as few as the query language needs: no
+//! exists term for scalars (a path exists when it has any term) and no separate facet column.
+//! The term dictionary is tantivy's SSTable one (feature `quickwit`): most terms of event
+//! payloads are unique (ids, timestamps, addresses), and an SSTable is far cheaper to write
+//! and merge than an FST.
 //!
 //! Each batch is committed with the highest bus position it holds as the commit payload. An
 //! event at or below that position may be in the index already (the bus redelivers after a
@@ -68,7 +75,6 @@ struct Fields {
     id_hi: Field,
     id_lo: Field,
     kw: Field,
-    facet: Field,
     text: Field,
     content_type: Field,
     payload: Field,
@@ -94,7 +100,6 @@ fn schema() -> (Schema, Fields) {
         id_hi: b.add_u64_field("id_hi", FAST),
         id_lo: b.add_u64_field("id_lo", FAST),
         kw: b.add_text_field("kw", raw),
-        facet: b.add_text_field("facet", TextOptions::default().set_fast(Some("raw"))),
         text: b.add_text_field(
             "text",
             TextOptions::default().set_indexing_options(
@@ -131,6 +136,8 @@ pub struct EmbeddedIndex {
     /// Highest bus position committed to the index.
     checkpoint: Arc<AtomicU64>,
     dir: std::path::PathBuf,
+    /// Threads that build documents in a write (as many as tantivy indexes with).
+    threads: usize,
 }
 
 impl EmbeddedIndex {
@@ -183,27 +190,44 @@ impl EmbeddedIndex {
             fields,
             checkpoint: Arc::new(AtomicU64::new(checkpoint)),
             dir: dir.to_path_buf(),
+            threads: options.writer_threads.max(1),
         })
     }
 
-    /// Adds documents and commits (the blocking half of `index`).
+    /// Adds documents and commits (the blocking half of `index`). Documents are built (JSON
+    /// parsed, terms and words collected) on as many threads as tantivy indexes with, each
+    /// handing its documents to the writer as it goes, so building and indexing overlap.
     fn write(&self, docs: Vec<IndexDoc>) -> Result<(), SearchError> {
-        let documents: Vec<(bool, String, TantivyDocument)> = {
-            let checkpoint = self.checkpoint.load(Ordering::Acquire);
-            docs.iter()
-                .map(|d| (d.position <= checkpoint, d.id.clone(), self.document(d)))
-                .collect()
-        };
+        let checkpoint = self.checkpoint.load(Ordering::Acquire);
         let max_position = docs.iter().map(|d| d.position).max().unwrap_or(0);
-        let mut writer = self.writer.lock().expect("index writer lock");
-        for (maybe_indexed, id, doc) in documents {
-            if maybe_indexed {
-                writer.delete_term(term(self.fields.id, &id));
-            }
-            if let Err(e) = writer.add_document(doc) {
-                let _ = writer.rollback();
-                return Err(internal(e));
-            }
+        let writer = self.writer.lock().expect("index writer lock");
+        let threads = self.threads.clamp(1, docs.len().div_ceil(256).max(1));
+        let chunk = docs.len().div_ceil(threads);
+        let added: Result<(), tantivy::TantivyError> = std::thread::scope(|scope| {
+            let handles: Vec<_> = docs
+                .chunks(chunk)
+                .map(|part| {
+                    let writer = &*writer;
+                    scope.spawn(move || {
+                        for d in part {
+                            if d.position <= checkpoint {
+                                // Maybe indexed before a crash: replace any copy.
+                                writer.delete_term(term(self.fields.id, &d.id));
+                            }
+                            writer.add_document(self.document(d))?;
+                        }
+                        Ok(())
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .try_for_each(|h| h.join().expect("document builder panicked"))
+        });
+        let mut writer = writer;
+        if let Err(e) = added {
+            let _ = writer.rollback();
+            return Err(internal(e));
         }
         let new_checkpoint = max_position.max(self.checkpoint.load(Ordering::Acquire));
         let mut prepared = match writer.prepare_commit() {
@@ -236,17 +260,9 @@ impl EmbeddedIndex {
         } else {
             serde_json::Value::Null
         };
-        let flat = flatten::flatten(&value);
-        for t in &flat.terms {
-            doc.add_text(f.kw, t);
-        }
-        for t in &flat.facets {
-            doc.add_text(f.facet, t);
-        }
-        doc.add_text(
-            f.text,
-            crate::query::text::event_text(&d.content_type, &d.payload, &value),
-        );
+        flatten::for_each_term(&value, &mut |t| doc.add_text(f.kw, t));
+        let text = crate::query::text::event_text(&d.content_type, &d.payload, &value);
+        doc.add_text(f.text, text);
         doc
     }
 }
@@ -295,7 +311,12 @@ fn negate(inner: Compiled) -> Compiled {
 fn equals(kw: Field, path: &str, lit: &Literal) -> Compiled {
     if let Some(n) = lit.number {
         return Compiled {
-            query: term_query(kw, &flatten::number_term(path, n)),
+            query: any_of(
+                flatten::NUMBER_KINDS
+                    .iter()
+                    .map(|kind| term_query(kw, &flatten::number_term(path, kind, n)))
+                    .collect(),
+            ),
             exact: true,
         };
     }
@@ -314,80 +335,105 @@ fn equals(kw: Field, path: &str, lit: &Literal) -> Compiled {
 }
 
 fn compare(kw: Field, path: &str, op: CmpOp, lit: &Literal) -> Compiled {
-    let (kind, value) = match lit.number {
-        Some(n) => ("n:", flatten::encode_f64(n)),
-        None if lit.text.len() >= flatten::MAX_TERM_TEXT => {
-            // Bounds cannot be expressed on cut terms: every string of the field is a candidate.
-            let (lo, hi) = flatten::kind_bounds(path, "s:");
-            return Compiled {
-                query: Box::new(InvertedIndexRangeQuery::new(
-                    Bound::Included(term(kw, &lo)),
-                    Bound::Excluded(term(kw, &hi)),
-                )),
-                exact: false,
-            };
-        }
-        None => ("s:", lit.text.clone()),
-    };
-    let (lo, hi) = flatten::kind_bounds(path, kind);
-    let at = term(kw, &format!("{path}{SEP}{kind}{value}"));
-    let (lower, upper) = match op {
-        CmpOp::Gt => (Bound::Excluded(at), Bound::Excluded(term(kw, &hi))),
-        CmpOp::Ge => (Bound::Included(at), Bound::Excluded(term(kw, &hi))),
-        CmpOp::Lt => (Bound::Included(term(kw, &lo)), Bound::Excluded(at)),
-        CmpOp::Le => (Bound::Included(term(kw, &lo)), Bound::Included(at)),
-        CmpOp::Eq | CmpOp::Ne => unreachable!("handled by equals"),
-    };
+    if lit.text.len() >= flatten::MAX_TERM_TEXT && lit.number.is_none() {
+        // Bounds cannot be expressed on cut terms: every string of the field is a candidate.
+        let (lo, hi) = flatten::kind_bounds(path, "s:");
+        return Compiled {
+            query: Box::new(InvertedIndexRangeQuery::new(
+                Bound::Included(term(kw, &lo)),
+                Bound::Excluded(term(kw, &hi)),
+            )),
+            exact: false,
+        };
+    }
     Compiled {
-        query: Box::new(InvertedIndexRangeQuery::new(lower, upper)),
+        query: any_of(
+            kind_ranges(path, op, lit)
+                .into_iter()
+                .map(|(lower, upper)| {
+                    Box::new(InvertedIndexRangeQuery::new(
+                        lower.map(|t| term(kw, &t)),
+                        upper.map(|t| term(kw, &t)),
+                    )) as Box<dyn Query>
+                })
+                .collect(),
+        ),
         exact: true,
     }
+}
+
+/// The term ranges a comparison selects: one per term kind it compares with (numbers and
+/// numeric strings for a number, strings for a text).
+fn kind_ranges(path: &str, op: CmpOp, lit: &Literal) -> Vec<(Bound<String>, Bound<String>)> {
+    let kinds: Vec<(&str, String)> = match lit.number {
+        Some(n) => flatten::NUMBER_KINDS
+            .iter()
+            .map(|k| (*k, flatten::encode_f64(n)))
+            .collect(),
+        None => vec![("s:", lit.text.clone())],
+    };
+    kinds
+        .into_iter()
+        .map(|(kind, value)| {
+            let (lo, hi) = flatten::kind_bounds(path, kind);
+            let at = format!("{path}{SEP}{kind}{value}");
+            match op {
+                CmpOp::Gt => (Bound::Excluded(at), Bound::Excluded(hi)),
+                CmpOp::Ge => (Bound::Included(at), Bound::Excluded(hi)),
+                CmpOp::Lt => (Bound::Included(lo), Bound::Excluded(at)),
+                CmpOp::Le => (Bound::Included(lo), Bound::Included(at)),
+                CmpOp::Eq | CmpOp::Ne => unreachable!("handled by equals"),
+            }
+        })
+        .collect()
 }
 
 /// The share of the index's documents a range comparison on the payload selects, estimated
 /// from the term dictionary (document frequencies of the terms in range, no postings read).
 /// `None` when it is not a plain range.
 fn range_share(searcher: &tantivy::Searcher, kw: Field, expr: &Expr) -> Option<f64> {
-    let Expr::Cmp(path, op, lit) = expr else {
-        return None;
+    let ranges = match expr {
+        Expr::Exists(path) => {
+            let (lo, hi) = flatten::path_bounds(path);
+            vec![(Bound::Included(lo), Bound::Excluded(hi))]
+        }
+        Expr::Cmp(path, op, lit)
+            if !matches!(op, CmpOp::Eq | CmpOp::Ne)
+                && (lit.number.is_some() || lit.text.len() < flatten::MAX_TERM_TEXT) =>
+        {
+            kind_ranges(path, *op, lit)
+        }
+        _ => return None,
     };
-    if matches!(op, CmpOp::Eq | CmpOp::Ne) || lit.text.len() >= flatten::MAX_TERM_TEXT {
-        return None;
-    }
-    let (kind, value) = match lit.number {
-        Some(n) => ("n:", flatten::encode_f64(n)),
-        None => ("s:", lit.text.clone()),
-    };
-    let (lo, hi) = flatten::kind_bounds(path, kind);
-    let at = format!("{path}{SEP}{kind}{value}");
-    let (mut docs, mut matched) = (0u64, 0u64);
+    let docs = searcher.num_docs().max(1);
+    // Past this many matches the range is broad: no need to read the rest of the dictionary.
+    let enough = (docs as f64 * DEMOTE_RANGE_SHARE) as u64 + 1;
+    let mut matched = 0u64;
     for seg in searcher.segment_readers() {
-        docs += u64::from(seg.max_doc());
         let index = seg.inverted_index(kw).ok()?;
-        let dict = index.terms();
-        let range = dict.range();
-        let range = match op {
-            CmpOp::Gt => range.gt(at.as_bytes()).lt(hi.as_bytes()),
-            CmpOp::Ge => range.ge(at.as_bytes()).lt(hi.as_bytes()),
-            CmpOp::Lt => range.ge(lo.as_bytes()).lt(at.as_bytes()),
-            CmpOp::Le => range.ge(lo.as_bytes()).le(at.as_bytes()),
-            CmpOp::Eq | CmpOp::Ne => return None,
-        };
-        let mut stream = range.into_stream().ok()?;
-        let mut terms = 0u32;
-        while stream.advance() {
-            matched += u64::from(stream.value().doc_freq);
-            terms += 1;
-            if terms > 200_000 {
-                return Some(1.0);
+        for (lower, upper) in &ranges {
+            let dict = index.terms();
+            let mut range = dict.range();
+            range = match lower {
+                Bound::Included(t) => range.ge(t.as_bytes()),
+                Bound::Excluded(t) => range.gt(t.as_bytes()),
+                Bound::Unbounded => range,
+            };
+            range = match upper {
+                Bound::Included(t) => range.le(t.as_bytes()),
+                Bound::Excluded(t) => range.lt(t.as_bytes()),
+                Bound::Unbounded => range,
+            };
+            let mut stream = range.into_stream().ok()?;
+            while stream.advance() {
+                matched += u64::from(stream.value().doc_freq);
+                if matched >= enough {
+                    return Some(1.0);
+                }
             }
         }
     }
-    Some(if docs == 0 {
-        0.0
-    } else {
-        matched as f64 / docs as f64
-    })
+    Some(matched as f64 / docs as f64)
 }
 
 /// Ranges selecting more than this share of the index are checked on the payloads of the
@@ -431,10 +477,16 @@ fn compile(kw: Field, expr: &Expr) -> Compiled {
             }
         }
         Expr::Not(inner) => negate(compile(kw, inner)),
-        Expr::Exists(path) => Compiled {
-            query: term_query(kw, &flatten::exists_term(path)),
-            exact: true,
-        },
+        Expr::Exists(path) => {
+            let (lo, hi) = flatten::path_bounds(path);
+            Compiled {
+                query: Box::new(InvertedIndexRangeQuery::new(
+                    Bound::Included(term(kw, &lo)),
+                    Bound::Excluded(term(kw, &hi)),
+                )),
+                exact: true,
+            }
+        }
         Expr::Cmp(path, CmpOp::Eq, lit) => equals(kw, path, lit),
         Expr::Cmp(path, CmpOp::Ne, lit) => negate(equals(kw, path, lit)),
         Expr::Cmp(path, op, lit) => compare(kw, path, *op, lit),
@@ -453,17 +505,22 @@ fn compile(kw: Field, expr: &Expr) -> Compiled {
 type SortKey = (i64, u64, u64);
 const EXCLUDED: SortKey = (i64::MIN, 0, 0);
 
-/// Counts a facet field's values over every matching document.
+/// Counts a facet field's values over every matching document: the matches of a segment are
+/// gathered in a bit set, then each value's postings (the field's `s:`, `n:` and `b:` terms)
+/// are walked and counted against it. A low-cardinality field (the kind facets are for) costs
+/// one pass over the postings of the documents that have it.
 struct FacetCollector {
-    field: String,
+    kw: Field,
     path: String,
 }
 
 struct FacetSegment {
-    column: Option<tantivy::columnar::StrColumn>,
-    lo: u64,
-    values: Vec<String>,
-    counts: Vec<u64>,
+    kw: Field,
+    path: String,
+    segment: SegmentReader,
+    /// One bit per document of the segment.
+    matches: Vec<u64>,
+    any: bool,
 }
 
 impl Collector for FacetCollector {
@@ -471,36 +528,12 @@ impl Collector for FacetCollector {
     type Child = FacetSegment;
 
     fn for_segment(&self, _: u32, segment: &SegmentReader) -> tantivy::Result<FacetSegment> {
-        let column = segment.fast_fields().str(&self.field)?;
-        let mut values = Vec::new();
-        let mut lo = 0;
-        if let Some(col) = &column {
-            let prefix = format!("{}{SEP}", self.path);
-            let end = format!("{}\u{1}", self.path);
-            let mut stream = col
-                .dictionary()
-                .range()
-                .ge(prefix.as_bytes())
-                .lt(end.as_bytes())
-                .into_stream()?;
-            let mut first = true;
-            while stream.advance() {
-                if first {
-                    lo = stream.term_ord();
-                    first = false;
-                }
-                values.push(String::from_utf8_lossy(&stream.key()[prefix.len()..]).into_owned());
-                if values.len() > MAX_FACET_DISTINCT {
-                    break;
-                }
-            }
-        }
-        let counts = vec![0; values.len()];
         Ok(FacetSegment {
-            column,
-            lo,
-            values,
-            counts,
+            kw: self.kw,
+            path: self.path.clone(),
+            segment: segment.clone(),
+            matches: vec![0; (segment.max_doc() as usize).div_ceil(64)],
+            any: false,
         })
     }
 
@@ -530,31 +563,68 @@ impl Collector for FacetCollector {
     }
 }
 
+impl FacetSegment {
+    fn count(&self) -> Result<Vec<(String, u64)>, String> {
+        let mut out = Vec::new();
+        if !self.any {
+            return Ok(out);
+        }
+        let index = self
+            .segment
+            .inverted_index(self.kw)
+            .map_err(|e| e.to_string())?;
+        let (lo, hi) = flatten::path_bounds(&self.path);
+        let mut stream = index
+            .terms()
+            .range()
+            .ge(lo.as_bytes())
+            .lt(hi.as_bytes())
+            .into_stream()
+            .map_err(|e| e.to_string())?;
+        let mut distinct = 0usize;
+        while stream.advance() {
+            let Some(value) = flatten::facet_of_term(&stream.key()[lo.len()..]) else {
+                continue;
+            };
+            distinct += 1;
+            if distinct > MAX_FACET_DISTINCT {
+                return Err(format!(
+                    "the field has more than {MAX_FACET_DISTINCT} distinct values; facet counts are for fields with fewer"
+                ));
+            }
+            let mut postings = index
+                .read_block_postings_from_terminfo(stream.value(), IndexRecordOption::Basic)
+                .map_err(|e| e.to_string())?;
+            let mut n = 0u64;
+            loop {
+                let docs = postings.docs();
+                if docs.is_empty() {
+                    break;
+                }
+                n += docs
+                    .iter()
+                    .filter(|&&d| self.matches[d as usize / 64] >> (d % 64) & 1 == 1)
+                    .count() as u64;
+                postings.advance();
+            }
+            if n > 0 {
+                out.push((value, n));
+            }
+        }
+        Ok(out)
+    }
+}
+
 impl SegmentCollector for FacetSegment {
     type Fruit = Result<Vec<(String, u64)>, String>;
 
     fn collect(&mut self, doc: DocId, _: f32) {
-        let Some(col) = &self.column else { return };
-        let (lo, n) = (self.lo, self.counts.len() as u64);
-        for ord in col.term_ords(doc) {
-            if ord >= lo && ord - lo < n {
-                self.counts[(ord - lo) as usize] += 1;
-            }
-        }
+        self.matches[doc as usize / 64] |= 1 << (doc % 64);
+        self.any = true;
     }
 
     fn harvest(self) -> Self::Fruit {
-        if self.values.len() > MAX_FACET_DISTINCT {
-            return Err(format!(
-                "the field has more than {MAX_FACET_DISTINCT} distinct values; facet counts are for fields with fewer"
-            ));
-        }
-        Ok(self
-            .values
-            .into_iter()
-            .zip(self.counts)
-            .filter(|(_, n)| *n > 0)
-            .collect())
+        self.count()
     }
 }
 
@@ -630,7 +700,7 @@ impl EmbeddedIndex {
                     .search(
                         &query,
                         &FacetCollector {
-                            field: "facet".into(),
+                            kw: f.kw,
                             path: field.clone(),
                         },
                     )
@@ -836,6 +906,7 @@ impl EmbeddedIndex {
             fields: self.fields,
             checkpoint: self.checkpoint.clone(),
             dir: self.dir.clone(),
+            threads: self.threads,
         }
     }
 
