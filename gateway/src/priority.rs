@@ -1,7 +1,8 @@
 //! Scheduling priority of background work. The archiver's encoding runs at nice +10, so that
 //! on a busy machine the threads that acknowledge clients' requests (and answer searches) get
 //! the CPU first and the archiver takes what they leave (it catches up when the load drops;
-//! its memory is bounded by its own limits). The search indexer stays at normal priority:
+//! its memory is bounded by its own limits). The search indexer stays at normal priority
+//! (one thread building documents; extra builder threads run at +10, `search::embedded`):
 //! tried at +10, it fell far behind under a steady search load, and its freshness is a
 //! target of its own. Linux applies a nice value to one thread; elsewhere these are no-ops.
 

@@ -204,28 +204,40 @@ impl EmbeddedIndex {
     }
 
     /// Adds documents and commits (the blocking half of `index`). Documents are built (JSON
-    /// parsed, terms and words collected) on as many threads as tantivy indexes with, each
-    /// handing its documents to the writer as it goes, so building and indexing overlap.
+    /// parsed, terms and words collected) on up to as many threads as tantivy indexes with,
+    /// each handing its documents to the writer as it goes, so building and indexing overlap.
     fn write(&self, docs: Vec<IndexDoc>) -> Result<(), SearchError> {
         let checkpoint = self.checkpoint.load(Ordering::Acquire);
         let max_position = docs.iter().map(|d| d.position).max().unwrap_or(0);
         let writer = self.writer.lock().expect("index writer lock");
         let threads = self.threads.clamp(1, docs.len().div_ceil(256).max(1));
-        let chunk = docs.len().div_ceil(threads);
+        // Threads take 64 documents at a time from a shared counter. The first builds at
+        // normal priority (as one thread always did); the others at background priority, so
+        // they use a core the acknowledging threads leave idle but never take it from them
+        // (search never slows ingestion), and the first one does their share when they starve.
+        let next = std::sync::atomic::AtomicUsize::new(0);
+        const TAKE: usize = 64;
         let added: Result<(), tantivy::TantivyError> = std::thread::scope(|scope| {
-            let handles: Vec<_> = docs
-                .chunks(chunk)
-                .map(|part| {
-                    let writer = &*writer;
+            let handles: Vec<_> = (0..threads)
+                .map(|t| {
+                    let (writer, docs, next) = (&*writer, &docs, &next);
                     scope.spawn(move || {
-                        for d in part {
-                            if d.position <= checkpoint {
-                                // Maybe indexed before a crash: replace any copy.
-                                writer.delete_term(term(self.fields.id, &d.id));
-                            }
-                            writer.add_document(self.document(d))?;
+                        if t > 0 {
+                            crate::priority::lower_current_thread();
                         }
-                        Ok(())
+                        loop {
+                            let from = next.fetch_add(TAKE, Ordering::Relaxed);
+                            if from >= docs.len() {
+                                return Ok(());
+                            }
+                            for d in &docs[from..(from + TAKE).min(docs.len())] {
+                                if d.position <= checkpoint {
+                                    // Maybe indexed before a crash: replace any copy.
+                                    writer.delete_term(term(self.fields.id, &d.id));
+                                }
+                                writer.add_document(self.document(d))?;
+                            }
+                        }
                     })
                 })
                 .collect();
