@@ -353,14 +353,14 @@ async fn property(index: Arc<dyn SearchIndex>, unique: &str, strict_types: bool)
     }
 }
 
+fn open_embedded(dir: &std::path::Path) -> super::embedded::EmbeddedIndex {
+    super::embedded::EmbeddedIndex::open(dir, &super::embedded::EmbeddedOptions::default()).unwrap()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn embedded_index_passes_the_contract() {
     let dir = tempfile::tempdir().unwrap();
-    let index = super::embedded::EmbeddedIndex::open(
-        dir.path(),
-        &super::embedded::EmbeddedOptions::default(),
-    )
-    .unwrap();
+    let index = open_embedded(dir.path());
     run(Arc::new(index), "", false).await;
 }
 
@@ -370,11 +370,7 @@ async fn embedded_index_passes_the_contract() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn embedded_facets_equal_counts_over_the_payloads() {
     let dir = tempfile::tempdir().unwrap();
-    let index = super::embedded::EmbeddedIndex::open(
-        dir.path(),
-        &super::embedded::EmbeddedOptions::default(),
-    )
-    .unwrap();
+    let index = open_embedded(dir.path());
     let mut rng = StdRng::seed_from_u64(7);
     let mut docs = Vec::new();
     for i in 0..600u64 {
