@@ -1,18 +1,87 @@
 //! Scheduling priority of background work. The archiver's encoding runs at nice +10, so that
 //! on a busy machine the threads that acknowledge clients' requests (and answer searches) get
 //! the CPU first and the archiver takes what they leave (it catches up when the load drops;
-//! its memory is bounded by its own limits). The search indexer stays at normal priority
-//! (one thread building documents; extra builder threads run at +10, `search::embedded`):
-//! tried at +10, it fell far behind under a steady search load, and its freshness is a
-//! target of its own. Linux applies a nice value to one thread; elsewhere these are no-ops.
+//! its memory is bounded by its own limits). The embedded search index switches between the
+//! two (`search::embedded`): while it keeps up with the bus it indexes at normal priority
+//! (freshness is a target of its own: tried at +10 under a steady search load, it fell far
+//! behind), and once it is a backlog behind it catches up at +10, so that a burst of ingest
+//! is acknowledged first. Linux applies a nice value to one thread; elsewhere these are
+//! no-ops.
 
 /// The nice value of background threads.
 pub const BACKGROUND_NICE: i32 = 10;
 
 /// Lowers the calling thread's priority to [`BACKGROUND_NICE`] (best effort).
 pub fn lower_current_thread() {
+    set_current_thread(BACKGROUND_NICE);
+}
+
+/// Whether this process may give a thread back its normal priority after lowering it (root,
+/// `CAP_SYS_NICE` or an `RLIMIT_NICE` of 20). Without that, lowering is a one-way door, and
+/// code that would switch back and forth keeps normal priority instead.
+pub fn can_restore_priority() -> bool {
     #[cfg(target_os = "linux")]
-    set_nice(current_tid(), BACKGROUND_NICE);
+    {
+        static CAN: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        *CAN.get_or_init(|| {
+            std::thread::spawn(|| {
+                let tid = current_tid();
+                set_nice(tid, BACKGROUND_NICE) && set_nice(tid, 0)
+            })
+            .join()
+            .unwrap_or(false)
+        })
+    }
+    #[cfg(not(target_os = "linux"))]
+    false
+}
+
+/// The ids of this process's threads whose name starts with one of `prefixes` (Linux keeps
+/// the first 15 bytes of a thread's name). Taken before and after a library starts its
+/// threads, the difference is that library's threads.
+pub fn threads_named(prefixes: &[&str]) -> std::collections::BTreeSet<i32> {
+    #[cfg(target_os = "linux")]
+    {
+        let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
+            return Default::default();
+        };
+        tasks
+            .flatten()
+            .filter(|task| {
+                std::fs::read_to_string(task.path().join("comm"))
+                    .is_ok_and(|name| prefixes.iter().any(|p| name.starts_with(p)))
+            })
+            .filter_map(|task| task.file_name().to_str()?.parse::<i32>().ok())
+            .collect()
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        let _ = prefixes;
+        Default::default()
+    }
+}
+
+/// Sets the nice value of the given threads of this process (those still running); returns
+/// how many were changed.
+pub fn set_threads(tids: &std::collections::BTreeSet<i32>, nice: i32) -> usize {
+    #[cfg(target_os = "linux")]
+    {
+        tids.iter().filter(|tid| set_nice(**tid, nice)).count()
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        let _ = (tids, nice);
+        0
+    }
+}
+
+/// Sets the calling thread's nice value (best effort; see [`can_restore_priority`] before
+/// lowering it back to 0).
+pub fn set_current_thread(nice: i32) {
+    #[cfg(target_os = "linux")]
+    set_nice(current_tid(), nice);
+    #[cfg(not(target_os = "linux"))]
+    let _ = nice;
 }
 
 /// Runs `f` on a new thread at background priority and waits for it.
@@ -41,20 +110,26 @@ fn current_tid() -> i32 {
 
 #[cfg(target_os = "linux")]
 #[allow(unsafe_code)] // one libc call taking plain integers; nothing else in the crate is unsafe
-fn set_nice(tid: i32, nice: i32) {
+fn set_nice(tid: i32, nice: i32) -> bool {
     if tid <= 0 {
-        return;
+        return false;
     }
     // SAFETY: setpriority reads its three integer arguments and changes the nice value of
     // thread `tid` of this process; no memory is passed.
-    unsafe {
-        libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, nice);
-    }
+    unsafe { libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, nice) == 0 }
+}
+
+/// A thread's nice value (for tests).
+#[cfg(all(test, target_os = "linux"))]
+pub(crate) fn nice_of_thread(tid: i32) -> Option<i32> {
+    std::path::Path::new(&format!("/proc/self/task/{tid}"))
+        .exists()
+        .then(|| tests::nice_of(tid))
 }
 
 #[cfg(all(test, target_os = "linux"))]
 mod tests {
-    fn nice_of(tid: i32) -> i32 {
+    pub(super) fn nice_of(tid: i32) -> i32 {
         // Field 19 of /proc/self/task/<tid>/stat (after the command in parentheses).
         let stat = std::fs::read_to_string(format!("/proc/self/task/{tid}/stat")).unwrap();
         let rest = &stat[stat.rfind(')').unwrap() + 2..];
@@ -79,5 +154,33 @@ mod tests {
         assert_eq!(nice, super::BACKGROUND_NICE);
         // This thread was not touched.
         assert_eq!(nice_of(super::current_tid()), 0);
+    }
+
+    #[test]
+    fn named_threads_change_priority_and_others_do_not() {
+        if nice_of(super::current_tid()) != 0 || !super::can_restore_priority() {
+            eprintln!("not checked: cannot give a thread its priority back here");
+            return;
+        }
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
+        let worker = std::thread::Builder::new()
+            .name("prio-named-worker".into())
+            .spawn(move || {
+                ready_tx.send(super::current_tid()).unwrap();
+                let _ = done_rx.recv();
+            })
+            .unwrap();
+        let tid = ready_rx.recv().unwrap();
+        let named = super::threads_named(&["prio-named-"]);
+        assert_eq!(named.iter().copied().collect::<Vec<_>>(), vec![tid]);
+        assert!(super::threads_named(&["no-such-thread-"]).is_empty());
+        assert_eq!(super::set_threads(&named, 10), 1);
+        assert_eq!(nice_of(tid), 10);
+        assert_eq!(nice_of(super::current_tid()), 0);
+        assert_eq!(super::set_threads(&named, 0), 1);
+        assert_eq!(nice_of(tid), 0);
+        done_tx.send(()).unwrap();
+        worker.join().unwrap();
     }
 }

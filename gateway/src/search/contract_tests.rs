@@ -426,6 +426,48 @@ async fn embedded_facets_equal_counts_over_the_payloads() {
     }
 }
 
+/// A batch far behind the bus is indexed with tantivy's threads at background priority; once
+/// a batch is current again they are back at normal priority, and the events of both are found.
+#[cfg(target_os = "linux")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn embedded_index_catches_up_at_background_priority() {
+    use crate::priority::{BACKGROUND_NICE, can_restore_priority, nice_of_thread};
+    if !can_restore_priority() || nice_of_thread(std::process::id() as i32) != Some(0) {
+        eprintln!("not checked: this process cannot switch thread priorities back and forth");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let index = open_embedded(dir.path());
+    let at_start = index.writer_thread_nices();
+    // Indexing threads (one per core, at most 2), merge threads, the segment updater.
+    assert!(at_start.len() >= 3, "{at_start:?}");
+    assert!(at_start.iter().all(|n| *n == 0), "{at_start:?}");
+    let now = crate::ids::now_micros();
+    let old = doc("tm_p", "col_p", now - 60_000_000, json!({"a": 1}), 1);
+    index.index(vec![old.clone()]).await.unwrap();
+    let behind = index.writer_thread_nices();
+    assert!(behind.iter().all(|n| *n == BACKGROUND_NICE), "{behind:?}");
+    // Still behind (over the caught-up bound): stays in the background.
+    let late = doc("tm_p", "col_p", now - 3_500_000, json!({"a": 2}), 2);
+    index.index(vec![late.clone()]).await.unwrap();
+    let still = index.writer_thread_nices();
+    assert!(still.iter().all(|n| *n == BACKGROUND_NICE), "{still:?}");
+    let fresh = doc(
+        "tm_p",
+        "col_p",
+        crate::ids::now_micros(),
+        json!({"a": 3}),
+        3,
+    );
+    index.index(vec![fresh.clone()]).await.unwrap();
+    let caught_up = index.writer_thread_nices();
+    assert!(caught_up.iter().all(|n| *n == 0), "{caught_up:?}");
+    assert_eq!(
+        ids(&index, &request("tm_p", "col_p")).await,
+        vec![fresh.id, late.id, old.id]
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn embedded_index_reopens_with_its_events() {
     let dir = tempfile::tempdir().unwrap();

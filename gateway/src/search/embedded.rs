@@ -19,8 +19,10 @@
 
 use std::ops::Bound;
 use std::path::Path;
+use std::sync::atomic::AtomicBool;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -48,6 +50,16 @@ use crate::query::{CmpOp, Expr, Literal};
 
 /// Segments of about one size that tantivy merges into one.
 const MERGE_MIN_SEGMENTS: usize = 16;
+
+/// An index this far behind the bus (the oldest event of a batch, by `received_at`) catches
+/// up at background priority: the acknowledging threads go first, and the indexer takes what
+/// they leave. Back at normal priority once a batch is within [`CAUGHT_UP_LAG`].
+const CATCH_UP_LAG: Duration = Duration::from_secs(5);
+const CAUGHT_UP_LAG: Duration = Duration::from_secs(2);
+
+/// Names of the threads tantivy starts for a writer: indexing, merging and the segment
+/// bookkeeping (as Linux keeps them: the first 15 bytes).
+const TANTIVY_THREADS: [&str; 3] = ["thrd-tantivy-in", "merge_thread_", "segment_updater"];
 
 /// A facet field with more distinct values than this (in one index segment) is not counted.
 const MAX_FACET_DISTINCT: usize = 100_000;
@@ -141,6 +153,13 @@ pub struct EmbeddedIndex {
     dir: std::path::PathBuf,
     /// Threads that build documents in a write (as many as tantivy indexes with).
     threads: usize,
+    /// Whether the writer's threads may switch between normal and background priority (it
+    /// needs the right to give a thread its priority back; without it they stay normal).
+    adaptive_priority: bool,
+    /// True while catching up at background priority ([`CATCH_UP_LAG`]).
+    catching_up: Arc<AtomicBool>,
+    /// The threads tantivy started for this index's writer.
+    writer_tids: Arc<std::collections::BTreeSet<i32>>,
 }
 
 impl EmbeddedIndex {
@@ -169,6 +188,10 @@ impl EmbeddedIndex {
             .payload
             .and_then(|p| p.parse::<u64>().ok())
             .unwrap_or(0);
+        // Opening two indexes at once (tests do) must not mix up their threads.
+        static OPENING: Mutex<()> = Mutex::new(());
+        let opening = OPENING.lock().unwrap_or_else(|e| e.into_inner());
+        let threads_before = crate::priority::threads_named(&TANTIVY_THREADS);
         let writer = index
             .writer_with_num_threads(
                 options.writer_threads.max(1),
@@ -181,6 +204,11 @@ impl EmbeddedIndex {
                     dir.display()
                 ))
             })?;
+        let writer_tids = crate::priority::threads_named(&TANTIVY_THREADS)
+            .difference(&threads_before)
+            .copied()
+            .collect();
+        drop(opening);
         // Merge 16 segments of a size at a time instead of tantivy's 8: each document is
         // rewritten fewer times (~7 % less CPU per indexed event in A/B runs), for twice as
         // many small segments (queries over 1M events measured as fast as with the default).
@@ -200,7 +228,43 @@ impl EmbeddedIndex {
             checkpoint: Arc::new(AtomicU64::new(checkpoint)),
             dir: dir.to_path_buf(),
             threads: options.writer_threads.max(1),
+            adaptive_priority: crate::priority::can_restore_priority(),
+            catching_up: Arc::new(AtomicBool::new(false)),
+            writer_tids: Arc::new(writer_tids),
         })
+    }
+
+    /// Decides, from how far behind the bus a batch is, whether it is indexed at background
+    /// priority, and sets tantivy's threads accordingly.
+    fn pace(&self, docs: &[IndexDoc]) -> bool {
+        if !self.adaptive_priority {
+            return false;
+        }
+        let oldest = docs.iter().map(|d| d.received_at).min().unwrap_or(i64::MAX);
+        let lag =
+            Duration::from_micros(crate::ids::now_micros().saturating_sub(oldest).max(0) as u64);
+        let was = self.catching_up.load(Ordering::Relaxed);
+        let now = if was {
+            lag > CAUGHT_UP_LAG
+        } else {
+            lag > CATCH_UP_LAG
+        };
+        if now != was {
+            self.catching_up.store(now, Ordering::Relaxed);
+            tracing::info!(
+                lag_secs = lag.as_secs_f64(),
+                "search index {} the bus; indexing at {} priority",
+                if now { "is behind" } else { "caught up with" },
+                if now { "background" } else { "normal" }
+            );
+            let nice = if now {
+                crate::priority::BACKGROUND_NICE
+            } else {
+                0
+            };
+            crate::priority::set_threads(&self.writer_tids, nice);
+        }
+        now
     }
 
     /// Adds documents and commits (the blocking half of `index`). Documents are built (JSON
@@ -211,10 +275,12 @@ impl EmbeddedIndex {
         let max_position = docs.iter().map(|d| d.position).max().unwrap_or(0);
         let writer = self.writer.lock().expect("index writer lock");
         let threads = self.threads.clamp(1, docs.len().div_ceil(256).max(1));
+        let catching_up = self.pace(&docs);
         // Threads take 64 documents at a time from a shared counter. The first builds at
-        // normal priority (as one thread always did); the others at background priority, so
-        // they use a core the acknowledging threads leave idle but never take it from them
-        // (search never slows ingestion), and the first one does their share when they starve.
+        // normal priority (unless the index is catching up); the others at background
+        // priority, so they use a core the acknowledging threads leave idle but never take it
+        // from them (search never slows ingestion), and the first one does their share when
+        // they starve.
         let next = std::sync::atomic::AtomicUsize::new(0);
         const TAKE: usize = 64;
         let added: Result<(), tantivy::TantivyError> = std::thread::scope(|scope| {
@@ -222,7 +288,7 @@ impl EmbeddedIndex {
                 .map(|t| {
                     let (writer, docs, next) = (&*writer, &docs, &next);
                     scope.spawn(move || {
-                        if t > 0 {
+                        if t > 0 || catching_up {
                             crate::priority::lower_current_thread();
                         }
                         loop {
@@ -928,7 +994,19 @@ impl EmbeddedIndex {
             checkpoint: self.checkpoint.clone(),
             dir: self.dir.clone(),
             threads: self.threads,
+            adaptive_priority: self.adaptive_priority,
+            catching_up: self.catching_up.clone(),
+            writer_tids: self.writer_tids.clone(),
         }
+    }
+
+    /// The nice values of the threads tantivy started for this index's writer (for tests).
+    #[cfg(all(test, target_os = "linux"))]
+    pub(crate) fn writer_thread_nices(&self) -> Vec<i32> {
+        self.writer_tids
+            .iter()
+            .filter_map(|tid| crate::priority::nice_of_thread(*tid))
+            .collect()
     }
 
     /// Number of documents (live) in the index, for tests and the benchmark.
