@@ -199,6 +199,24 @@ impl Indexer {
             .consumer(&self.options.consumer)
             .await
             .map_err(|e| e.to_string())?;
+        // One batch is written while the next one collects: an event that arrives during a
+        // write waits for that write or its own batch's wait, whichever is longer, not both.
+        let mut writing: Option<Writing> = None;
+        let result = self.pump(consumer.as_mut(), &mut writing, shutdown).await;
+        if let Some(w) = writing {
+            // Stopped by an error: let the write end before a new consumer redelivers its
+            // events, so two writes of the same events never overlap (not acked: redelivered).
+            let _ = w.task.await;
+        }
+        result
+    }
+
+    async fn pump(
+        &self,
+        consumer: &mut dyn crate::bus::Consumer,
+        writing: &mut Option<Writing>,
+        shutdown: &mut tokio::sync::watch::Receiver<bool>,
+    ) -> Result<(), String> {
         let mut pending: Vec<Delivery> = Vec::new();
         let mut docs: Vec<IndexDoc> = Vec::new();
         let mut oldest = Instant::now();
@@ -207,19 +225,35 @@ impl Indexer {
         loop {
             let full = docs.len() >= self.options.batch_events;
             let due = !pending.is_empty() && (full || oldest.elapsed() >= self.options.max_wait);
-            if due {
-                if !self
-                    .write(&mut docs, &mut pending, consumer.as_mut(), shutdown)
-                    .await?
-                {
-                    return Ok(());
-                }
+            if due && writing.is_none() {
+                *writing = Some(Writing {
+                    task: tokio::spawn(write_until_done(
+                        self.index.clone(),
+                        std::mem::take(&mut docs),
+                        self.status.clone(),
+                        shutdown.clone(),
+                    )),
+                    deliveries: std::mem::take(&mut pending),
+                });
                 continue;
             }
             tokio::select! {
                 _ = stopped(shutdown) => {
+                    // A write under way finishes (or gives up at once if it was retrying);
+                    // what it wrote is acked, the rest is redelivered after a restart.
+                    if let Some(w) = writing.take() {
+                        w.finish(consumer).await?;
+                    }
                     let _ = consumer.commit().await;
                     return Ok(());
+                }
+                done = async { (&mut writing.as_mut().expect("guarded").task).await }, if writing.is_some() => {
+                    let w = writing.take().expect("guarded");
+                    let written = done.map_err(|e| format!("the index writer task failed: {e}"))?;
+                    if !written {
+                        return Ok(());
+                    }
+                    w.ack(consumer).await?;
                 }
                 delivery = consumer.next(), if !full => {
                     let delivery = delivery.map_err(|e| e.to_string())?;
@@ -249,41 +283,58 @@ impl Indexer {
             }
         }
     }
+}
 
-    /// Writes a batch to the index (retrying until it succeeds or the gateway stops), then
-    /// acks its bus messages. False when the gateway stopped first (nothing acked).
-    async fn write(
-        &self,
-        docs: &mut Vec<IndexDoc>,
-        pending: &mut Vec<Delivery>,
-        consumer: &mut dyn crate::bus::Consumer,
-        shutdown: &mut tokio::sync::watch::Receiver<bool>,
-    ) -> Result<bool, String> {
-        let mut backoff = Duration::from_millis(200);
-        loop {
-            match self.index.index(docs.clone()).await {
-                Ok(()) => break,
-                Err(e) => {
-                    tracing::warn!(error = %e, events = docs.len(), "indexing failed; keeping the batch and retrying");
-                    self.set_error(Some(e.to_string()));
-                    tokio::select! {
-                        _ = tokio::time::sleep(backoff) => {}
-                        // Not acked: the bus redelivers after a restart.
-                        _ = stopped(shutdown) => return Ok(false),
-                    }
-                    backoff = (backoff * 2).min(Duration::from_secs(5));
-                }
-            }
-        }
-        self.set_error(None);
-        self.status
-            .events_indexed
-            .fetch_add(docs.len() as u64, Ordering::Relaxed);
-        docs.clear();
-        for d in pending.drain(..) {
+/// A batch being written to the index and the bus messages it came from.
+struct Writing {
+    task: tokio::task::JoinHandle<bool>,
+    deliveries: Vec<Delivery>,
+}
+
+impl Writing {
+    /// Acks the batch's bus messages (once the index has its events).
+    async fn ack(self, consumer: &mut dyn crate::bus::Consumer) -> Result<(), String> {
+        for d in self.deliveries {
             consumer.ack(d).await.map_err(|e| e.to_string())?;
         }
-        consumer.commit().await.map_err(|e| e.to_string())?;
-        Ok(true)
+        consumer.commit().await.map_err(|e| e.to_string())
     }
+
+    /// Waits for the write and acks it if it went through.
+    async fn finish(mut self, consumer: &mut dyn crate::bus::Consumer) -> Result<(), String> {
+        if (&mut self.task).await.unwrap_or(false) {
+            self.ack(consumer).await?;
+        }
+        Ok(())
+    }
+}
+
+/// Writes a batch to the index, retrying with backoff until it succeeds (true) or the gateway
+/// stops first (false: nothing of it is acked, the bus redelivers it after a restart).
+async fn write_until_done(
+    index: Arc<dyn SearchIndex>,
+    docs: Vec<IndexDoc>,
+    status: Arc<IndexStatus>,
+    mut shutdown: tokio::sync::watch::Receiver<bool>,
+) -> bool {
+    let mut backoff = Duration::from_millis(200);
+    loop {
+        match index.index(docs.clone()).await {
+            Ok(()) => break,
+            Err(e) => {
+                tracing::warn!(error = %e, events = docs.len(), "indexing failed; keeping the batch and retrying");
+                *status.last_error.lock().expect("lock") = Some(e.to_string());
+                tokio::select! {
+                    _ = tokio::time::sleep(backoff) => {}
+                    _ = stopped(&mut shutdown) => return false,
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+            }
+        }
+    }
+    *status.last_error.lock().expect("lock") = None;
+    status
+        .events_indexed
+        .fetch_add(docs.len() as u64, Ordering::Relaxed);
+    true
 }
