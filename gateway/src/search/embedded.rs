@@ -204,10 +204,23 @@ impl EmbeddedIndex {
                     dir.display()
                 ))
             })?;
-        let writer_tids = crate::priority::threads_named(&TANTIVY_THREADS)
-            .difference(&threads_before)
-            .copied()
-            .collect();
+        // A new thread names itself once it runs: wait (briefly) until tantivy's threads
+        // (indexing ones, the segment updater, merge threads) have names and their count
+        // holds still.
+        let mut writer_tids = std::collections::BTreeSet::new();
+        for _ in 0..100 {
+            let now: std::collections::BTreeSet<i32> =
+                crate::priority::threads_named(&TANTIVY_THREADS)
+                    .difference(&threads_before)
+                    .copied()
+                    .collect();
+            let settled = now.len() >= options.writer_threads.max(1) + 2 && now == writer_tids;
+            writer_tids = now;
+            if settled {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(2));
+        }
         drop(opening);
         // Merge 16 segments of a size at a time instead of tantivy's 8: each document is
         // rewritten fewer times (~7 % less CPU per indexed event in A/B runs), for twice as
@@ -352,6 +365,20 @@ impl EmbeddedIndex {
         doc.add_text(f.text, text);
         doc
     }
+}
+
+/// The width of the next time slice of a newest-first search, from what the last one found:
+/// sized by the match rate it saw to hold the rest of the page (with half again to spare),
+/// ×8 when it found nothing, and at least ×2 so that a sparse tail is crossed in few passes.
+/// Each pass costs about as much as walking the filter's postings once, so fewer passes is
+/// what makes selective filters fast.
+fn next_width(width: i64, found: usize, still_wanted: usize) -> i64 {
+    let factor = if found == 0 {
+        8.0
+    } else {
+        (still_wanted as f64 / found as f64 * 1.5).clamp(2.0, 64.0)
+    };
+    (width as f64 * factor).min(i64::MAX as f64 / 2.0) as i64
 }
 
 /// A compiled filter: the query and whether it selects exactly what the filter does (else it
@@ -894,9 +921,14 @@ impl EmbeddedIndex {
                 }
                 after = last;
             }
+            let found = slice_events.len();
             events.append(&mut slice_events);
             upper = slice_from;
-            width = width.saturating_mul(4);
+            width = next_width(
+                width,
+                found,
+                request.limit + 1 - events.len().min(request.limit + 1),
+            );
         }
         let mut next_cursor = None;
         if events.len() > request.limit {
@@ -1012,5 +1044,23 @@ impl EmbeddedIndex {
     /// Number of documents (live) in the index, for tests and the benchmark.
     pub fn num_docs(&self) -> u64 {
         self.reader.searcher().num_docs()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::next_width;
+
+    #[test]
+    fn slices_widen_by_the_match_rate_they_saw() {
+        // Nothing found: ×8.
+        assert_eq!(next_width(1_000, 0, 51), 8_000);
+        // 10 found, 41 still wanted: 41 / 10 × 1.5 = ×6.15.
+        assert!((6_149..=6_150).contains(&next_width(1_000, 10, 41)));
+        // Nearly full: at least ×2; very sparse: at most ×64.
+        assert_eq!(next_width(1_000, 50, 1), 2_000);
+        assert_eq!(next_width(1_000, 1, 1_000), 64_000);
+        // Never overflows.
+        assert!(next_width(i64::MAX / 4, 0, 51) > 0);
     }
 }
