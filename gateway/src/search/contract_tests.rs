@@ -447,6 +447,9 @@ async fn embedded_index_catches_up_at_background_priority() {
     index.index(vec![old.clone()]).await.unwrap();
     let behind = index.writer_thread_nices();
     assert!(behind.iter().all(|n| *n == BACKGROUND_NICE), "{behind:?}");
+    // /readyz shows it.
+    let health = index.health().await;
+    assert!(health.detail.contains("catching up"), "{}", health.detail);
     // Still behind (over the caught-up bound): stays in the background.
     let late = doc("tm_p", "col_p", now - 3_500_000, json!({"a": 2}), 2);
     index.index(vec![late.clone()]).await.unwrap();
@@ -462,6 +465,7 @@ async fn embedded_index_catches_up_at_background_priority() {
     index.index(vec![fresh.clone()]).await.unwrap();
     let caught_up = index.writer_thread_nices();
     assert!(caught_up.iter().all(|n| *n == 0), "{caught_up:?}");
+    assert!(!index.health().await.detail.contains("catching up"));
     assert_eq!(
         ids(&index, &request("tm_p", "col_p")).await,
         vec![fresh.id, late.id, old.id]

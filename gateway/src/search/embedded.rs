@@ -1010,7 +1010,15 @@ impl SearchIndex for EmbeddedIndex {
         SearchHealth {
             kind: "embedded",
             ready: true,
-            detail: format!("tantivy index in {}", self.dir.display()),
+            detail: format!(
+                "tantivy index in {}{}",
+                self.dir.display(),
+                if self.catching_up.load(Ordering::Relaxed) {
+                    "; catching up with the bus at background priority"
+                } else {
+                    ""
+                }
+            ),
         }
     }
 }
