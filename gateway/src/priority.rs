@@ -13,7 +13,8 @@ pub const BACKGROUND_NICE: i32 = 10;
 
 /// Lowers the calling thread's priority to [`BACKGROUND_NICE`] (best effort).
 pub fn lower_current_thread() {
-    set_current_thread(BACKGROUND_NICE);
+    #[cfg(target_os = "linux")]
+    set_nice(current_tid(), BACKGROUND_NICE);
 }
 
 /// Whether this process may give a thread back its normal priority after lowering it (root,
@@ -73,15 +74,6 @@ pub fn set_threads(tids: &std::collections::BTreeSet<i32>, nice: i32) -> usize {
         let _ = (tids, nice);
         0
     }
-}
-
-/// Sets the calling thread's nice value (best effort; see [`can_restore_priority`] before
-/// lowering it back to 0).
-pub fn set_current_thread(nice: i32) {
-    #[cfg(target_os = "linux")]
-    set_nice(current_tid(), nice);
-    #[cfg(not(target_os = "linux"))]
-    let _ = nice;
 }
 
 /// Runs `f` on a new thread at background priority and waits for it.

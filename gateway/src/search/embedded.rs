@@ -219,7 +219,7 @@ impl EmbeddedIndex {
             if settled {
                 break;
             }
-            std::thread::sleep(std::time::Duration::from_millis(2));
+            std::thread::sleep(Duration::from_millis(2));
         }
         drop(opening);
         // Merge 16 segments of a size at a time instead of tantivy's 8: each document is
@@ -958,9 +958,7 @@ impl SearchIndex for EmbeddedIndex {
             return Ok(());
         }
         let this = self.clone_handles();
-        // Normal priority, unlike the archiver (crate::priority): at nice +10 the indexer
-        // fell minutes behind under searches polled every 20 ms, and how soon an event is
-        // searchable is a target of its own.
+        // The priority the batch is built and indexed at is chosen in `write` (`pace`).
         tokio::task::spawn_blocking(move || this.write(docs))
             .await
             .map_err(internal)?

@@ -50,6 +50,12 @@ pub struct IndexStatus {
     pub running: AtomicBool,
 }
 
+impl IndexStatus {
+    fn set_error(&self, e: Option<String>) {
+        *self.last_error.lock().expect("lock") = e;
+    }
+}
+
 /// Each collection's search window, refreshed from the metastore (every gateway sees another's
 /// change within [`HotWindows::REFRESH`]; its own at once).
 pub struct HotWindows {
@@ -165,10 +171,6 @@ impl Indexer {
         }
     }
 
-    fn set_error(&self, e: Option<String>) {
-        *self.status.last_error.lock().expect("lock") = e;
-    }
-
     /// Runs until `shutdown` fires; what is not yet indexed is redelivered after a restart.
     pub async fn run(self, mut shutdown: tokio::sync::watch::Receiver<bool>) {
         self.status.running.store(true, Ordering::Relaxed);
@@ -178,7 +180,7 @@ impl Indexer {
                 Ok(()) => break,
                 Err(e) => {
                     tracing::error!(error = %e, "indexer stopped; restarting it");
-                    self.set_error(Some(e));
+                    self.status.set_error(Some(e));
                     tokio::select! {
                         _ = tokio::time::sleep(backoff) => {}
                         _ = stopped(&mut shutdown) => break,
@@ -323,7 +325,7 @@ async fn write_until_done(
             Ok(()) => break,
             Err(e) => {
                 tracing::warn!(error = %e, events = docs.len(), "indexing failed; keeping the batch and retrying");
-                *status.last_error.lock().expect("lock") = Some(e.to_string());
+                status.set_error(Some(e.to_string()));
                 tokio::select! {
                     _ = tokio::time::sleep(backoff) => {}
                     _ = stopped(&mut shutdown) => return false,
@@ -332,7 +334,7 @@ async fn write_until_done(
             }
         }
     }
-    *status.last_error.lock().expect("lock") = None;
+    status.set_error(None);
     status
         .events_indexed
         .fetch_add(docs.len() as u64, Ordering::Relaxed);
