@@ -1006,6 +1006,23 @@ impl PluginHost {
         caps: Arc<DestinationCaps>,
         events: &[PluginEvent],
     ) -> Vec<DeliveryResult> {
+        self.deliver_counting(plugin, name, config, limits, caps, events)
+            .await
+            .0
+    }
+
+    /// [`Self::deliver`], also counting the events sent again because a call failed as a
+    /// whole (a plugin may have delivered some of them before it failed: at least once).
+    pub async fn deliver_counting(
+        &self,
+        plugin: &Compiled,
+        name: &str,
+        config: &str,
+        limits: &Limits,
+        caps: Arc<DestinationCaps>,
+        events: &[PluginEvent],
+    ) -> (Vec<DeliveryResult>, usize) {
+        let mut resent = 0;
         let mut results: Vec<Option<DeliveryResult>> = vec![None; events.len()];
         let mut todo: Vec<(usize, usize)> = vec![(0, events.len())];
         while let Some((lo, hi)) = todo.pop() {
@@ -1038,16 +1055,18 @@ impl PluginHost {
                     results[lo] = Some(DeliveryResult::Permanent(e.to_string()))
                 }
                 Err(_) => {
+                    resent += hi - lo;
                     let mid = lo + (hi - lo) / 2;
                     todo.push((mid, hi));
                     todo.push((lo, mid));
                 }
             }
         }
-        results
+        let results = results
             .into_iter()
             .map(|r| r.expect("every event gets a result"))
-            .collect()
+            .collect();
+        (results, resent)
     }
 
     async fn deliver_once(

@@ -43,7 +43,9 @@ impl Sink {
         }
     }
 
-    async fn send(&self, events: &[PluginEvent]) -> Vec<DeliveryResult> {
+    /// One result per event, and how many events were sent again inside the call (a plugin
+    /// call that failed as a whole is retried on halves of the batch).
+    async fn send(&self, events: &[PluginEvent]) -> (Vec<DeliveryResult>, usize) {
         match self {
             Sink::Plugin {
                 host,
@@ -53,7 +55,7 @@ impl Sink {
                 limits,
                 caps,
             } => {
-                host.deliver(compiled, name, config, limits, caps.clone(), events)
+                host.deliver_counting(compiled, name, config, limits, caps.clone(), events)
                     .await
             }
             Sink::Collection {
@@ -83,7 +85,7 @@ impl Sink {
                         }
                     })
                     .collect();
-                let one = |r: DeliveryResult| vec![r; events.len()];
+                let one = |r: DeliveryResult| (vec![r; events.len()], 0);
                 match state
                     .ingest
                     .ingest(key, team_id, collection_id, incoming, "replay")
@@ -143,12 +145,13 @@ pub async fn deliver(
     let mut attempt = 1u32;
     loop {
         // The first attempt sends the batch as it is; retries send the events still to go.
-        let results = if todo.len() == events.len() {
+        let (results, resent) = if todo.len() == events.len() {
             sink.send(events).await
         } else {
             let batch: Vec<PluginEvent> = todo.iter().map(|&i| events[i].clone()).collect();
             sink.send(&batch).await
         };
+        out.retried += resent;
         let mut again = Vec::new();
         let mut wait_at_least = None;
         for (&i, r) in todo.iter().zip(results) {
