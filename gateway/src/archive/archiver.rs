@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 use object_store::path::Path as ObjectPath;
 use object_store::{ObjectStore, PutMode, PutOptions, PutPayload};
 
-use super::parquet::{CHUNK_ROWS, FileWriter, Row, file_schema};
+use super::parquet::{CHUNK_ROWS, FileWriter, Row, file_schema, high_cardinality};
 use super::schema::{CollectionSchema, Column, ColumnType};
 use crate::bus::{Bus, Consumer, Delivery};
 use crate::ids::{new_id, now_micros};
@@ -171,11 +171,20 @@ fn encode_groups(
             }
         }
         let arrow_schema = file_schema(&columns);
+        let types: Vec<ColumnType> = schema.columns.iter().map(|c| c.ty).collect();
+        let plain: Vec<String> = high_cardinality(&rows, &types)
+            .into_iter()
+            .map(|c| schema.columns[c].name.clone())
+            .collect();
         // Arrow batches of CHUNK_ROWS rows, each dropped once encoded. Files come out at
         // about a fifth of the payload; a little more avoids regrowing.
         let encode = || {
-            let mut writer =
-                FileWriter::with_capacity(arrow_schema, slot_of, payload_bytes / 4 + (1 << 20))?;
+            let mut writer = FileWriter::with_capacity(
+                arrow_schema,
+                slot_of,
+                payload_bytes / 4 + (1 << 20),
+                &plain,
+            )?;
             let mut rows = rows.into_iter();
             loop {
                 let chunk: Vec<Row<'_>> = rows.by_ref().take(CHUNK_ROWS).collect();

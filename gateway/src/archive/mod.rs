@@ -5,6 +5,7 @@
 
 pub mod archiver;
 pub mod compact;
+pub mod json_leaves;
 pub mod parquet;
 pub mod read;
 pub mod schema;

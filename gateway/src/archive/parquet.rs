@@ -72,22 +72,29 @@ pub fn to_record_batch(
     slot_of: &[Option<u32>],
 ) -> Result<RecordBatch, arrow::error::ArrowError> {
     let inferred = &schema.fields()[base_fields().len()..];
-    // Values sparse by row, per inferred column.
+    // Values sparse by row, per inferred column, and the text bytes of each (so string
+    // builders are allocated once at their final size).
     let mut values: Vec<Vec<(usize, &Scalar<'_>)>> = vec![Vec::new(); inferred.len()];
+    let mut text_bytes = vec![0usize; inferred.len()];
     for (r, row) in rows.iter().enumerate() {
         for (col, value) in &row.fields {
             if let Some(Some(i)) = slot_of.get(*col as usize) {
                 values[*i as usize].push((r, value));
+                text_bytes[*i as usize] += match value {
+                    Scalar::Str(s) => s.len(),
+                    _ => 8,
+                };
             }
         }
     }
     let payload_bytes: usize = rows.iter().map(|r| r.event.payload.len()).sum();
-    let mut id = StringBuilder::with_capacity(rows.len(), rows.len() * 26);
-    let mut received = TimestampMicrosecondBuilder::with_capacity(rows.len()).with_timezone("UTC");
-    let mut content_type = StringBuilder::new();
+    let n = rows.len();
+    let mut id = StringBuilder::with_capacity(n, n * 26);
+    let mut received = TimestampMicrosecondBuilder::with_capacity(n).with_timezone("UTC");
+    let mut content_type = StringBuilder::with_capacity(n, n * 16);
     let mut client_id = StringBuilder::new();
     let mut headers = StringBuilder::new();
-    let mut payload = BinaryBuilder::with_capacity(rows.len(), payload_bytes);
+    let mut payload = BinaryBuilder::with_capacity(n, payload_bytes);
     for row in rows {
         let e = row.event;
         id.append_value(&e.id);
@@ -113,19 +120,24 @@ pub fn to_record_batch(
         Arc::new(headers.finish()),
         Arc::new(payload.finish()),
     ];
-    for (field, values) in inferred.iter().zip(&values) {
+    for ((field, values), bytes) in inferred.iter().zip(&values).zip(text_bytes) {
         let ty = match field.data_type() {
             DataType::Boolean => ColumnType::Bool,
             DataType::Int64 => ColumnType::Int64,
             DataType::Float64 => ColumnType::Float64,
             _ => ColumnType::Utf8,
         };
-        columns.push(build_column(ty, values, rows.len()));
+        columns.push(build_column(ty, values, n, bytes));
     }
     RecordBatch::try_new(schema.clone(), columns)
 }
 
-fn build_column(ty: ColumnType, values: &[(usize, &Scalar<'_>)], len: usize) -> ArrayRef {
+fn build_column(
+    ty: ColumnType,
+    values: &[(usize, &Scalar<'_>)],
+    len: usize,
+    text_bytes: usize,
+) -> ArrayRef {
     macro_rules! fill {
         ($builder:expr, $convert:expr) => {{
             let mut b = $builder;
@@ -149,29 +161,46 @@ fn build_column(ty: ColumnType, values: &[(usize, &Scalar<'_>)], len: usize) -> 
         }};
     }
     match ty {
-        ColumnType::Bool => fill!(BooleanBuilder::new(), |s: &Scalar<'_>| match s {
-            Scalar::Bool(b) => Some(*b),
-            _ => None,
-        }),
-        ColumnType::Int64 => fill!(Int64Builder::new(), |s: &Scalar<'_>| match s {
+        ColumnType::Bool => fill!(
+            BooleanBuilder::with_capacity(len),
+            |s: &Scalar<'_>| match s {
+                Scalar::Bool(b) => Some(*b),
+                _ => None,
+            }
+        ),
+        ColumnType::Int64 => fill!(Int64Builder::with_capacity(len), |s: &Scalar<'_>| match s {
             Scalar::Int(i) => Some(*i),
             _ => None,
         }),
-        ColumnType::Float64 => fill!(Float64Builder::new(), |s: &Scalar<'_>| match s {
-            Scalar::Int(i) => Some(*i as f64),
-            Scalar::Float(f) => Some(*f),
-            _ => None,
-        }),
-        ColumnType::Utf8 => fill!(StringBuilder::new(), |s| Some(Scalar::text(s))),
+        ColumnType::Float64 => fill!(
+            Float64Builder::with_capacity(len),
+            |s: &Scalar<'_>| match s {
+                Scalar::Int(i) => Some(*i as f64),
+                Scalar::Float(f) => Some(*f),
+                _ => None,
+            }
+        ),
+        ColumnType::Utf8 => fill!(StringBuilder::with_capacity(len, text_bytes), |s| Some(
+            Scalar::text(s)
+        )),
     }
 }
 
 /// Rows per Arrow batch handed to the Parquet writer: what bounds the Arrow copy of a file
-/// in memory (the writer keeps only encoded, compressed pages of the open row group).
-pub const CHUNK_ROWS: usize = 8 * 1024;
+/// in memory (the writer keeps only encoded, compressed pages of the open row group). Small
+/// enough (about 1 MiB of payload) that the copy stays in the CPU's cache between being
+/// built and being encoded, and that the allocator reuses its memory instead of asking the
+/// kernel for fresh zeroed pages every chunk.
+pub const CHUNK_ROWS: usize = 1024;
 
-fn writer_properties() -> Result<WriterProperties, parquet::errors::ParquetError> {
-    Ok(WriterProperties::builder()
+fn writer_properties(
+    plain_columns: &[String],
+) -> Result<WriterProperties, parquet::errors::ParquetError> {
+    let mut builder = WriterProperties::builder();
+    for c in plain_columns {
+        builder = builder.set_column_dictionary_enabled(c.as_str().into(), false);
+    }
+    Ok(builder
         .set_compression(Compression::ZSTD(ZstdLevel::try_new(ZSTD_LEVEL)?))
         .set_statistics_enabled(EnabledStatistics::Page)
         .set_max_row_group_row_count(Some(ROW_GROUP_ROWS))
@@ -189,6 +218,32 @@ fn writer_properties() -> Result<WriterProperties, parquet::errors::ParquetError
 const ZSTD_LEVEL: i32 = 1;
 const PAYLOAD_PAGE_BYTES: usize = 4 << 20;
 
+/// Rows sampled per column by [`high_cardinality`].
+const CARDINALITY_SAMPLE: usize = 1024;
+
+/// The inferred string columns (by collection column index) whose values are mostly
+/// distinct in a sample of `rows`: ids, e-mails, free text. Dictionary encoding only costs
+/// there (every value is hashed and interned until the dictionary overflows and the writer
+/// falls back to plain pages), so the archiver writes them plain.
+pub fn high_cardinality(rows: &[Row<'_>], columns: &[ColumnType]) -> Vec<usize> {
+    let mut seen: Vec<std::collections::HashSet<&str>> = Vec::new();
+    let mut counts: Vec<usize> = vec![0; columns.len()];
+    seen.resize_with(columns.len(), Default::default);
+    let step = (rows.len() / CARDINALITY_SAMPLE).max(1);
+    for row in rows.iter().step_by(step).take(CARDINALITY_SAMPLE) {
+        for (col, value) in &row.fields {
+            let c = *col as usize;
+            if let (Some(ColumnType::Utf8), Scalar::Str(s)) = (columns.get(c), value) {
+                counts[c] += 1;
+                seen[c].insert(s);
+            }
+        }
+    }
+    (0..columns.len())
+        .filter(|&c| counts[c] >= 64 && seen[c].len() * 2 > counts[c])
+        .collect()
+}
+
 /// Writes one Parquet file chunk by chunk into memory.
 pub struct FileWriter {
     schema: Arc<Schema>,
@@ -203,19 +258,21 @@ impl FileWriter {
         schema: Arc<Schema>,
         slot_of: Vec<Option<u32>>,
     ) -> Result<Self, parquet::errors::ParquetError> {
-        Self::with_capacity(schema, slot_of, 1 << 20)
+        Self::with_capacity(schema, slot_of, 1 << 20, &[])
     }
 
-    /// As [`Self::new`], with room for a file of about `bytes` (saves regrowing the buffer).
+    /// As [`Self::new`], with room for a file of about `bytes` (saves regrowing the buffer),
+    /// and `plain_columns` written without dictionary encoding (see [`high_cardinality`]).
     pub fn with_capacity(
         schema: Arc<Schema>,
         slot_of: Vec<Option<u32>>,
         bytes: usize,
+        plain_columns: &[String],
     ) -> Result<Self, parquet::errors::ParquetError> {
         let writer = ArrowWriter::try_new(
             Vec::with_capacity(bytes),
             schema.clone(),
-            Some(writer_properties()?),
+            Some(writer_properties(plain_columns)?),
         )?;
         Ok(Self {
             schema,
@@ -246,5 +303,75 @@ impl FileWriter {
 
     pub fn finish(self) -> Result<Bytes, parquet::errors::ParquetError> {
         Ok(Bytes::from(self.writer.into_inner()?))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+    use parquet::basic::Encoding;
+
+    #[test]
+    fn mostly_distinct_string_columns_are_written_without_a_dictionary() {
+        let events: Vec<Event> = (0..5000)
+            .map(|i| Event {
+                id: format!("ev{i:06}"),
+                payload: format!("{{\"n\":{i}}}").into(),
+                content_type: "application/json".into(),
+                ..Default::default()
+            })
+            .collect();
+        let ids: Vec<String> = (0..5000).map(|i| format!("user-{i}")).collect();
+        let rows: Vec<Row<'_>> = events
+            .iter()
+            .enumerate()
+            .map(|(i, event)| Row {
+                event,
+                fields: vec![
+                    (0, Scalar::Str(ids[i].as_str().into())),
+                    (1, Scalar::Str(["eu", "us", "ap"][i % 3].into())),
+                    (2, Scalar::Int(i as i64)),
+                ],
+            })
+            .collect();
+        let types = [ColumnType::Utf8, ColumnType::Utf8, ColumnType::Int64];
+        assert_eq!(high_cardinality(&rows, &types), vec![0]);
+
+        let schema = file_schema(&[
+            ("user", ColumnType::Utf8),
+            ("region", ColumnType::Utf8),
+            ("n", ColumnType::Int64),
+        ]);
+        let slot_of = vec![Some(0), Some(1), Some(2)];
+        let mut w = FileWriter::with_capacity(schema, slot_of, 1 << 20, &["user".into()]).unwrap();
+        for chunk in rows.chunks(CHUNK_ROWS) {
+            w.write(chunk).unwrap();
+        }
+        let bytes = w.finish().unwrap();
+        let reader = ParquetRecordBatchReaderBuilder::try_new(bytes).unwrap();
+        let rg = reader.metadata().row_group(0);
+        let encodings = |name: &str| {
+            let c = rg
+                .columns()
+                .iter()
+                .find(|c| c.column_path().string() == name)
+                .unwrap();
+            c.encodings().collect::<Vec<_>>()
+        };
+        assert!(!encodings("user").contains(&Encoding::RLE_DICTIONARY));
+        assert!(encodings("region").contains(&Encoding::RLE_DICTIONARY));
+        let batches: Vec<RecordBatch> = reader.build().unwrap().map(|b| b.unwrap()).collect();
+        let total: usize = batches.iter().map(|b| b.num_rows()).sum();
+        assert_eq!(total, 5000);
+        let users = batches[0]
+            .column_by_name("user")
+            .unwrap()
+            .as_any()
+            .downcast_ref::<arrow::array::StringArray>()
+            .unwrap()
+            .value(7)
+            .to_string();
+        assert_eq!(users, "user-7");
     }
 }
