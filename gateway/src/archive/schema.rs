@@ -1,9 +1,10 @@
 //! Schema inference for a collection: typed columns from JSON payloads.
 //!
 //! * Nested objects are **flattened** to dotted column names (`user.address.city`), up to
-//!   [`MAX_DEPTH`] levels; deeper objects, and arrays at any level, are kept as JSON text in a
-//!   string column. Flat columns are what DuckDB, Athena and Spark users filter on without
-//!   struct syntax, and a new nested field only adds a column instead of changing a struct type.
+//!   [`MAX_DEPTH`] levels; deeper objects, and arrays at any level, are kept as their JSON text
+//!   as sent (see [`super::json_leaves`]) in a string column. Flat columns are what DuckDB,
+//!   Athena and Spark users filter on without struct syntax, and a new nested field only adds
+//!   a column instead of changing a struct type.
 //! * Types: `bool`, `int64`, `float64`, `string`. A conflict **widens** and never fails a write:
 //!   int64 + float64 → float64; anything else mixed → string (numbers and booleans as their JSON
 //!   text, objects as JSON). Widening is recorded with its time and the type it replaced.
