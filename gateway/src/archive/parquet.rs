@@ -204,7 +204,9 @@ fn writer_properties(
         .set_compression(Compression::ZSTD(ZstdLevel::try_new(ZSTD_LEVEL)?))
         .set_statistics_enabled(EnabledStatistics::Page)
         .set_max_row_group_row_count(Some(ROW_GROUP_ROWS))
-        // Bigger pages for the payload give zstd more context across similar events.
+        // 1 MiB payload pages: zstd level 1 looks back at most 512 KiB, so 4 MiB pages gained
+        // 0.1 point of ratio (18.4 vs 18.5 % of the NDJSON) and cost regrowing multi-MiB page
+        // buffers the allocator got from the kernel as fresh zeroed memory.
         .set_column_data_page_size_limit("payload".into(), PAYLOAD_PAGE_BYTES)
         .set_column_dictionary_enabled("payload".into(), false)
         // Min/max of raw payload bytes help no reader and cost a compare per value.
@@ -216,7 +218,7 @@ fn writer_properties(
 }
 
 const ZSTD_LEVEL: i32 = 1;
-const PAYLOAD_PAGE_BYTES: usize = 4 << 20;
+const PAYLOAD_PAGE_BYTES: usize = 1 << 20;
 
 /// Rows sampled per column by [`high_cardinality`].
 const CARDINALITY_SAMPLE: usize = 1024;
