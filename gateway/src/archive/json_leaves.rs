@@ -161,12 +161,50 @@ impl<'a> Reader<'a> {
         }
     }
 
-    fn enter(&mut self) -> Result<(), JsonError> {
+    /// An object or array at its opening bracket: checks the nesting limit, then calls
+    /// `member` once per member (after any leading whitespace) and handles the separators
+    /// and the closing bracket.
+    fn container(
+        &mut self,
+        close: u8,
+        mut member: impl FnMut(&mut Self) -> Result<(), JsonError>,
+    ) -> Result<(), JsonError> {
         self.nesting += 1;
         if self.nesting > RECURSION_LIMIT {
             return Err(self.err("nested too deeply"));
         }
+        self.i += 1; // '{' or '['
+        self.ws();
+        if self.peek() != Some(close) {
+            loop {
+                member(self)?;
+                self.ws();
+                match self.peek() {
+                    Some(b',') => {
+                        self.i += 1;
+                        self.ws();
+                    }
+                    Some(c) if c == close => break,
+                    _ if close == b'}' => return Err(self.err("expected ',' or '}'")),
+                    _ => return Err(self.err("expected ',' or ']'")),
+                }
+            }
+        }
+        self.i += 1;
+        self.nesting -= 1;
         Ok(())
+    }
+
+    /// An object member's key and the `:` after it.
+    fn key(&mut self) -> Result<Cow<'a, str>, JsonError> {
+        if self.peek() != Some(b'"') {
+            return Err(self.err("expected a key"));
+        }
+        let key = self.string()?;
+        self.ws();
+        self.expect(b':', "expected ':'")?;
+        self.ws();
+        Ok(key)
     }
 
     fn object<F>(
@@ -179,107 +217,27 @@ impl<'a> Reader<'a> {
     where
         F: FnMut(&str, Scalar<'a>),
     {
-        self.enter()?;
-        self.i += 1; // '{'
-        self.ws();
-        if self.peek() == Some(b'}') {
-            self.i += 1;
-            self.nesting -= 1;
-            return Ok(());
-        }
-        loop {
-            if self.peek() != Some(b'"') {
-                return Err(self.err("expected a key"));
-            }
-            let key = self.string()?;
-            self.ws();
-            self.expect(b':', "expected ':'")?;
-            self.ws();
+        self.container(b'}', |r| {
+            let key = r.key()?;
             let len = path.len();
             if len > 0 {
                 path.push('.');
             }
             path.push_str(&key);
-            self.value(path, depth + 1, max_depth, emit)?;
+            r.value(path, depth + 1, max_depth, emit)?;
             path.truncate(len);
-            self.ws();
-            match self.peek() {
-                Some(b',') => {
-                    self.i += 1;
-                    self.ws();
-                }
-                Some(b'}') => {
-                    self.i += 1;
-                    self.nesting -= 1;
-                    return Ok(());
-                }
-                _ => return Err(self.err("expected ',' or '}'")),
-            }
-        }
+            Ok(())
+        })
     }
 
     /// Checks and steps over one value without emitting anything.
     fn skip_value(&mut self) -> Result<(), JsonError> {
         match self.peek() {
-            Some(b'{') => {
-                self.enter()?;
-                self.i += 1;
-                self.ws();
-                if self.peek() == Some(b'}') {
-                    self.i += 1;
-                    self.nesting -= 1;
-                    return Ok(());
-                }
-                loop {
-                    if self.peek() != Some(b'"') {
-                        return Err(self.err("expected a key"));
-                    }
-                    self.string()?;
-                    self.ws();
-                    self.expect(b':', "expected ':'")?;
-                    self.ws();
-                    self.skip_value()?;
-                    self.ws();
-                    match self.peek() {
-                        Some(b',') => {
-                            self.i += 1;
-                            self.ws();
-                        }
-                        Some(b'}') => {
-                            self.i += 1;
-                            self.nesting -= 1;
-                            return Ok(());
-                        }
-                        _ => return Err(self.err("expected ',' or '}'")),
-                    }
-                }
-            }
-            Some(b'[') => {
-                self.enter()?;
-                self.i += 1;
-                self.ws();
-                if self.peek() == Some(b']') {
-                    self.i += 1;
-                    self.nesting -= 1;
-                    return Ok(());
-                }
-                loop {
-                    self.skip_value()?;
-                    self.ws();
-                    match self.peek() {
-                        Some(b',') => {
-                            self.i += 1;
-                            self.ws();
-                        }
-                        Some(b']') => {
-                            self.i += 1;
-                            self.nesting -= 1;
-                            return Ok(());
-                        }
-                        _ => return Err(self.err("expected ',' or ']'")),
-                    }
-                }
-            }
+            Some(b'{') => self.container(b'}', |r| {
+                r.key()?;
+                r.skip_value()
+            }),
+            Some(b'[') => self.container(b']', Self::skip_value),
             Some(b'"') => self.string().map(drop),
             Some(b't') => self.literal(b"true"),
             Some(b'f') => self.literal(b"false"),
