@@ -236,3 +236,59 @@ async fn a_full_inflight_budget_turns_requests_away_with_503_instead_of_queueing
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
 }
+
+/// The archiver and the indexer pull from JetStream over the gateway's one connection. A pull
+/// that asks for more than the server will queue for a client (`max_pending`) gets the
+/// gateway dropped as a "slow consumer" — and with it every publish ack in flight, so clients
+/// see 503s. With a backlog of ~500 KiB messages, the client library's default pull (200
+/// messages) asks for ~100 MB; the gateway bounds its pulls by bytes.
+#[tokio::test]
+async fn draining_a_large_backlog_does_not_get_the_gateway_dropped_as_a_slow_consumer() {
+    use prost::Message;
+    let nats = Nats::start_with_config("max_pending: 40MB\n");
+    let mut gw = Gateway::start(&["--bus", &nats.url(), "--archive-flush-secs", "1"]).await;
+    let (admin, col) = gw.team_with_collection("acme", "orders").await;
+    let tok = gw.token(&admin, &["ingest", "read"]).await;
+    let resp = gw
+        .send(&tok, &col, "application/json", "{\"first\":true}")
+        .await;
+    assert_eq!(resp.status(), 202);
+    gw.terminate();
+    // The backlog, published while the gateway is down: 160 messages of 500 events of ~1 KiB
+    // (~80 MB, twice the server's max_pending for one client).
+    let client = async_nats::connect(nats.url()).await.unwrap();
+    let js = async_nats::jetstream::new(client);
+    let lines = crate::support::bus_read(&gw.data_dir, &gw.args, &["--consumer", "peek"]);
+    let team = lines[0]["team"].as_str().unwrap().to_string();
+    let subject = format!("rewind.events.{team}.{col}");
+    let mut expected = 1;
+    for m in 0..160 {
+        let batch = rewind_gateway::bus::BusBatch {
+            team_id: team.clone(),
+            collection_id: col.clone(),
+            events: (0..500)
+                .map(|i| rewind_gateway::bus::Event {
+                    id: ulid::Ulid::new().to_string(),
+                    received_at_micros: rewind_gateway::ids::now_micros(),
+                    payload: crate::support::event_of_size(m * 500 + i, 1000).into(),
+                    content_type: "application/json".into(),
+                    ..Default::default()
+                })
+                .collect(),
+        };
+        expected += batch.events.len();
+        js.publish(subject.clone(), batch.encode_to_vec().into())
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+    }
+    gw.restart().await;
+    let archived = crate::archive::wait_for_export(&gw, &tok, &col, expected, 120).await;
+    assert_eq!(archived.len(), expected);
+    let log = nats.log();
+    assert!(
+        !log.contains("Slow Consumer"),
+        "the server dropped the gateway as a slow consumer:\n{log}"
+    );
+}

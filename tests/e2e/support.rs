@@ -263,6 +263,8 @@ pub struct Nats {
     pub port: u16,
     child: Option<Child>,
     store: tempfile::TempDir,
+    /// Server configuration lines (nats-server's config file syntax), if any.
+    config: Option<String>,
 }
 
 impl Nats {
@@ -275,9 +277,27 @@ impl Nats {
             port,
             child: None,
             store: tempfile::tempdir().unwrap(),
+            config: None,
         };
         nats.spawn();
         nats
+    }
+
+    /// A server with extra configuration lines, e.g. `max_pending: 40MB`.
+    pub fn start_with_config(config: &str) -> Nats {
+        let mut nats = Nats {
+            port: free_port(),
+            child: None,
+            store: tempfile::tempdir().unwrap(),
+            config: Some(config.to_string()),
+        };
+        nats.spawn();
+        nats
+    }
+
+    /// What the server logged so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.store.path().join("nats.log")).unwrap_or_default()
     }
 
     pub fn url(&self) -> String {
@@ -295,6 +315,18 @@ impl Nats {
                 "-sd",
             ])
             .arg(self.store.path())
+            .arg("-l")
+            .arg(self.store.path().join("nats.log"))
+            .args(
+                self.config
+                    .as_ref()
+                    .map(|lines| {
+                        let file = self.store.path().join("nats.conf");
+                        std::fs::write(&file, lines).unwrap();
+                        vec!["-c".into(), file.into_os_string()]
+                    })
+                    .unwrap_or_default(),
+            )
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()

@@ -31,6 +31,17 @@ pub const SUBJECT_PREFIX: &str = "rewind.events";
 const DUPLICATE_WINDOW: Duration = Duration::from_secs(600);
 const PUBLISH_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// The bytes one pull request of a consumer may bring in. The server drops a client as a
+/// "slow consumer" (and with it every publish ack in flight: clients then see 503s after the
+/// publish timeout) once more than its `max_pending` (64 MiB by default) waits to be sent
+/// to it, and one gateway connection carries the archiver's, the indexer's and live tails'
+/// deliveries. The client library's default pull (200 messages, no byte limit) is up to
+/// 200 MiB of our packed batches. Always room for the largest possible message, or the pull
+/// could never deliver it.
+fn pull_bytes(max_payload: usize) -> usize {
+    (8usize << 20).max(2 * max_payload + (64 << 10))
+}
+
 #[derive(Clone)]
 struct Connected {
     client: async_nats::Client,
@@ -249,9 +260,17 @@ impl Bus for NatsBus {
             .map_err(|e| {
                 BusError::Unavailable(format!("cannot open NATS consumer {durable}: {e}"))
             })?;
-        let messages = consumer.messages().await.map_err(|e| {
-            BusError::Unavailable(format!("cannot read NATS consumer {durable}: {e}"))
-        })?;
+        let max_payload = c.client.server_info().max_payload.max(1024);
+        let messages = consumer
+            .stream()
+            .max_messages_per_batch(1000)
+            .max_bytes_per_batch(pull_bytes(max_payload))
+            .heartbeat(Duration::from_secs(15))
+            .messages()
+            .await
+            .map_err(|e| {
+                BusError::Unavailable(format!("cannot read NATS consumer {durable}: {e}"))
+            })?;
         self.consumers.lock().expect("lock").push(durable);
         Ok(Box::new(NatsConsumer { consumer, messages }))
     }
@@ -262,12 +281,16 @@ impl Bus for NatsBus {
             .borrow()
             .clone()
             .ok_or_else(|| BusError::Unavailable("not connected to NATS yet".into()))?;
+        let max_payload = c.client.server_info().max_payload.max(1024);
         // An ephemeral ordered consumer on the collection's subject, from now on.
         let consumer = c
             .stream
             .create_consumer(pull::OrderedConfig {
                 filter_subject: subject(team_id, collection_id),
                 deliver_policy: jetstream::consumer::DeliverPolicy::New,
+                // Ordered pulls can only be bounded by count: as many of the largest
+                // messages as fit in one consumer's share of the connection.
+                max_batch: (pull_bytes(max_payload) / max_payload).max(1) as i64,
                 ..Default::default()
             })
             .await
