@@ -286,6 +286,36 @@ async fn draining_a_large_backlog_does_not_get_the_gateway_dropped_as_a_slow_con
     gw.restart().await;
     let archived = crate::archive::wait_for_export(&gw, &tok, &col, expected, 120).await;
     assert_eq!(archived.len(), expected);
+    // A live tail (an ordered consumer, its pulls bounded by count) follows new events.
+    let resp = gw
+        .http
+        .get(gw.url(&format!("/v1/collections/{col}/tail")))
+        .bearer_auth(&tok)
+        .timeout(Duration::from_secs(60))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let body: String = (0..3).map(|i| format!("{{\"tail\":{i}}}\n")).collect();
+    let resp_send = gw.send(&tok, &col, "application/x-ndjson", body).await;
+    assert_eq!(resp_send.status(), 202);
+    let mut stream = resp.bytes_stream();
+    let mut lines = String::new();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    use futures::StreamExt;
+    while lines.lines().count() < 3 {
+        let chunk = tokio::time::timeout_at(deadline.into(), stream.next())
+            .await
+            .expect("the tail delivered too little")
+            .unwrap()
+            .unwrap();
+        lines.push_str(std::str::from_utf8(&chunk).unwrap());
+    }
+    for (i, line) in lines.lines().enumerate() {
+        let v: Value = serde_json::from_str(line).unwrap();
+        assert_eq!(v["payload"]["tail"], i, "{line}");
+    }
     let log = nats.log();
     assert!(
         !log.contains("Slow Consumer"),
