@@ -1425,6 +1425,16 @@ async fn a_graceful_restart_resumes_from_the_checkpoint_without_resending() {
     let hits = rx.delivered();
     let got: HashSet<&str> = hits.iter().map(|h| h.event_id.as_str()).collect();
     assert_eq!(got, ids.iter().map(String::as_str).collect::<HashSet<_>>());
-    // A clean stop re-sends nothing: the batch in flight finished and was checkpointed.
-    assert_eq!(hits.len(), 600, "{} deliveries", hits.len());
+    // A clean stop re-sends nothing: the batch in flight finished and was checkpointed. The
+    // only extra deliveries allowed are the replay's own reported retries (a plugin call that
+    // overran its time limit on a loaded machine is retried whole, including the events it
+    // had already posted: at-least-once, and counted in `retried`).
+    let extra = hits.len() - 600;
+    let retried = done["retried"].as_u64().unwrap() as usize;
+    assert!(
+        extra <= retried,
+        "{} deliveries of 600 events, {retried} reported as retried: the stop re-sent events\n{}",
+        hits.len(),
+        gw.log()
+    );
 }

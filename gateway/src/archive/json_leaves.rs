@@ -2,7 +2,9 @@
 //! hands each leaf to a callback as (dotted path, [`Scalar`]), without building a tree and
 //! without allocating for strings that have no escapes (they borrow from the input). Arrays,
 //! and objects at the depth limit, are handed over as their JSON text exactly as sent (a
-//! borrowed slice), since the archive keeps them opaque.
+//! borrowed slice), since the archive keeps them opaque. [`walk`] is the same reader for
+//! the search index: every node in document order (arrays looked into), so that an event's
+//! terms and words come from one pass over its bytes.
 //!
 //! It accepts exactly JSON (RFC 8259), like `serde_json` — the same number grammar, string
 //! escapes, control characters, surrogate pairs, nesting limit and trailing-data check — and
@@ -51,6 +53,74 @@ where
         return Err(r.err("trailing characters"));
     }
     Ok(())
+}
+
+/// What [`walk`] found at a path.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Node<'a> {
+    /// A string (borrowed unless it had escapes), a boolean, or a number read as
+    /// [`for_each_leaf`] reads it, with the number's text as sent.
+    Scalar(Scalar<'a>, &'a str),
+    Null,
+    /// The start of an object (its members follow, one level deeper).
+    Object,
+    /// The start of an array (its items follow at the same path, `in_array` set).
+    Array,
+}
+
+/// What [`walk`] saw besides the nodes.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Walked {
+    /// Some object had a key twice (a tree reader keeps only the last; a caller that must
+    /// agree with one can fall back to it). May be set spuriously (keys are compared by a
+    /// 64-bit hash), never missed.
+    pub duplicate_keys: bool,
+}
+
+/// Reads `text` (one JSON value, checked as strictly as [`for_each_leaf`]) and calls `visit`
+/// with every node in document order: `(path, depth, in_array, node)`. A member's path is its
+/// keys joined with `.`; an array's items have the array's path and `in_array` set; `depth`
+/// counts objects entered (0 for the top-level value).
+pub fn walk<'a, F>(text: &'a [u8], visit: &mut F) -> Result<Walked, JsonError>
+where
+    F: FnMut(&str, usize, bool, Node<'a>),
+{
+    let text = std::str::from_utf8(text).map_err(|e| JsonError {
+        at: e.valid_up_to(),
+        what: "not UTF-8",
+    })?;
+    let mut r = Reader {
+        s: text,
+        b: text.as_bytes(),
+        i: 0,
+        nesting: 0,
+    };
+    let mut w = TreeWalk {
+        path: String::with_capacity(64),
+        keys: Vec::new(),
+        walked: Walked::default(),
+    };
+    r.ws();
+    r.node(&mut w, 0, false, visit)?;
+    r.ws();
+    if r.i != r.b.len() {
+        return Err(r.err("trailing characters"));
+    }
+    Ok(w.walked)
+}
+
+/// The state of one [`walk`]: the current path and the key hashes of the open objects.
+struct TreeWalk {
+    path: String,
+    keys: Vec<u64>,
+    walked: Walked,
+}
+
+fn key_hash(key: &str) -> u64 {
+    // FNV-1a: keys are short, and a collision only costs the caller a slower path.
+    key.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ b as u64).wrapping_mul(0x0100_0000_01b3)
+    })
 }
 
 struct Reader<'a> {
@@ -228,6 +298,99 @@ impl<'a> Reader<'a> {
             path.truncate(len);
             Ok(())
         })
+    }
+
+    /// One value for [`walk`], at `depth` and with the path in `w.path`.
+    fn node<F>(
+        &mut self,
+        w: &mut TreeWalk,
+        depth: usize,
+        in_array: bool,
+        visit: &mut F,
+    ) -> Result<(), JsonError>
+    where
+        F: FnMut(&str, usize, bool, Node<'a>),
+    {
+        match self.peek() {
+            Some(b'{') => {
+                visit(&w.path, depth, in_array, Node::Object);
+                let first_key = w.keys.len();
+                self.container(b'}', |r| {
+                    let key = r.key()?;
+                    w.keys.push(key_hash(&key));
+                    let len = w.path.len();
+                    if depth > 0 {
+                        w.path.push('.');
+                    }
+                    w.path.push_str(&key);
+                    r.node(w, depth + 1, false, visit)?;
+                    w.path.truncate(len);
+                    Ok(())
+                })?;
+                let keys = &mut w.keys[first_key..];
+                if keys.len() > 1 {
+                    keys.sort_unstable();
+                    if keys.windows(2).any(|k| k[0] == k[1]) {
+                        w.walked.duplicate_keys = true;
+                    }
+                }
+                w.keys.truncate(first_key);
+                Ok(())
+            }
+            Some(b'[') => {
+                visit(&w.path, depth, in_array, Node::Array);
+                self.container(b']', |r| r.node(w, depth, true, visit))
+            }
+            Some(b'"') => {
+                let start = self.i;
+                let s = self.string()?;
+                visit(
+                    &w.path,
+                    depth,
+                    in_array,
+                    Node::Scalar(Scalar::Str(s), &self.s[start..self.i]),
+                );
+                Ok(())
+            }
+            Some(b't') => {
+                self.literal(b"true")?;
+                visit(
+                    &w.path,
+                    depth,
+                    in_array,
+                    Node::Scalar(Scalar::Bool(true), "true"),
+                );
+                Ok(())
+            }
+            Some(b'f') => {
+                self.literal(b"false")?;
+                visit(
+                    &w.path,
+                    depth,
+                    in_array,
+                    Node::Scalar(Scalar::Bool(false), "false"),
+                );
+                Ok(())
+            }
+            Some(b'n') => {
+                self.literal(b"null")?;
+                visit(&w.path, depth, in_array, Node::Null);
+                Ok(())
+            }
+            Some(b'-' | b'0'..=b'9') => {
+                let start = self.i;
+                let n = self.number()?;
+                visit(
+                    &w.path,
+                    depth,
+                    in_array,
+                    Node::Scalar(n, &self.s[start..self.i]),
+                );
+                Ok(())
+            }
+            Some(_) => Err(self.err("expected a value")),
+            None => Err(self.err("unexpected end of input")),
+        }
     }
 
     /// Checks and steps over one value without emitting anything.

@@ -304,6 +304,7 @@ impl EmbeddedIndex {
                         if t > 0 || catching_up {
                             crate::priority::lower_current_thread();
                         }
+                        let mut scratch = flatten::PayloadTerms::default();
                         loop {
                             let from = next.fetch_add(TAKE, Ordering::Relaxed);
                             if from >= docs.len() {
@@ -314,7 +315,7 @@ impl EmbeddedIndex {
                                     // Maybe indexed before a crash: replace any copy.
                                     writer.delete_term(term(self.fields.id, &d.id));
                                 }
-                                writer.add_document(self.document(d))?;
+                                writer.add_document(self.document(d, &mut scratch))?;
                             }
                         }
                     })
@@ -344,7 +345,8 @@ impl EmbeddedIndex {
         self.reader.reload().map_err(internal)
     }
 
-    fn document(&self, d: &IndexDoc) -> TantivyDocument {
+    /// The tantivy document of an event (`scratch` keeps the payload reader's buffers).
+    fn document(&self, d: &IndexDoc, scratch: &mut flatten::PayloadTerms) -> TantivyDocument {
         let f = &self.fields;
         let mut doc = TantivyDocument::new();
         doc.add_text(f.scope, scope_key(&d.team_id, &d.collection_id));
@@ -355,14 +357,11 @@ impl EmbeddedIndex {
         doc.add_u64(f.id_lo, lo);
         doc.add_text(f.content_type, &d.content_type);
         doc.add_bytes(f.payload, &d.payload);
-        let value = if d.content_type == "application/json" {
-            serde_json::from_slice(&d.payload).unwrap_or(serde_json::Value::Null)
-        } else {
-            serde_json::Value::Null
-        };
-        flatten::for_each_term(&value, &mut |t| doc.add_text(f.kw, t));
-        let text = crate::query::text::event_text(&d.content_type, &d.payload, &value);
-        doc.add_text(f.text, text);
+        scratch.read(&d.content_type, &d.payload);
+        for t in scratch.terms() {
+            doc.add_text(f.kw, t);
+        }
+        doc.add_text(f.text, &scratch.text);
         doc
     }
 }

@@ -203,6 +203,132 @@ fn inner(value: &Value, path: &mut String, term: &mut String, emit: &mut impl Fn
     }
 }
 
+/// An event's index terms and searchable text, read in one pass over the payload's bytes
+/// (no `serde_json::Value`): the same terms as [`for_each_term`] and the same text as
+/// [`crate::query::text::event_text`] (the words in another order). Buffers are kept between
+/// events.
+#[derive(Debug, Default)]
+pub struct PayloadTerms {
+    /// The terms, one after another; `ends[i]` is where term `i` ends.
+    buf: String,
+    ends: Vec<usize>,
+    /// The event's searchable text (values separated by newlines).
+    pub text: String,
+}
+
+impl PayloadTerms {
+    /// Reads one event's payload (`content_type` as stored).
+    pub fn read(&mut self, content_type: &str, payload: &[u8]) {
+        self.buf.clear();
+        self.ends.clear();
+        self.text.clear();
+        if content_type != "application/json" {
+            self.text.push_str(&String::from_utf8_lossy(payload));
+            return;
+        }
+        let (buf, ends, text) = (&mut self.buf, &mut self.ends, &mut self.text);
+        let mut first = true;
+        let mut top_object = false;
+        let walked = crate::archive::json_leaves::walk(payload, &mut |path, _, in_array, node| {
+            use crate::archive::json_leaves::Node;
+            use crate::archive::schema::Scalar;
+            let is_top = std::mem::take(&mut first);
+            if is_top {
+                top_object = matches!(node, Node::Object);
+            }
+            // The text: every scalar's display, as `event_text` writes it.
+            if let Node::Scalar(scalar, raw) = &node {
+                use std::fmt::Write;
+                match scalar {
+                    Scalar::Str(s) => text.push_str(s),
+                    Scalar::Bool(b) => text.push_str(if *b { "true" } else { "false" }),
+                    Scalar::Int(i) => {
+                        let _ = write!(text, "{i}");
+                    }
+                    Scalar::Float(f) => {
+                        // An integer too big for i64 that fits u64 is one for serde_json.
+                        match raw.parse::<u64>() {
+                            Ok(u) => {
+                                let _ = write!(text, "{u}");
+                            }
+                            Err(_) => {
+                                if let Some(n) = serde_json::Number::from_f64(*f) {
+                                    let _ = write!(text, "{n}");
+                                }
+                            }
+                        }
+                    }
+                }
+                text.push('\n');
+            }
+            if is_top || !top_object {
+                return;
+            }
+            let term = |buf: &mut String, kind: &str| {
+                buf.push_str(path);
+                buf.push(SEP);
+                buf.push_str(kind);
+            };
+            match node {
+                Node::Scalar(Scalar::Str(s), _) => {
+                    term(buf, "s:");
+                    buf.push_str(term_text(&s));
+                    ends.push(buf.len());
+                    if let Some(n) = s.parse::<f64>().ok().filter(|n| n.is_finite()) {
+                        term(buf, "m:");
+                        push_f64(buf, n);
+                        ends.push(buf.len());
+                    }
+                }
+                Node::Scalar(Scalar::Int(i), _) => {
+                    term(buf, "n:");
+                    push_f64(buf, i as f64);
+                    ends.push(buf.len());
+                }
+                Node::Scalar(Scalar::Float(f), _) => {
+                    term(buf, "n:");
+                    push_f64(buf, f);
+                    ends.push(buf.len());
+                }
+                Node::Scalar(Scalar::Bool(b), _) => {
+                    term(buf, if b { "b:true" } else { "b:false" });
+                    ends.push(buf.len());
+                }
+                Node::Null | Node::Object | Node::Array => {
+                    // Items of arrays that are containers or null have no term of their own.
+                    if !in_array {
+                        term(buf, "e");
+                        ends.push(buf.len());
+                    }
+                }
+            }
+        });
+        if !matches!(walked, Ok(w) if !w.duplicate_keys) {
+            // Not JSON (no terms, no text, as a tree reader sees it) or repeated keys (a tree
+            // keeps the last value of a key): read it as a tree.
+            self.buf.clear();
+            self.ends.clear();
+            self.text.clear();
+            let value: Value = serde_json::from_slice(payload).unwrap_or(Value::Null);
+            for_each_term(&value, &mut |t| {
+                self.buf.push_str(t);
+                self.ends.push(self.buf.len());
+            });
+            self.text = crate::query::text::event_text(content_type, payload, &value);
+        }
+    }
+
+    /// The terms read by the last [`PayloadTerms::read`] (a term may come more than once).
+    pub fn terms(&self) -> impl Iterator<Item = &str> {
+        let mut start = 0;
+        self.ends.iter().map(move |&end| {
+            let t = &self.buf[start..end];
+            start = end;
+            t
+        })
+    }
+}
+
 /// Terms and facet values of one payload.
 #[derive(Debug, Default)]
 pub struct Flattened {
@@ -301,6 +427,136 @@ mod tests {
         );
         assert_eq!(facet_of_term(b"m:0000000000000000"), None);
         assert_eq!(facet_of_term(b"e"), None);
+    }
+
+    /// A random JSON text: nested objects (keys may repeat), arrays, and number and string
+    /// literals chosen for their edge cases.
+    fn random_json(rng: &mut impl rand::Rng, depth: usize, out: &mut String) {
+        const NUMBERS: [&str; 18] = [
+            "0",
+            "-0",
+            "7",
+            "-7",
+            "1.50",
+            "1e2",
+            "-1E-3",
+            "0.1",
+            "2.5e-300",
+            "9223372036854775807",
+            "9223372036854775808",
+            "-9223372036854775808",
+            "-9223372036854775809",
+            "18446744073709551615",
+            "18446744073709551616",
+            "123456789012345678901234567890",
+            "1e308",
+            "-12.000",
+        ];
+        const STRINGS: [&str; 14] = [
+            "\"\"",
+            "\"plain words Here\"",
+            "\"100\"",
+            "\" 5\"",
+            "\"1e3\"",
+            "\"inf\"",
+            "\"NaN\"",
+            "\"-0\"",
+            "\"esc\\\"aped\\n\\u00e9\\ud83c\\udf89 ok\"",
+            "\"ünïcödé 🎉 mixed_words-and.dots\"",
+            "\"2026-11-25T10:11:12.123Z\"",
+            "\"averyveryveryveryveryverylongwordthatisoverfortybytes short\"",
+            "\"true\"",
+            "\"10.1.2.3\"",
+        ];
+        const KEYS: [&str; 8] = ["a", "b", "id", "k.dot", "é", "", "q\\\"x", "amount"];
+        match rng.random_range(0..if depth > 3 { 5 } else { 8 }) {
+            0 => out.push_str("null"),
+            1 => out.push_str(if rng.random_bool(0.5) {
+                "true"
+            } else {
+                "false"
+            }),
+            2 => out.push_str(NUMBERS[rng.random_range(0..NUMBERS.len())]),
+            3 => out.push_str(STRINGS[rng.random_range(0..STRINGS.len())]),
+            4 => {
+                let long = "é".repeat(rng.random_range(250..300));
+                out.push_str(&serde_json::Value::String(long).to_string());
+            }
+            5 | 6 => {
+                out.push('{');
+                for i in 0..rng.random_range(0..5) {
+                    if i > 0 {
+                        out.push_str(", ");
+                    }
+                    out.push_str(&format!("\"{}\": ", KEYS[rng.random_range(0..KEYS.len())]));
+                    random_json(rng, depth + 1, out);
+                }
+                out.push('}');
+            }
+            _ => {
+                out.push('[');
+                for i in 0..rng.random_range(0..4) {
+                    if i > 0 {
+                        out.push(',');
+                    }
+                    random_json(rng, depth + 1, out);
+                }
+                out.push(']');
+            }
+        }
+    }
+
+    #[test]
+    fn one_pass_terms_and_text_equal_the_tree_readers() {
+        let mut rng = rand::rng();
+        let mut scratch = PayloadTerms::default();
+        let mut streamed = 0;
+        for round in 0..4000 {
+            let mut text = String::new();
+            if round % 4 != 0 {
+                text.push_str("{\"top\": ");
+                random_json(&mut rng, 0, &mut text);
+                text.push_str(", \"x\": ");
+                random_json(&mut rng, 0, &mut text);
+                text.push('}');
+            } else {
+                random_json(&mut rng, 0, &mut text);
+            }
+            if round % 7 == 0 {
+                // Sometimes broken: a byte cut off.
+                text.pop();
+            }
+            let value: Value = serde_json::from_str(&text).unwrap_or(Value::Null);
+            let mut want_terms = Vec::new();
+            for_each_term(&value, &mut |t| want_terms.push(t.to_string()));
+            want_terms.sort();
+            let mut want_words = crate::query::text::words(&crate::query::text::event_text(
+                "application/json",
+                text.as_bytes(),
+                &value,
+            ));
+            want_words.sort();
+            scratch.read("application/json", text.as_bytes());
+            let mut got_terms: Vec<String> = scratch.terms().map(str::to_string).collect();
+            got_terms.sort();
+            let mut got_words = crate::query::text::words(&scratch.text);
+            got_words.sort();
+            assert_eq!(got_terms, want_terms, "terms of {text}");
+            assert_eq!(got_words, want_words, "words of {text}");
+            if crate::archive::json_leaves::walk(text.as_bytes(), &mut |_, _, _, _| {})
+                .is_ok_and(|w| !w.duplicate_keys)
+            {
+                streamed += 1;
+            }
+        }
+        assert!(
+            streamed > 1500,
+            "most documents take the one-pass path: {streamed}"
+        );
+        // Not JSON: the bytes are the text.
+        scratch.read("text/plain", b"Hello there");
+        assert_eq!(scratch.terms().count(), 0);
+        assert_eq!(scratch.text, "Hello there");
     }
 
     #[test]
