@@ -8,7 +8,9 @@
 //!
 //! It accepts exactly JSON (RFC 8259), like `serde_json` — the same number grammar, string
 //! escapes, control characters, surrogate pairs, nesting limit and trailing-data check — and
-//! reads numbers the way `serde_json` does (integers that fit as `i64`, the rest as `f64`).
+//! reads numbers the way `serde_json` does (integers that fit as `i64`, the rest as `f64`,
+//! correctly rounded as `serde_json` with its `float_roundtrip` feature reads them; the
+//! workspace turns that feature on so that both readers agree to the bit).
 //! It exists because the generic serde path cost the archiver about half of its CPU time
 //! (a `String` per key, a `serde_json::Value` per array, per-byte string scans).
 
