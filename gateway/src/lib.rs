@@ -3,6 +3,7 @@
 //! `api` (REST + gRPC surface) → `auth` (tokens, scopes) → `ingest` (parse, limit, dedupe) →
 //! `bus` (durable log: local or NATS JetStream), with `meta` (the metastore) beside them.
 
+pub mod allocator;
 pub mod api;
 pub mod archive;
 pub mod auth;

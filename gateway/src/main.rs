@@ -2,11 +2,7 @@
 
 use clap::Parser;
 
-// mimalloc: in the ingest benchmark it doubled HTTP batch throughput over glibc's malloc and
-// cut the archiver's page-fault churn (docs/benchmarks.md). Its own MIMALLOC_* variables
-// apply (e.g. MIMALLOC_PURGE_DELAY=250 trades RSS for archiver CPU).
-#[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+rewind_gateway::use_jemalloc!();
 
 #[tokio::main]
 async fn main() {

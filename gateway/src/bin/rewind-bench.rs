@@ -21,8 +21,9 @@ use anyhow::{Context, bail};
 use bytes::Bytes;
 use clap::Parser;
 
-#[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+// The gateway's allocator and settings: the archiver and the index run in this process
+// for their benchmarks.
+rewind_gateway::use_jemalloc!();
 use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
