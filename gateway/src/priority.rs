@@ -101,7 +101,7 @@ fn current_tid() -> i32 {
 }
 
 #[cfg(target_os = "linux")]
-#[allow(unsafe_code)] // one libc call taking plain integers; nothing else in the crate is unsafe
+#[allow(unsafe_code)] // one libc call taking plain integers (the allocator's mallctl calls are the only other unsafe code)
 fn set_nice(tid: i32, nice: i32) -> bool {
     if tid <= 0 {
         return false;

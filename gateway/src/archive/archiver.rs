@@ -422,6 +422,7 @@ impl Archiver {
         // CPU they leave; the async worker only waits for it.
         let encoded = tokio::task::block_in_place(|| {
             crate::priority::run_in_background("archive-encode", || {
+                crate::allocator::use_bulk_arena();
                 encode_groups(buf, schema, now, &mut changed)
             })
         })??;

@@ -74,7 +74,18 @@ pub fn to_record_batch(
     let inferred = &schema.fields()[base_fields().len()..];
     // Values sparse by row, per inferred column, and the text bytes of each (so string
     // builders are allocated once at their final size).
-    let mut values: Vec<Vec<(usize, &Scalar<'_>)>> = vec![Vec::new(); inferred.len()];
+    // Counted first, so each column's list is allocated once at its size (growing them cost
+    // ~1 % of the archiver's CPU in reallocations).
+    let mut counts = vec![0usize; inferred.len()];
+    for row in rows {
+        for (col, _) in &row.fields {
+            if let Some(Some(i)) = slot_of.get(*col as usize) {
+                counts[*i as usize] += 1;
+            }
+        }
+    }
+    let mut values: Vec<Vec<(usize, &Scalar<'_>)>> =
+        counts.iter().map(|&c| Vec::with_capacity(c)).collect();
     let mut text_bytes = vec![0usize; inferred.len()];
     for (r, row) in rows.iter().enumerate() {
         for (col, value) in &row.fields {
