@@ -455,6 +455,26 @@ async fn embedded_index_catches_up_at_background_priority() {
     index.index(vec![late.clone()]).await.unwrap();
     let still = index.writer_thread_nices();
     assert!(still.iter().all(|n| *n == BACKGROUND_NICE), "{still:?}");
+    // tantivy starts new indexing threads at every commit; those of a catching-up index are
+    // in the background too. (Checked under nextest only, where this test has the process to
+    // itself: other tests' indexes would have indexing threads of their own.)
+    if std::env::var_os("NEXTEST_RUN_ID").is_some() {
+        let mut nices = Vec::new();
+        for _ in 0..100 {
+            nices = crate::priority::threads_named(&["thrd-tantivy-in"])
+                .into_iter()
+                .filter_map(nice_of_thread)
+                .collect();
+            if !nices.is_empty() && nices.iter().all(|n| *n == BACKGROUND_NICE) {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        assert!(
+            !nices.is_empty() && nices.iter().all(|n| *n == BACKGROUND_NICE),
+            "indexing threads started by the last commit: {nices:?}"
+        );
+    }
     let fresh = doc(
         "tm_p",
         "col_p",
