@@ -185,14 +185,19 @@ pub struct CollectionSchema {
     index: HashMap<String, usize>,
     /// Fields seen that got no column because of [`MAX_COLUMNS`].
     pub overflowed: bool,
-    /// The column of each field of the last event read, in order: events of a stream mostly
-    /// have the same fields in the same order, so the k-th field is first checked against
-    /// it (a string compare) before the name is hashed.
-    last_order: Vec<u32>,
+    /// Per column, the column of the field that followed it in the last event read (slot 0:
+    /// the first field; `u32::MAX`: none yet). Events of a stream mostly have the same
+    /// fields in the same order, so a field is first checked against the column that came
+    /// after its predecessor last time (a string compare) before its name is hashed. Unlike a
+    /// prediction by position, this gets back in step right after a part of varying length
+    /// (a map with a different number of keys from one event to the next).
+    next_after: Vec<u32>,
     /// Per column: (the event stamp that last gave it a value, its slot in that event's
     /// fields), for [`Self::observe_json`].
     slots: Vec<(u32, u32)>,
     event_stamp: u32,
+    /// Fields of the last event read (the next one's output is allocated at that size).
+    last_len: usize,
 }
 
 impl CollectionSchema {
@@ -206,9 +211,10 @@ impl CollectionSchema {
             columns,
             index,
             overflowed: false,
-            last_order: Vec::new(),
+            next_after: Vec::new(),
             slots: Vec::new(),
             event_stamp: 0,
+            last_len: 0,
         }
     }
 
@@ -227,9 +233,7 @@ impl CollectionSchema {
         now: i64,
         changed: &mut Vec<String>,
     ) -> Result<Vec<(u32, Scalar<'a>)>, JsonError> {
-        let predicted = std::mem::take(&mut self.last_order);
-        let mut order = Vec::with_capacity(predicted.len());
-        let mut out: Vec<(u32, Scalar<'a>)> = Vec::with_capacity(predicted.len());
+        let mut out: Vec<(u32, Scalar<'a>)> = Vec::with_capacity(self.last_len);
         // Which slot of `out` each column got in this event: `stamp` tells this event's
         // entries from stale ones, so a repeated field is found without a search.
         self.event_stamp = self.event_stamp.wrapping_add(1);
@@ -238,10 +242,13 @@ impl CollectionSchema {
             self.event_stamp = 1;
         }
         let stamp = self.event_stamp;
+        // Slot of `next_after` for the previous field's column (0: none yet).
+        let mut prev = 0usize;
         let result = for_each_leaf(payload, MAX_DEPTH, &mut |path: &str, scalar: Scalar<'a>| {
             let name = column_name(path);
-            let hint = predicted
-                .get(order.len())
+            let hint = self
+                .next_after
+                .get(prev)
                 .map(|&i| i as usize)
                 .filter(|&i| i < self.columns.len() && self.columns[i].name == *name);
             let found = match hint {
@@ -251,8 +258,12 @@ impl CollectionSchema {
                 }
                 None => self.observe_one(&name, scalar.column_type(), now, changed),
             };
-            order.push(found.map_or(u32::MAX, |i| i as u32));
             if let Some(i) = found {
+                if self.next_after.len() <= prev {
+                    self.next_after.resize(prev + 1, u32::MAX);
+                }
+                self.next_after[prev] = i as u32;
+                prev = i + 1;
                 if self.slots.len() <= i {
                     self.slots.resize(i + 1, (0, 0));
                 }
@@ -265,7 +276,7 @@ impl CollectionSchema {
                 }
             }
         });
-        self.last_order = order;
+        self.last_len = out.len();
         result.map(|()| out)
     }
 
@@ -455,6 +466,64 @@ mod tests {
         let mut s = CollectionSchema::default();
         assert!(s.observe_json(b"{\"a\": ", 1, &mut Vec::new()).is_err());
         assert!(s.observe_json(b"{} trailing", 1, &mut Vec::new()).is_err());
+    }
+
+    #[test]
+    fn one_schema_reads_a_stream_of_changing_shapes_as_each_event_alone() {
+        // The field-order prediction must only save lookups, never change a result: a stream
+        // whose events differ in how many keys a map has, in key order, in repeated keys and
+        // in new fields, read by one schema, gives each event the fields it gives alone.
+        let mut seed = 7u64;
+        let mut next = move |n: u64| {
+            seed = seed
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            (seed >> 33) % n
+        };
+        let mut shared = CollectionSchema::default();
+        for e in 0..400 {
+            let mut fields: Vec<String> = vec![
+                format!(r#""type": "t{}""#, next(3)),
+                format!(r#""amount": {}"#, next(1000)),
+            ];
+            let attrs: Vec<String> = (0..next(6))
+                .map(|k| format!(r#""attr_{k}": "v{}""#, next(9)))
+                .collect();
+            fields.push(format!(r#""attributes": {{{}}}"#, attrs.join(", ")));
+            fields.push(format!(
+                r#""session": {{"id": "s{e}", "page": "/p{}"}}"#,
+                next(4)
+            ));
+            if next(5) == 0 {
+                fields.push(format!(r#""amount": "{}""#, next(10)));
+            }
+            if next(7) == 0 {
+                fields.push(format!(r#""new_{}": true"#, next(50)));
+            }
+            if next(4) == 0 {
+                let i = next(fields.len() as u64) as usize;
+                let j = next(fields.len() as u64) as usize;
+                fields.swap(i, j);
+            }
+            let doc = format!("{{{}}}", fields.join(", "));
+            let mut alone = CollectionSchema::default();
+            let by_name = |s: &CollectionSchema, f: Vec<(u32, Scalar<'_>)>| {
+                let mut v: Vec<(String, String)> = f
+                    .into_iter()
+                    .map(|(i, v)| (s.columns[i as usize].name.clone(), format!("{v:?}")))
+                    .collect();
+                v.sort();
+                v
+            };
+            let got = shared
+                .observe_json(doc.as_bytes(), 1, &mut Vec::new())
+                .unwrap();
+            let got = by_name(&shared, got);
+            let want = alone
+                .observe_json(doc.as_bytes(), 1, &mut Vec::new())
+                .unwrap();
+            assert_eq!(got, by_name(&alone, want), "event {e}: {doc}");
+        }
     }
 
     #[test]
