@@ -399,7 +399,7 @@ mod tests {
             )));
         }
         {
-            use parquet::file::reader::{FileReader, RowGroupReader, SerializedFileReader};
+            use parquet::file::reader::{FileReader, SerializedFileReader};
             let file = SerializedFileReader::new(bytes.clone()).unwrap();
             let rg = file.get_row_group(0).unwrap();
             let payload = file
