@@ -10,6 +10,7 @@ pub mod auth;
 pub mod bus;
 pub mod cli;
 pub mod config;
+pub mod http_server;
 pub mod ids;
 pub mod ingest;
 pub mod meta;

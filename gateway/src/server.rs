@@ -265,14 +265,14 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let grace = config.shutdown_grace;
-    let server = axum::serve(listener, app).with_graceful_shutdown(async move {
+    let server = crate::http_server::serve(listener, app, async move {
         shutdown_signal().await;
         tracing::info!("shutting down: finishing in-flight requests");
         let _ = stop_tx.send(true);
     });
     let mut stop_rx2 = stop_rx.clone();
     tokio::select! {
-        result = server => result.context("server error")?,
+        () = server => {}
         _ = async {
             let _ = stop_rx2.wait_for(|s| *s).await;
             tokio::time::sleep(grace).await;
