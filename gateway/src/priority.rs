@@ -10,8 +10,9 @@
 //! "Background" is Linux's `SCHED_IDLE` policy (and nice +10, which tools show): such a thread
 //! runs only on a CPU no normal thread wants, and a normal thread that wakes up takes the CPU
 //! from it at once. Nice +10 alone only shares the CPU in proportion (about 1 : 9) and, under
-//! the EEVDF scheduler, does not let a waking thread preempt: under the ingest benchmark the
-//! acknowledging threads waited behind background slices, and the HTTP and gRPC rates were
+//! the EEVDF scheduler, does not guarantee that a waking thread preempts: under the ingest
+//! benchmark the acknowledging threads waited 20-85 ms for a CPU after wake-ups while
+//! background threads ran (`perf sched`), and the HTTP and gRPC rates were
 //! 20-30 % lower than with `SCHED_IDLE` (docs/benchmarks.md). Linux applies both to one
 //! thread; elsewhere these are no-ops.
 
