@@ -145,6 +145,24 @@ fn special_bytes(v: u64) -> u64 {
         | (v.wrapping_sub(ONES * 0x20) & !v & HIGH)
 }
 
+/// A mask with bit `k` set where byte `k` of `block` is `"`, `\\` or a control character.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+#[allow(unsafe_code)] // SSE2 intrinsics: one load from a 16-byte array, then register operations
+fn special_bytes_16(block: &[u8; 16]) -> u32 {
+    use std::arch::x86_64::*;
+    // SAFETY: SSE2 is part of the x86_64 baseline (every x86_64 CPU has it, and Rust's
+    // x86_64 targets enable it); the unaligned load reads exactly the 16 bytes of `block`.
+    unsafe {
+        let v = _mm_loadu_si128(block.as_ptr().cast());
+        let quote = _mm_cmpeq_epi8(v, _mm_set1_epi8(b'"' as i8));
+        let backslash = _mm_cmpeq_epi8(v, _mm_set1_epi8(b'\\' as i8));
+        // Unsigned v <= 0x1f  <=>  min(v, 0x1f) == v.
+        let control = _mm_cmpeq_epi8(_mm_min_epu8(v, _mm_set1_epi8(0x1f)), v);
+        _mm_movemask_epi8(_mm_or_si128(_mm_or_si128(quote, backslash), control)) as u32
+    }
+}
+
 impl<'a> Reader<'a> {
     fn err(&self, what: &'static str) -> JsonError {
         JsonError { at: self.i, what }
@@ -401,10 +419,21 @@ impl<'a> Reader<'a> {
         }
     }
 
-    /// Steps to the next `"`, `\` or control character of a string (or the end).
-    #[inline]
+    /// Steps to the next `"`, `\` or control character of a string (or the end): 16 bytes
+    /// at a time with SSE2 on x86_64 (a quarter of the instructions per byte of the 8-byte
+    /// SWAR loop below, which other targets use and which finishes the last bytes).
+    #[inline(always)]
     fn skip_plain(&mut self) {
         let b = self.b;
+        #[cfg(target_arch = "x86_64")]
+        while let Some(block) = b.get(self.i..self.i + 16) {
+            let m = special_bytes_16(block.try_into().expect("16 bytes"));
+            if m != 0 {
+                self.i += m.trailing_zeros() as usize;
+                return;
+            }
+            self.i += 16;
+        }
         while self.i + 8 <= b.len() {
             let v = u64::from_le_bytes(b[self.i..self.i + 8].try_into().expect("8 bytes"));
             let m = special_bytes(v);
@@ -754,9 +783,14 @@ mod tests {
 
     #[test]
     fn the_string_scan_stops_at_every_special_byte() {
-        for pos in 0..20 {
-            for special in ["\\n", "\\\"", "\""] {
-                let mut s: String = "x".repeat(pos);
+        // Positions across the 16- and 8-byte blocks of both scans; raw control characters
+        // (0x01, 0x1f) stop a string as errors; DEL, space and non-ASCII bytes (UTF-8 of é,
+        // high bit set: signed compares would take them for control bytes) do not stop it.
+        for pos in 0..40 {
+            for special in [
+                "\\n", "\\\"", "\"", "\u{1}", "\u{1f}", "\u{7f}", " ", "é", "\t",
+            ] {
+                let mut s: String = "é".repeat(pos / 2) + &"x".repeat(pos % 2);
                 s.push_str(special);
                 s.push_str("yyyyyyyyyyy");
                 let doc = format!("{{\"k\": \"{s}\"}}");
