@@ -71,16 +71,26 @@ pub fn threads_named(prefixes: &[&str]) -> std::collections::BTreeSet<i32> {
     }
 }
 
-/// Sets the nice value of the given threads of this process (those still running); returns
-/// how many were changed.
-pub fn set_threads(tids: &std::collections::BTreeSet<i32>, nice: i32) -> usize {
+/// Sets the priority (as [`set_nice`]) of those of `tids` that are, right now, threads of this
+/// process named with one of `prefixes`; returns how many were changed.
+///
+/// A saved thread id goes stale when its thread exits, and Linux hands ids out again once it
+/// reaches `pid_max` (32768 by default; a busy gateway starts threads all the time: the
+/// embedded index's writer alone starts new ones at every commit). A stale id may then name
+/// another thread of this process (a tokio worker that answers clients) or a thread of another
+/// process, which `setpriority` run as root would lower just the same. Checking the name first
+/// leaves a window of a few microseconds between the check and the call.
+pub fn set_threads(tids: &std::collections::BTreeSet<i32>, prefixes: &[&str], nice: i32) -> usize {
     #[cfg(target_os = "linux")]
     {
-        tids.iter().filter(|tid| set_nice(**tid, nice)).count()
+        let current = threads_named(prefixes);
+        tids.intersection(&current)
+            .filter(|tid| set_nice(**tid, nice))
+            .count()
     }
     #[cfg(not(target_os = "linux"))]
     {
-        let _ = (tids, nice);
+        let _ = (tids, prefixes, nice);
         0
     }
 }
@@ -198,14 +208,50 @@ mod tests {
         let named = super::threads_named(&["prio-named-"]);
         assert_eq!(named.iter().copied().collect::<Vec<_>>(), vec![tid]);
         assert!(super::threads_named(&["no-such-thread-"]).is_empty());
-        assert_eq!(super::set_threads(&named, super::BACKGROUND_NICE), 1);
+        let prefixes = ["prio-named-"];
+        assert_eq!(
+            super::set_threads(&named, &prefixes, super::BACKGROUND_NICE),
+            1
+        );
         assert_eq!(nice_of(tid), super::BACKGROUND_NICE);
         assert_eq!(policy_of(tid), libc::SCHED_IDLE);
         assert_eq!(nice_of(super::current_tid()), 0);
-        assert_eq!(super::set_threads(&named, 0), 1);
+        assert_eq!(super::set_threads(&named, &prefixes, 0), 1);
         assert_eq!(nice_of(tid), 0);
         assert_eq!(policy_of(tid), libc::SCHED_OTHER);
         done_tx.send(()).unwrap();
         worker.join().unwrap();
+    }
+
+    #[test]
+    fn a_saved_thread_id_now_naming_another_thread_is_left_alone() {
+        if nice_of(super::current_tid()) != 0 {
+            eprintln!(
+                "not checked: the test itself runs at nice {}",
+                nice_of(super::current_tid())
+            );
+            return;
+        }
+        // As if the id of an exited "prio-gone-" thread had been handed to a new thread with
+        // another name (a tokio worker, say): the saved id must not change that thread.
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
+        let other = std::thread::Builder::new()
+            .name("prio-other".into())
+            .spawn(move || {
+                ready_tx.send(super::current_tid()).unwrap();
+                let _ = done_rx.recv();
+            })
+            .unwrap();
+        let tid = ready_rx.recv().unwrap();
+        let saved: std::collections::BTreeSet<i32> = [tid].into();
+        assert_eq!(
+            super::set_threads(&saved, &["prio-gone-"], super::BACKGROUND_NICE),
+            0
+        );
+        assert_eq!(nice_of(tid), 0);
+        assert_eq!(policy_of(tid), libc::SCHED_OTHER);
+        done_tx.send(()).unwrap();
+        other.join().unwrap();
     }
 }

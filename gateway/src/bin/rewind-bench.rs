@@ -5,7 +5,8 @@
 //! * HTTP, batches of 500 × 1 KiB JSON, embedded bus: events/s acknowledged;
 //! * gRPC `PublishStream`, batches of 500: events/s;
 //! * HTTP single-event requests: requests/s;
-//! * p50/p99 ack latency of HTTP batches at half the peak batch rate;
+//! * p50/p99 ack latency of HTTP batches at half the peak batch rate, beside the bus's own
+//!   append latency and the hypervisor's steal over the same window;
 //! * the gateway's peak RSS over all of it;
 //! * with `--nats URL`: raw JetStream publishing of single 1 KiB messages (the baseline) and
 //!   the gateway on the NATS bus with batches of 500, in the same run.
@@ -592,6 +593,60 @@ impl Drop for Gateway {
 }
 
 /// The gateway's cumulative `rewind_bus_append_seconds` buckets: (upper bound, count).
+/// Time the hypervisor ran something else while this VM's vCPUs wanted to run ("steal",
+/// from the `cpu` lines of /proc/stat, in ticks of 10 ms), sampled every [`STEAL_SAMPLE`]
+/// over a window: a vCPU taken away for tens of milliseconds delays every request on it,
+/// whatever the gateway does, so the latency tail is read beside it.
+struct StealWatch {
+    stop: Arc<AtomicBool>,
+    handle: std::thread::JoinHandle<Option<(f64, u64, u64, u64)>>,
+}
+
+const STEAL_SAMPLE: Duration = Duration::from_millis(100);
+
+/// (all ticks, steal ticks) of all CPUs, and the number of CPUs.
+fn cpu_ticks() -> Option<(u64, u64, u64)> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    let mut lines = stat.lines();
+    let all: Vec<u64> = lines
+        .next()?
+        .strip_prefix("cpu ")?
+        .split_whitespace()
+        .take(8)
+        .map(|v| v.parse().unwrap_or(0))
+        .collect();
+    let cpus = lines.filter(|l| l.starts_with("cpu")).count() as u64;
+    Some((all.iter().sum(), *all.get(7)?, cpus))
+}
+
+impl StealWatch {
+    fn start() -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let handle = std::thread::spawn(move || {
+            let (total0, steal0, cpus) = cpu_ticks()?;
+            let (mut last, mut worst) = (steal0, 0);
+            while !flag.load(Ordering::Relaxed) {
+                std::thread::sleep(STEAL_SAMPLE);
+                let (_, steal, _) = cpu_ticks()?;
+                worst = worst.max(steal - last);
+                last = steal;
+            }
+            let (total, steal, _) = cpu_ticks()?;
+            let pct = 100.0 * (steal - steal0) as f64 / (total - total0).max(1) as f64;
+            // Ticks are 10 ms of one CPU.
+            Some((pct, worst * 10, STEAL_SAMPLE.as_millis() as u64, cpus))
+        });
+        Self { stop, handle }
+    }
+
+    /// (steal % of all CPU time, worst sample's stolen vCPU-ms, sample ms, CPUs).
+    fn finish(self) -> Option<(f64, u64, u64, u64)> {
+        self.stop.store(true, Ordering::Relaxed);
+        self.handle.join().ok().flatten()
+    }
+}
+
 async fn append_histogram(gw: &Gateway) -> anyhow::Result<Vec<(f64, u64)>> {
     let text = reqwest::get(gw.url("/metrics")).await?.text().await?;
     Ok(text
@@ -1010,8 +1065,10 @@ async fn main() -> anyhow::Result<()> {
     );
 
     let appends_before = append_histogram(&gw).await?;
+    let steal = StealWatch::start();
     let (p50, p99, achieved) =
         paced_latency(&url, &token, batch_body.clone(), batch_rps / 2.0, secs).await?;
+    let steal = steal.finish();
     let appends = append_histogram(&gw).await?;
     println!(
         "| ack latency at half the peak batch rate ({:.0} events/s offered, {:.0} achieved) | p50 {:.2} ms, p99 {:.2} ms (RSS peak {:.0} MiB) |",
@@ -1033,6 +1090,12 @@ async fn main() -> anyhow::Result<()> {
         histogram_quantile(&window, 0.50) * 1e3,
         histogram_quantile(&window, 0.99) * 1e3
     );
+    if let Some((pct, worst_ms, window_ms, cpus)) = steal {
+        println!(
+            "| hypervisor steal, same window (/proc/stat) | {pct:.1} % of the {cpus} vCPUs' time; worst {window_ms} ms: {worst_ms} of {} vCPU-ms stolen |",
+            window_ms * cpus
+        );
+    }
     let (d50, d99, dmax) =
         tokio::task::spawn_blocking(move || disk_probe(BATCH * 1024, batch_rps / 2.0, secs))
             .await??;

@@ -275,7 +275,7 @@ impl EmbeddedIndex {
             } else {
                 0
             };
-            crate::priority::set_threads(&self.writer_tids, nice);
+            crate::priority::set_threads(&self.writer_tids, &TANTIVY_THREADS, nice);
         }
         now
     }
@@ -300,25 +300,30 @@ impl EmbeddedIndex {
             let handles: Vec<_> = (0..threads)
                 .map(|t| {
                     let (writer, docs, next) = (&*writer, &docs, &next);
-                    scope.spawn(move || {
-                        if t > 0 || catching_up {
-                            crate::priority::lower_current_thread();
-                        }
-                        let mut scratch = flatten::PayloadTerms::default();
-                        loop {
-                            let from = next.fetch_add(TAKE, Ordering::Relaxed);
-                            if from >= docs.len() {
-                                return Ok(());
+                    // Named: an unnamed thread takes its creator's name (a tokio worker's),
+                    // which makes per-thread tools (top -H, /proc) misleading.
+                    std::thread::Builder::new()
+                        .name(format!("index-build-{t}"))
+                        .spawn_scoped(scope, move || {
+                            if t > 0 || catching_up {
+                                crate::priority::lower_current_thread();
                             }
-                            for d in &docs[from..(from + TAKE).min(docs.len())] {
-                                if d.position <= checkpoint {
-                                    // Maybe indexed before a crash: replace any copy.
-                                    writer.delete_term(term(self.fields.id, &d.id));
+                            let mut scratch = flatten::PayloadTerms::default();
+                            loop {
+                                let from = next.fetch_add(TAKE, Ordering::Relaxed);
+                                if from >= docs.len() {
+                                    return Ok(());
                                 }
-                                writer.add_document(self.document(d, &mut scratch))?;
+                                for d in &docs[from..(from + TAKE).min(docs.len())] {
+                                    if d.position <= checkpoint {
+                                        // Maybe indexed before a crash: replace any copy.
+                                        writer.delete_term(term(self.fields.id, &d.id));
+                                    }
+                                    writer.add_document(self.document(d, &mut scratch))?;
+                                }
                             }
-                        }
-                    })
+                        })
+                        .expect("cannot start an index builder thread")
                 })
                 .collect();
             handles
@@ -337,8 +342,9 @@ impl EmbeddedIndex {
         // from its second batch on (measured: 1.5 cores at nice 0 under an ingest burst).
         let writer_ref: &mut IndexWriter = &mut writer;
         let committed: Result<(), SearchError> = std::thread::scope(|scope| {
-            scope
-                .spawn(move || {
+            std::thread::Builder::new()
+                .name("index-commit".into())
+                .spawn_scoped(scope, move || {
                     if catching_up {
                         crate::priority::lower_current_thread();
                     }
@@ -352,6 +358,7 @@ impl EmbeddedIndex {
                     prepared.set_payload(&new_checkpoint.to_string());
                     prepared.commit().map(drop).map_err(internal)
                 })
+                .expect("cannot start the index commit thread")
                 .join()
                 .expect("index commit thread panicked")
         });
