@@ -189,22 +189,39 @@ mod tests {
         assert_eq!(policy_of(super::current_tid()), libc::SCHED_OTHER);
     }
 
+    /// A named thread that waits until stopped (its id is what the tests change).
+    struct ParkedThread {
+        done: std::sync::mpsc::Sender<()>,
+        handle: std::thread::JoinHandle<()>,
+    }
+
+    impl ParkedThread {
+        fn start(name: &str) -> (i32, Self) {
+            let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+            let (done, done_rx) = std::sync::mpsc::channel::<()>();
+            let handle = std::thread::Builder::new()
+                .name(name.into())
+                .spawn(move || {
+                    ready_tx.send(super::current_tid()).unwrap();
+                    let _ = done_rx.recv();
+                })
+                .unwrap();
+            (ready_rx.recv().unwrap(), Self { done, handle })
+        }
+
+        fn stop(self) {
+            self.done.send(()).unwrap();
+            self.handle.join().unwrap();
+        }
+    }
+
     #[test]
     fn named_threads_change_priority_and_others_do_not() {
         if nice_of(super::current_tid()) != 0 || !super::can_restore_priority() {
             eprintln!("not checked: cannot give a thread its priority back here");
             return;
         }
-        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
-        let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
-        let worker = std::thread::Builder::new()
-            .name("prio-named-worker".into())
-            .spawn(move || {
-                ready_tx.send(super::current_tid()).unwrap();
-                let _ = done_rx.recv();
-            })
-            .unwrap();
-        let tid = ready_rx.recv().unwrap();
+        let (tid, worker) = ParkedThread::start("prio-named-worker");
         let named = super::threads_named(&["prio-named-"]);
         assert_eq!(named.iter().copied().collect::<Vec<_>>(), vec![tid]);
         assert!(super::threads_named(&["no-such-thread-"]).is_empty());
@@ -219,8 +236,7 @@ mod tests {
         assert_eq!(super::set_threads(&named, &prefixes, 0), 1);
         assert_eq!(nice_of(tid), 0);
         assert_eq!(policy_of(tid), libc::SCHED_OTHER);
-        done_tx.send(()).unwrap();
-        worker.join().unwrap();
+        worker.stop();
     }
 
     #[test]
@@ -234,16 +250,7 @@ mod tests {
         }
         // As if the id of an exited "prio-gone-" thread had been handed to a new thread with
         // another name (a tokio worker, say): the saved id must not change that thread.
-        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
-        let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
-        let other = std::thread::Builder::new()
-            .name("prio-other".into())
-            .spawn(move || {
-                ready_tx.send(super::current_tid()).unwrap();
-                let _ = done_rx.recv();
-            })
-            .unwrap();
-        let tid = ready_rx.recv().unwrap();
+        let (tid, other) = ParkedThread::start("prio-other");
         let saved: std::collections::BTreeSet<i32> = [tid].into();
         assert_eq!(
             super::set_threads(&saved, &["prio-gone-"], super::BACKGROUND_NICE),
@@ -251,7 +258,6 @@ mod tests {
         );
         assert_eq!(nice_of(tid), 0);
         assert_eq!(policy_of(tid), libc::SCHED_OTHER);
-        done_tx.send(()).unwrap();
-        other.join().unwrap();
+        other.stop();
     }
 }
