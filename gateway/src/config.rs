@@ -120,6 +120,11 @@ pub struct ServeArgs {
     /// [default: 134217728].
     #[arg(long, env = "REWIND_BUS_SEGMENT_BYTES")]
     pub bus_segment_bytes: Option<u64>,
+    /// Local bus: write the log with direct I/O (`O_DIRECT`, Linux) where the file system
+    /// allows it, keeping the copy into the page cache off the acknowledgement path; `false`:
+    /// buffered writes [default: true].
+    #[arg(long, env = "REWIND_BUS_DIRECT_IO")]
+    pub bus_direct_io: Option<bool>,
     /// Most client ids remembered for deduplication [default: 1000000].
     #[arg(long, env = "REWIND_DEDUPE_MAX_KEYS")]
     pub dedupe_max_keys: Option<usize>,
@@ -164,6 +169,7 @@ pub struct FileConfig {
     pub dedupe_window_secs: Option<u64>,
     pub bus_retention_secs: Option<u64>,
     pub bus_segment_bytes: Option<u64>,
+    pub bus_direct_io: Option<bool>,
     pub dedupe_max_keys: Option<usize>,
     pub log_format: Option<String>,
     pub shutdown_grace_secs: Option<u64>,
@@ -239,6 +245,8 @@ pub struct Config {
     pub bus_retention: Duration,
     /// Local bus segment size.
     pub bus_segment_bytes: u64,
+    /// Local bus direct I/O (see `--bus-direct-io`).
+    pub bus_direct_io: bool,
     pub dedupe_max_keys: usize,
     pub log_format: LogFormat,
     pub shutdown_grace: Duration,
@@ -498,6 +506,7 @@ impl ServeArgs {
                 .or(file.bus_segment_bytes)
                 .unwrap_or(128 << 20)
                 .max(4096),
+            bus_direct_io: self.bus_direct_io.or(file.bus_direct_io).unwrap_or(true),
             bus_retention: Duration::from_secs(
                 self.bus_retention_secs
                     .or(file.bus_retention_secs)

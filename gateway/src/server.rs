@@ -47,6 +47,7 @@ pub async fn open_bus(config: &Config) -> anyhow::Result<Arc<dyn Bus>> {
             &config.data_dir.join("bus"),
             LocalBusOptions {
                 segment_bytes: config.bus_segment_bytes,
+                direct_io: config.bus_direct_io,
             },
         )?),
         BusConfig::Nats { url } => {
