@@ -15,6 +15,12 @@
 //! background threads ran (`perf sched`), and the HTTP and gRPC rates were
 //! 20-30 % lower than with `SCHED_IDLE` (docs/benchmarks.md). Linux applies both to one
 //! thread; elsewhere these are no-ops.
+//!
+//! Background threads also get the idle I/O class (`ioprio_set`, `IOPRIO_CLASS_IDLE`): the
+//! block layer's schedulers that know classes (mq-deadline, BFQ) send their reads and writes
+//! (the archiver's file syncs, the index's commits, reads of the bus behind it) to the disk
+//! when no normal-class request waits, so they queue behind the bus log's group commits
+//! rather than in front of them.
 
 /// The nice value of background threads (which also run under `SCHED_IDLE`).
 pub const BACKGROUND_NICE: i32 = 10;
@@ -123,7 +129,7 @@ fn current_tid() -> i32 {
 /// above, `SCHED_OTHER` below. Going back from `SCHED_IDLE` needs the same right as raising
 /// the nice value (see [`can_restore_priority`]).
 #[cfg(target_os = "linux")]
-#[allow(unsafe_code)] // two libc calls taking plain integers and a plain struct (the allocator's mallctl calls are the only other unsafe code)
+#[allow(unsafe_code)] // three libc calls taking plain integers and a plain struct
 fn set_nice(tid: i32, nice: i32) -> bool {
     if tid <= 0 {
         return false;
@@ -140,7 +146,42 @@ fn set_nice(tid: i32, nice: i32) -> bool {
     // SAFETY: sched_setscheduler reads `param` (a plain struct on our stack) and changes the
     // policy of thread `tid` of this process.
     let scheduled = unsafe { libc::sched_setscheduler(tid, policy, &param) == 0 };
+    // The I/O class follows: idle for background threads, else "none" (derived from the nice
+    // value, best effort) again. Best effort: the CPU priority is what the result reports.
+    let class = if nice >= BACKGROUND_NICE {
+        IOPRIO_CLASS_IDLE
+    } else {
+        IOPRIO_CLASS_NONE
+    };
+    // SAFETY: ioprio_set takes three integers (who, which thread, class << 13) and changes
+    // the I/O priority of thread `tid`; no memory is passed.
+    unsafe {
+        libc::syscall(
+            libc::SYS_ioprio_set,
+            IOPRIO_WHO_PROCESS,
+            tid,
+            class << IOPRIO_CLASS_SHIFT,
+        );
+    }
     niced && scheduled
+}
+
+#[cfg(target_os = "linux")]
+const IOPRIO_WHO_PROCESS: libc::c_int = 1;
+#[cfg(target_os = "linux")]
+const IOPRIO_CLASS_SHIFT: libc::c_int = 13;
+#[cfg(target_os = "linux")]
+const IOPRIO_CLASS_NONE: libc::c_int = 0;
+#[cfg(target_os = "linux")]
+const IOPRIO_CLASS_IDLE: libc::c_int = 3;
+
+/// A thread's I/O scheduling class (`ioprio_get`; 0 none, 1 real time, 2 best effort, 3 idle).
+#[cfg(all(test, target_os = "linux"))]
+#[allow(unsafe_code)] // one syscall taking integers
+fn io_class_of(tid: i32) -> libc::c_long {
+    // SAFETY: ioprio_get takes two integers and returns one; no memory is passed.
+    let v = unsafe { libc::syscall(libc::SYS_ioprio_get, IOPRIO_WHO_PROCESS, tid) };
+    v >> IOPRIO_CLASS_SHIFT
 }
 
 /// A thread's nice value (for tests).
@@ -176,17 +217,22 @@ mod tests {
             eprintln!("not checked: the test itself runs at nice {base}");
             return;
         }
-        let (tid, nice, policy) = super::run_in_background("prio-test", || {
+        let (tid, nice, policy, io_class) = super::run_in_background("prio-test", || {
             let tid = super::current_tid();
-            (tid, nice_of(tid), policy_of(tid))
+            (tid, nice_of(tid), policy_of(tid), super::io_class_of(tid))
         })
         .unwrap();
         assert!(tid > 0);
         assert_eq!(nice, super::BACKGROUND_NICE);
         assert_eq!(policy, libc::SCHED_IDLE);
+        assert_eq!(io_class, super::IOPRIO_CLASS_IDLE as libc::c_long);
         // This thread was not touched.
         assert_eq!(nice_of(super::current_tid()), 0);
         assert_eq!(policy_of(super::current_tid()), libc::SCHED_OTHER);
+        assert_ne!(
+            super::io_class_of(super::current_tid()),
+            super::IOPRIO_CLASS_IDLE as libc::c_long
+        );
     }
 
     /// A named thread that waits until stopped (its id is what the tests change).

@@ -899,19 +899,36 @@ use futures::StreamExt as _;
 
 /// The disk's own fsync behaviour, as a baseline for the ack latency: `bytes` written and
 /// `fdatasync`ed `per_sec` times a second for `secs`, in a temp dir on the same filesystem
-/// the gateway's data dir uses. Returns (p50, p99, max) in ms.
-fn disk_probe(bytes: usize, per_sec: f64, secs: u64) -> anyhow::Result<(f64, f64, f64)> {
-    use std::io::Write;
+/// the gateway's data dir uses, the way the bus writes (`direct`: `O_DIRECT` from an aligned
+/// buffer, else buffered appends). Returns (p50, p99, max) in ms.
+fn disk_probe(
+    bytes: usize,
+    per_sec: f64,
+    secs: u64,
+    direct: bool,
+) -> anyhow::Result<(f64, f64, f64)> {
+    use std::os::unix::fs::{FileExt, OpenOptionsExt};
+    const ALIGN: usize = 4096;
     let dir = tempfile::tempdir()?;
-    let mut file = std::fs::File::create(dir.path().join("probe"))?;
-    let buf = vec![b'x'; bytes];
+    let mut options = std::fs::OpenOptions::new();
+    options.create(true).write(true);
+    if direct {
+        options.custom_flags(libc::O_DIRECT);
+    }
+    let file = options.open(dir.path().join("probe"))?;
+    let len = bytes.div_ceil(ALIGN) * ALIGN;
+    let mut mem = vec![b'x'; len + ALIGN];
+    let lead = mem.as_ptr().align_offset(ALIGN);
+    let buf = &mut mem[lead..lead + len];
+    let mut offset = 0u64;
     let mut hist = hdrhistogram::Histogram::<u64>::new(3)?;
     let period = Duration::from_secs_f64(1.0 / per_sec);
     let deadline = Instant::now() + Duration::from_secs(secs);
     while Instant::now() < deadline {
         let t0 = Instant::now();
-        file.write_all(&buf)?;
+        file.write_all_at(buf, offset)?;
         file.sync_data()?;
+        offset += len as u64;
         let took = t0.elapsed();
         hist.record(took.as_micros() as u64)?;
         if took < period {
@@ -1096,12 +1113,20 @@ async fn main() -> anyhow::Result<()> {
             window_ms * cpus
         );
     }
-    let (d50, d99, dmax) =
-        tokio::task::spawn_blocking(move || disk_probe(BATCH * 1024, batch_rps / 2.0, secs))
-            .await??;
+    // The bus's write mode: direct unless the gateway was told otherwise (it inherits our
+    // environment).
+    let direct = !matches!(
+        std::env::var("REWIND_BUS_DIRECT_IO").as_deref(),
+        Ok("false" | "0")
+    );
+    let (d50, d99, dmax) = tokio::task::spawn_blocking(move || {
+        disk_probe(BATCH * 1024, batch_rps / 2.0, secs, direct)
+    })
+    .await??;
     println!(
-        "| disk baseline: {} KiB write + fdatasync at the same rate, no gateway | p50 {d50:.2} ms, p99 {d99:.2} ms, max {dmax:.0} ms |",
-        BATCH
+        "| disk baseline: {} KiB write + fdatasync at the same rate ({}, as the bus), no gateway requests | p50 {d50:.2} ms, p99 {d99:.2} ms, max {dmax:.0} ms |",
+        BATCH,
+        if direct { "direct I/O" } else { "buffered" }
     );
     stop.store(true, Ordering::Relaxed);
     let peak = rss.join().expect("rss thread");
