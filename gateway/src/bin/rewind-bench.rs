@@ -304,9 +304,14 @@ async fn archive_bench(events: usize, event_bytes: usize) -> anyhow::Result<()> 
     use rewind_gateway::archive::archiver::{Archiver, ArchiverOptions};
     use rewind_gateway::bus::Bus;
     let dir = tempfile::tempdir()?;
+    // Written the way the gateway writes it (`REWIND_BUS_DIRECT_IO=false`: buffered, so the
+    // backlog is read back from the page cache instead of the disk).
     let bus: Arc<dyn Bus> = Arc::new(rewind_gateway::bus::local::LocalBus::open(
         &dir.path().join("bus"),
-        Default::default(),
+        rewind_gateway::bus::local::LocalBusOptions {
+            direct_io: bus_direct_io(),
+            ..Default::default()
+        },
     )?);
     let meta: Arc<dyn rewind_gateway::meta::Metastore> =
         Arc::new(rewind_gateway::meta::SqlMetastore::open_sqlite(&dir.path().join("m.db")).await?);
@@ -897,6 +902,15 @@ async fn grpc_load(
 
 use futures::StreamExt as _;
 
+/// The bus's write mode: direct unless `REWIND_BUS_DIRECT_IO` says `false` (the gateway the
+/// bench starts inherits the same environment).
+fn bus_direct_io() -> bool {
+    !matches!(
+        std::env::var("REWIND_BUS_DIRECT_IO").as_deref(),
+        Ok("false" | "0")
+    )
+}
+
 /// The disk's own fsync behaviour, as a baseline for the ack latency: `bytes` written and
 /// `fdatasync`ed `per_sec` times a second for `secs`, in a temp dir on the same filesystem
 /// the gateway's data dir uses, the way the bus writes (`direct`: `O_DIRECT` from an aligned
@@ -1113,12 +1127,7 @@ async fn main() -> anyhow::Result<()> {
             window_ms * cpus
         );
     }
-    // The bus's write mode: direct unless the gateway was told otherwise (it inherits our
-    // environment).
-    let direct = !matches!(
-        std::env::var("REWIND_BUS_DIRECT_IO").as_deref(),
-        Ok("false" | "0")
-    );
+    let direct = bus_direct_io();
     let (d50, d99, dmax) = tokio::task::spawn_blocking(move || {
         disk_probe(BATCH * 1024, batch_rps / 2.0, secs, direct)
     })

@@ -92,6 +92,8 @@ struct Shared {
     poisoned: Mutex<Option<String>>,
     /// Consumers open in this process (one per name).
     open_consumers: Mutex<HashSet<String>>,
+    /// Readers use direct I/O too (`LocalBusOptions::direct_io`).
+    direct_io: bool,
 }
 
 /// The embedded, file-backed bus.
@@ -273,6 +275,7 @@ impl LocalBus {
             segments: RwLock::new(segments),
             poisoned: Mutex::new(None),
             open_consumers: Mutex::new(HashSet::new()),
+            direct_io: options.direct_io,
         });
         let (durable_tx, durable_rx) = watch::channel(next);
         let (tx, rx) = mpsc::unbounded_channel();
@@ -611,23 +614,110 @@ fn write_all_at(file: &File, data: &[u8], offset: u64) -> std::io::Result<()> {
     file.write_all_at(data, offset)
 }
 
+/// Bytes a direct read asks for at a time.
+const DIRECT_READ: usize = 1 << 20;
+
 /// What a [`LogReader`] reads through: a segment's file, never past its durable length (the
 /// file may hold a direct write's zero padding, or bytes of a group not yet synced).
+///
+/// With direct I/O the segment is read with `O_DIRECT` into a reused aligned buffer, a
+/// megabyte at a time: records the writer wrote with direct I/O are not in the page cache,
+/// and reading them through it would allocate and fill a fresh page for every 4 KiB read
+/// (the archiver spent ~16 % more CPU per event that way than reading from the page cache).
+/// Bytes of the buffer at or past the durable length seen when it was filled are never
+/// served: they may be padding, or older than what the writer has put there since.
 struct Durable {
     file: File,
     at: u64,
     len: Arc<AtomicU64>,
+    direct: Option<DirectBuf>,
+}
+
+struct DirectBuf {
+    /// `DIRECT_READ + ALIGN` bytes; the aligned window starts at `lead`.
+    mem: Vec<u8>,
+    lead: usize,
+    /// File offset of the window's first byte, and the end of what it may serve.
+    start: u64,
+    end: u64,
+}
+
+impl Durable {
+    fn open(path: &Path, len: Arc<AtomicU64>, direct: bool) -> std::io::Result<Self> {
+        #[cfg(target_os = "linux")]
+        if direct {
+            use std::os::unix::fs::OpenOptionsExt;
+            match OpenOptions::new()
+                .read(true)
+                .custom_flags(libc::O_DIRECT)
+                .open(path)
+            {
+                Ok(file) => {
+                    let mem = vec![0u8; DIRECT_READ + ALIGN];
+                    let lead = mem.as_ptr().align_offset(ALIGN);
+                    if lead < ALIGN {
+                        return Ok(Self {
+                            file,
+                            at: 0,
+                            len,
+                            direct: Some(DirectBuf {
+                                mem,
+                                lead,
+                                start: 0,
+                                end: 0,
+                            }),
+                        });
+                    }
+                }
+                Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        let _ = direct;
+        Ok(Self {
+            file: File::open(path)?,
+            at: 0,
+            len,
+            direct: None,
+        })
+    }
 }
 
 impl Read for Durable {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
         use std::os::unix::fs::FileExt;
-        let left = self.len.load(Ordering::Acquire).saturating_sub(self.at);
+        let durable = self.len.load(Ordering::Acquire);
+        let left = durable.saturating_sub(self.at);
         let want = buf.len().min(usize::try_from(left).unwrap_or(usize::MAX));
         if want == 0 {
             return Ok(0);
         }
-        let n = self.file.read_at(&mut buf[..want], self.at)?;
+        let Some(d) = &mut self.direct else {
+            let n = self.file.read_at(&mut buf[..want], self.at)?;
+            self.at += n as u64;
+            return Ok(n);
+        };
+        if !(d.start..d.end).contains(&self.at) {
+            let block = self.at / ALIGN as u64 * ALIGN as u64;
+            let window = &mut d.mem[d.lead..d.lead + DIRECT_READ];
+            let n = match self.file.read_at(window, block) {
+                Ok(n) => n,
+                Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+                    // Refused after all (some file systems take the flag at open only).
+                    self.direct = None;
+                    return self.read(buf);
+                }
+                Err(e) => return Err(e),
+            };
+            d.start = block;
+            d.end = (block + n as u64).min(durable);
+            if d.end <= self.at {
+                return Ok(0);
+            }
+        }
+        let from = (self.at - d.start) as usize;
+        let n = want.min((d.end - self.at) as usize);
+        buf[..n].copy_from_slice(&d.mem[d.lead + from..d.lead + from + n]);
         self.at += n as u64;
         Ok(n)
     }
@@ -673,15 +763,15 @@ impl LogReader {
                 detail: "no segment holds this offset".into(),
             })?;
         let seg = &segments[index];
-        let file = File::open(&seg.path).map_err(|e| io_err("cannot open", &seg.path, e))?;
-        let mut reader = BufReader::with_capacity(
-            256 << 10,
-            Durable {
-                file,
-                at: 0,
-                len: seg.len.clone(),
-            },
-        );
+        let durable = Durable::open(&seg.path, seg.len.clone(), self.shared.direct_io)
+            .map_err(|e| io_err("cannot open", &seg.path, e))?;
+        // Direct reads keep a buffer of their own: a second one would only copy.
+        let capacity = if durable.direct.is_some() {
+            HEADER_LEN
+        } else {
+            256 << 10
+        };
+        let mut reader = BufReader::with_capacity(capacity, durable);
         let mut at = seg.base;
         while at < self.next {
             match read_record(&mut reader) {
