@@ -1442,12 +1442,18 @@ mod tests {
             while read_record(&mut reader).unwrap().is_some() {}
 
             // A crash right after a direct write leaves zeros past the last record: recovery
-            // cuts them, and writing (and following) goes on from the record after.
+            // cuts them, and writing (and following) goes on from the record after, in the
+            // other mode too (a log written one way is read and extended the other way after
+            // an upgrade or a configuration change).
             let f = OpenOptions::new().append(true).open(&active.path).unwrap();
             let len = f.metadata().unwrap().len();
             f.set_len(len.div_ceil(ALIGN as u64) * ALIGN as u64 + ALIGN as u64)
                 .unwrap();
             drop(f);
+            let options = LocalBusOptions {
+                direct_io: !direct_io,
+                ..options
+            };
             let bus = LocalBus::open(dir.path(), options).unwrap();
             assert_eq!(bus.durable_head(), 120);
             let mut consumer = bus.consumer("follower").await.unwrap();
