@@ -406,21 +406,30 @@ impl LocalBus {
     }
 }
 
+/// Opens `path` with `O_DIRECT` added to `options`; `None` where the file system refuses
+/// direct I/O (or off Linux), so the caller falls back to buffered I/O.
+fn open_direct(options: &mut OpenOptions, path: &Path) -> std::io::Result<Option<File>> {
+    #[cfg(target_os = "linux")]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        match options.custom_flags(libc::O_DIRECT).open(path) {
+            Ok(file) => Ok(Some(file)),
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        let _ = (options, path);
+        Ok(None)
+    }
+}
+
 /// Opens a segment for the writer: with `O_DIRECT` where the file system takes it (then
 /// writes are positioned, `true`) when `direct` asks for it, else for plain appends (`false`).
 fn open_for_append(path: &Path, direct: bool) -> std::io::Result<(File, bool)> {
-    #[cfg(target_os = "linux")]
-    if direct {
-        use std::os::unix::fs::OpenOptionsExt;
-        match OpenOptions::new()
-            .write(true)
-            .custom_flags(libc::O_DIRECT)
-            .open(path)
-        {
-            Ok(file) => return Ok((file, true)),
-            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {}
-            Err(e) => return Err(e),
-        }
+    if direct && let Some(file) = open_direct(OpenOptions::new().write(true), path)? {
+        return Ok((file, true));
     }
     Ok((OpenOptions::new().append(true).open(path)?, false))
 }
@@ -531,7 +540,7 @@ impl Writer {
             let data = buf.len() - lead;
             buf.resize(lead + data.div_ceil(ALIGN) * ALIGN, 0);
             let block_start = self.file_len - self.tail.len() as u64;
-            match write_all_at(&self.file, &buf[lead..], block_start) {
+            match std::os::unix::fs::FileExt::write_all_at(&self.file, &buf[lead..], block_start) {
                 Ok(()) => {}
                 Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
                     // Some file systems take O_DIRECT at open and refuse the writes.
@@ -608,12 +617,6 @@ impl Writer {
     }
 }
 
-/// `pwrite` until all of `data` is written at `offset`.
-fn write_all_at(file: &File, data: &[u8], offset: u64) -> std::io::Result<()> {
-    use std::os::unix::fs::FileExt;
-    file.write_all_at(data, offset)
-}
-
 /// Bytes a direct read asks for at a time.
 const DIRECT_READ: usize = 1 << 20;
 
@@ -644,36 +647,23 @@ struct DirectBuf {
 
 impl Durable {
     fn open(path: &Path, len: Arc<AtomicU64>, direct: bool) -> std::io::Result<Self> {
-        #[cfg(target_os = "linux")]
-        if direct {
-            use std::os::unix::fs::OpenOptionsExt;
-            match OpenOptions::new()
-                .read(true)
-                .custom_flags(libc::O_DIRECT)
-                .open(path)
-            {
-                Ok(file) => {
-                    let mem = vec![0u8; DIRECT_READ + ALIGN];
-                    let lead = mem.as_ptr().align_offset(ALIGN);
-                    if lead < ALIGN {
-                        return Ok(Self {
-                            file,
-                            at: 0,
-                            len,
-                            direct: Some(DirectBuf {
-                                mem,
-                                lead,
-                                start: 0,
-                                end: 0,
-                            }),
-                        });
-                    }
-                }
-                Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {}
-                Err(e) => return Err(e),
+        if direct && let Some(file) = open_direct(OpenOptions::new().read(true), path)? {
+            let mem = vec![0u8; DIRECT_READ + ALIGN];
+            let lead = mem.as_ptr().align_offset(ALIGN);
+            if lead < ALIGN {
+                return Ok(Self {
+                    file,
+                    at: 0,
+                    len,
+                    direct: Some(DirectBuf {
+                        mem,
+                        lead,
+                        start: 0,
+                        end: 0,
+                    }),
+                });
             }
         }
-        let _ = direct;
         Ok(Self {
             file: File::open(path)?,
             at: 0,
