@@ -126,7 +126,6 @@ pub trait Consumer: Send {
     async fn lag(&mut self) -> Result<u64, BusError>;
 }
 
-/// Decodes a bus message body.
 /// Decodes a bus record. Payloads are slices of `bytes` (no copy).
 pub fn decode_batch(position: Position, bytes: bytes::Bytes) -> Result<BusBatch, BusError> {
     use prost::Message;
