@@ -147,6 +147,30 @@ fn walk(
     }
 }
 
+/// `a == b`, without a call into `memcmp` for the short strings field names mostly are
+/// (the field-order hint compares one per field of every archived event).
+#[inline]
+fn same_str(a: &str, b: &str) -> bool {
+    let (a, b) = (a.as_bytes(), b.as_bytes());
+    let n = a.len();
+    if n != b.len() {
+        return false;
+    }
+    let word = |s: &[u8], at: usize| u64::from_le_bytes(s[at..at + 8].try_into().expect("8 bytes"));
+    let half = |s: &[u8], at: usize| u32::from_le_bytes(s[at..at + 4].try_into().expect("4 bytes"));
+    match n {
+        // Two overlapping loads cover 8..=16 bytes (4..=8 with the 4-byte ones).
+        8..=16 => word(a, 0) == word(b, 0) && word(a, n - 8) == word(b, n - 8),
+        4..=7 => half(a, 0) == half(b, 0) && half(a, n - 4) == half(b, n - 4),
+        0..=3 => a == b,
+        _ => {
+            word(a, 0) == word(b, 0)
+                && word(a, n - 8) == word(b, n - 8)
+                && a[8..n - 8] == b[8..n - 8]
+        }
+    }
+}
+
 /// The column name of a path: names of the archive's own columns get a leading `_`.
 fn column_name(path: &str) -> std::borrow::Cow<'_, str> {
     if RESERVED.contains(&path) {
@@ -245,18 +269,19 @@ impl CollectionSchema {
         // Slot of `next_after` for the previous field's column (0: none yet).
         let mut prev = 0usize;
         let result = for_each_leaf(payload, MAX_DEPTH, &mut |path: &str, scalar: Scalar<'a>| {
-            let name = column_name(path);
+            // The hint's column name equal to the path means the path is its column name: no
+            // column has a reserved name (those get a `_`), so `column_name` is not needed.
             let hint = self
                 .next_after
                 .get(prev)
                 .map(|&i| i as usize)
-                .filter(|&i| i < self.columns.len() && self.columns[i].name == *name);
+                .filter(|&i| i < self.columns.len() && same_str(&self.columns[i].name, path));
             let found = match hint {
                 Some(i) => {
                     self.widen(i, scalar.column_type(), now, changed);
                     Some(i)
                 }
-                None => self.observe_one(&name, scalar.column_type(), now, changed),
+                None => self.observe_one(&column_name(path), scalar.column_type(), now, changed),
             };
             if let Some(i) = found {
                 if self.next_after.len() <= prev {
@@ -387,6 +412,45 @@ mod tests {
         assert_eq!(f.len(), 1);
         assert_eq!(f[0].0.matches('.').count(), MAX_DEPTH - 1);
         assert!(matches!(&f[0].1, Scalar::Str(s) if s.starts_with('{')));
+    }
+
+    #[test]
+    fn same_str_agrees_with_eq() {
+        let words: Vec<String> = (0..40)
+            .flat_map(|n| {
+                let base: String = (0..n).map(|i| (b'a' + (i % 26) as u8) as char).collect();
+                let mut variants = vec![base.clone()];
+                for at in 0..n {
+                    let mut b = base.clone().into_bytes();
+                    b[at] = b'Z';
+                    variants.push(String::from_utf8(b).unwrap());
+                }
+                variants
+            })
+            .collect();
+        for a in &words {
+            for b in &words {
+                assert_eq!(same_str(a, b), a == b, "{a:?} vs {b:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn reserved_names_take_the_slow_path_to_their_prefixed_column() {
+        let mut schema = CollectionSchema::default();
+        let mut changed = Vec::new();
+        for _ in 0..3 {
+            let fields = schema
+                .observe_json(br#"{"_id":1,"id":"a","payload":2,"x":3}"#, 0, &mut changed)
+                .unwrap();
+            let names: Vec<&str> = fields
+                .iter()
+                .map(|(c, _)| schema.columns[*c as usize].name.as_str())
+                .collect();
+            // "id" and "_id" are the same column ("id" is reserved); its last value wins.
+            assert_eq!(names, ["_id", "_payload", "x"]);
+            assert_eq!(fields[0].1, Scalar::Str("a".into()));
+        }
     }
 
     #[test]
