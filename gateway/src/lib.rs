@@ -15,6 +15,7 @@ pub mod ids;
 pub mod ingest;
 pub mod meta;
 pub mod metrics;
+pub mod paced_io;
 pub mod plugins;
 pub mod priority;
 pub mod proto;

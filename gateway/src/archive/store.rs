@@ -95,7 +95,8 @@ impl std::fmt::Display for SyncedLocal {
 /// Syncs `file`, then each directory from its parent up to and including `root` (a new
 /// object may have created every one of them).
 fn sync_up_to(file: &std::path::Path, root: &std::path::Path) -> std::io::Result<()> {
-    std::fs::File::open(file)?.sync_all()?;
+    // In pieces: the bus's fsyncs on the same disk would otherwise wait for the whole file.
+    crate::paced_io::sync_all(&std::fs::File::open(file)?)?;
     let mut dir = file.parent();
     while let Some(d) = dir {
         std::fs::File::open(d)?.sync_all()?;

@@ -172,7 +172,7 @@ impl EmbeddedIndex {
             ))
         })?;
         let (schema, fields) = schema();
-        let directory = tantivy::directory::MmapDirectory::open(dir).map_err(internal)?;
+        let directory = super::directory::PacedMmapDirectory::open(dir).map_err(internal)?;
         let index = Index::open_or_create(directory, schema).map_err(|e| {
             SearchError::Internal(format!(
                 "cannot open the search index in {}: {e}. If it was written by another Rewind version, stop the gateway, delete that directory and start again (recent events are re-indexed from the bus as far as it retains them)",

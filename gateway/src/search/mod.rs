@@ -13,6 +13,7 @@
 //! mandatory restriction (a term on the embedded index; the team's own index plus a
 //! collection filter on Meilisearch). There is no way to ask for "all teams".
 
+pub mod directory;
 pub mod embedded;
 pub mod flatten;
 pub mod indexer;
