@@ -15,6 +15,31 @@
 pub const MALLOC_CONF: &[u8; 68] =
     b"background_thread:true,dirty_decay_ms:50,muzzy_decay_ms:0,narenas:2\0";
 
+/// What the allocator holds right now, in bytes (jemalloc's statistics; the binaries build
+/// jemalloc with them). `allocated`: live allocations; `resident`: pages the allocator has
+/// in memory (live data, its metadata, and freed pages not yet returned), which is most of the
+/// process's anonymous RSS.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Usage {
+    pub allocated: u64,
+    pub active: u64,
+    pub resident: u64,
+    pub retained: u64,
+}
+
+/// Reads [`Usage`] (refreshing jemalloc's cached statistics first); `None` when they cannot
+/// be read.
+pub fn usage() -> Option<Usage> {
+    use tikv_jemalloc_ctl::{epoch, stats};
+    epoch::advance().ok()?;
+    Some(Usage {
+        allocated: stats::allocated::read().ok()? as u64,
+        active: stats::active::read().ok()? as u64,
+        resident: stats::resident::read().ok()? as u64,
+        retained: stats::retained::read().ok()? as u64,
+    })
+}
+
 /// How long an arena of [`use_bulk_arena`] keeps freed pages before returning them.
 pub const BULK_DECAY_MS: isize = 2_000;
 

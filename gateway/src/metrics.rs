@@ -1,6 +1,6 @@
 //! Prometheus metrics, rendered as text on `GET /metrics`: requests by route and status,
 //! events and bytes accepted, append latency, rate-limit refusals, and (read at scrape time)
-//! bus consumer lag and readiness.
+//! bus consumer lag and readiness, and what the allocator holds.
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -22,6 +22,12 @@ pub struct TransportLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AllocatorLabel {
+    /// `allocated`, `active`, `resident` or `retained` (see `allocator::Usage`).
+    pub kind: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ConsumerLabel {
     pub consumer: String,
 }
@@ -38,6 +44,7 @@ pub struct Metrics {
     pub bus_ready: Gauge,
     pub search_indexed: Gauge,
     pub search_ready: Gauge,
+    pub allocator_bytes: Family<AllocatorLabel, Gauge>,
 }
 
 impl Default for Metrics {
@@ -109,6 +116,12 @@ impl Metrics {
             "1 when the search index answers and the indexer has no pending error",
             search_ready.clone(),
         );
+        let allocator_bytes = Family::<AllocatorLabel, Gauge>::default();
+        registry.register(
+            "allocator_bytes",
+            "Memory held by the allocator: allocated (live), active, resident (in RAM, including freed pages not yet returned), retained (address space kept for reuse)",
+            allocator_bytes.clone(),
+        );
         Self {
             registry,
             requests,
@@ -121,6 +134,23 @@ impl Metrics {
             bus_ready,
             search_indexed,
             search_ready,
+            allocator_bytes,
+        }
+    }
+
+    /// Reads the allocator's statistics into [`Self::allocator_bytes`].
+    pub fn refresh_allocator(&self) {
+        if let Some(u) = crate::allocator::usage() {
+            for (kind, v) in [
+                ("allocated", u.allocated),
+                ("active", u.active),
+                ("resident", u.resident),
+                ("retained", u.retained),
+            ] {
+                self.allocator_bytes
+                    .get_or_create(&AllocatorLabel { kind })
+                    .set(v as i64);
+            }
         }
     }
 

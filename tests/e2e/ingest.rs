@@ -275,4 +275,16 @@ async fn rate_limit_answers_429_with_retry_after_and_ratelimit_headers() {
         .await
         .unwrap();
     assert!(metrics.contains("rewind_rate_limited_total 1"), "{metrics}");
+    // The allocator's own figures: the gateway holds some megabytes, live and resident.
+    let bytes = |kind: &str| -> u64 {
+        let prefix = format!("rewind_allocator_bytes{{kind=\"{kind}\"}} ");
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(&prefix))
+            .unwrap_or_else(|| panic!("no {prefix} in {metrics}"))
+            .parse()
+            .unwrap()
+    };
+    assert!(bytes("allocated") > 1 << 20, "{metrics}");
+    assert!(bytes("resident") >= bytes("allocated"), "{metrics}");
 }

@@ -287,6 +287,7 @@ async fn metrics(State((state, _)): St) -> Response {
             .events_indexed
             .load(std::sync::atomic::Ordering::Relaxed) as i64,
     );
+    state.metrics.refresh_allocator();
     let health = state.bus.health().await;
     state.metrics.bus_ready.set(health.ready as i64);
     for (consumer, lag) in health.consumer_lag {

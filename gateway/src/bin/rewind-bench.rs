@@ -716,6 +716,41 @@ fn watch_rss(pid: u32, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<f64> {
     })
 }
 
+/// The allocator's resident bytes at their highest sample over the run, and its live
+/// (allocated) bytes in that sample, from the gateway's `/metrics`.
+static PEAK_ALLOC_RESIDENT: AtomicU64 = AtomicU64::new(0);
+static ALLOCATED_AT_PEAK: AtomicU64 = AtomicU64::new(0);
+
+/// Reads the gateway's allocator figures from `/metrics` every 200 ms (a plain HTTP/1.1
+/// request on a thread of its own, so the load generator's runtime is not involved).
+fn watch_allocator(port: u16, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<()> {
+    use std::io::{Read, Write};
+    std::thread::spawn(move || {
+        while !stop.load(Ordering::Relaxed) {
+            let mut text = String::new();
+            if let Ok(mut conn) = std::net::TcpStream::connect(("127.0.0.1", port)) {
+                let _ = conn.set_read_timeout(Some(Duration::from_secs(2)));
+                let _ = conn.write_all(
+                    b"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n",
+                );
+                let _ = conn.read_to_string(&mut text);
+            }
+            let bytes = |kind: &str| {
+                let prefix = format!("rewind_allocator_bytes{{kind=\"{kind}\"}} ");
+                text.lines()
+                    .find_map(|l| l.strip_prefix(&prefix)?.trim().parse::<u64>().ok())
+            };
+            if let (Some(resident), Some(allocated)) = (bytes("resident"), bytes("allocated"))
+                && resident > PEAK_ALLOC_RESIDENT.load(Ordering::Relaxed)
+            {
+                PEAK_ALLOC_RESIDENT.store(resident, Ordering::Relaxed);
+                ALLOCATED_AT_PEAK.store(allocated, Ordering::Relaxed);
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    })
+}
+
 type HttpClient = Client<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>>;
 
 async fn post(
@@ -1050,6 +1085,7 @@ async fn main() -> anyhow::Result<()> {
     let (token, col) = gw.setup().await?;
     let stop = Arc::new(AtomicBool::new(false));
     let rss = watch_rss(gw.child.id(), stop.clone());
+    let allocator = watch_allocator(gw.port, stop.clone());
     let url = gw.url(&format!("/v1/collections/{col}/events"));
 
     let batch_rps = http_load(
@@ -1139,12 +1175,15 @@ async fn main() -> anyhow::Result<()> {
     );
     stop.store(true, Ordering::Relaxed);
     let peak = rss.join().expect("rss thread");
+    allocator.join().expect("allocator thread");
     println!(
-        "| gateway peak RSS (all scenarios above) | {:.0} MiB (now {:.0} MiB; peaks of its parts: anonymous {:.0} MiB, mapped files {:.0} MiB) |",
+        "| gateway peak RSS (all scenarios above) | {:.0} MiB (now {:.0} MiB; peaks of its parts: anonymous {:.0} MiB, mapped files {:.0} MiB; the allocator's resident peak {:.0} MiB, of which allocated {:.0} MiB) |",
         peak,
         gw.rss_mib(),
         PEAK_ANON_KIB.load(Ordering::Relaxed) as f64 / 1024.0,
         PEAK_FILE_KIB.load(Ordering::Relaxed) as f64 / 1024.0,
+        PEAK_ALLOC_RESIDENT.load(Ordering::Relaxed) as f64 / (1 << 20) as f64,
+        ALLOCATED_AT_PEAK.load(Ordering::Relaxed) as f64 / (1 << 20) as f64,
     );
     drop(gw);
 
