@@ -1,7 +1,8 @@
 //! Serves the API router — REST and gRPC on one port, HTTP/1.1 and HTTP/2 — with the
 //! gateway's connection settings, and shuts down gracefully: on the signal it stops
 //! accepting, asks every connection to finish (HTTP/2 GOAWAY; HTTP/1.1 closes after the
-//! request in progress) and returns once they have.
+//! request in progress) and returns once they have. Also the middleware that closes an
+//! HTTP/1.1 connection whose request body was left unread ([`close_if_body_unread`]).
 //!
 //! Why not `axum::serve`: it offers no HTTP/2 settings, and hyper's defaults (a 1 MiB receive
 //! window per connection, 16 KiB frames) cap a gRPC client that streams ~0.5 MiB batches over
@@ -14,6 +15,8 @@
 //! admitted against the ingest byte budget as before.
 
 use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use axum::Router;
@@ -30,6 +33,70 @@ pub const H2_STREAM_WINDOW: u32 = 2 << 20;
 pub const H2_CONNECTION_WINDOW: u32 = 8 << 20;
 /// Largest HTTP/2 frame the gateway accepts (fewer frames, and wake-ups, per large message).
 pub const H2_MAX_FRAME: u32 = 256 << 10;
+
+/// Middleware: an HTTP/1.x response to a request whose body the handler did not read to the
+/// end (a 413 for a body over the limit, a refusal before reading) says `Connection: close`.
+/// hyper closes such a connection after the response rather than read the rest; without the
+/// header a client puts the connection back in its pool, and its next request on it fails
+/// with a broken pipe (seen in the e2e suite after a refused 100 MiB plugin upload).
+pub async fn close_if_body_unread(
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    use hyper::body::Body as _;
+    if !matches!(
+        req.version(),
+        axum::http::Version::HTTP_10 | axum::http::Version::HTTP_11
+    ) {
+        return next.run(req).await;
+    }
+    let (parts, body) = req.into_parts();
+    let read = Arc::new(AtomicBool::new(body.is_end_stream()));
+    let body = axum::body::Body::new(ReadToEnd {
+        inner: body,
+        read: read.clone(),
+    });
+    let mut response = next
+        .run(axum::extract::Request::from_parts(parts, body))
+        .await;
+    if !read.load(Ordering::Acquire) {
+        response.headers_mut().insert(
+            axum::http::header::CONNECTION,
+            axum::http::HeaderValue::from_static("close"),
+        );
+    }
+    response
+}
+
+/// A request body that notes when it has been read to its end.
+struct ReadToEnd {
+    inner: axum::body::Body,
+    read: Arc<AtomicBool>,
+}
+
+impl hyper::body::Body for ReadToEnd {
+    type Data = bytes::Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Self::Data>, Self::Error>>> {
+        let polled = std::pin::Pin::new(&mut self.inner).poll_frame(cx);
+        if matches!(polled, std::task::Poll::Ready(None)) || self.inner.is_end_stream() {
+            self.read.store(true, Ordering::Release);
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner.size_hint()
+    }
+}
 
 fn builder() -> auto::Builder<TokioExecutor> {
     let mut builder = auto::Builder::new(TokioExecutor::new());

@@ -288,3 +288,116 @@ async fn rate_limit_answers_429_with_retry_after_and_ratelimit_headers() {
     assert!(bytes("allocated") > 1 << 20, "{metrics}");
     assert!(bytes("resident") >= bytes("allocated"), "{metrics}");
 }
+
+/// Sends one raw HTTP/1.1 request on `conn` and reads the response head (status line and
+/// headers, lower-cased) and body.
+async fn raw_request(
+    conn: &mut tokio::net::TcpStream,
+    head: &str,
+    body: &[u8],
+) -> (String, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    conn.write_all(head.as_bytes()).await.unwrap();
+    // The server may answer (and stop reading) before the body is all sent.
+    let _ = conn.write_all(body).await;
+    let mut got = Vec::new();
+    let mut buf = [0u8; 65536];
+    loop {
+        let n = tokio::time::timeout(std::time::Duration::from_secs(10), conn.read(&mut buf))
+            .await
+            .expect("response in time")
+            .unwrap_or(0);
+        if n == 0 {
+            break;
+        }
+        got.extend_from_slice(&buf[..n]);
+        let text = String::from_utf8_lossy(&got).to_string();
+        if let Some(end) = text.find("\r\n\r\n") {
+            let head = text[..end].to_ascii_lowercase();
+            let len: usize = head
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length: "))
+                .map_or(0, |v| v.trim().parse().unwrap());
+            if got.len() >= end + 4 + len {
+                return (head, text[end + 4..end + 4 + len].to_string());
+            }
+        }
+    }
+    let text = String::from_utf8_lossy(&got).to_string();
+    (text.to_ascii_lowercase(), String::new())
+}
+
+#[tokio::test]
+async fn a_refused_body_closes_the_connection_and_a_read_one_keeps_it() {
+    let gw = Gateway::start(&["--max-request-bytes", "65536", "--max-event-bytes", "2048"]).await;
+    let (admin, col) = gw.team_with_collection("acme", "orders").await;
+    let tok = gw.token(&admin, &["ingest"]).await;
+    let path = format!("/v1/collections/{col}/events");
+
+    // A body read to its end: keep-alive, and the same connection takes a second request.
+    let mut conn = tokio::net::TcpStream::connect(("127.0.0.1", gw.port))
+        .await
+        .unwrap();
+    let body = br#"{"n":1}"#;
+    let head = format!(
+        "POST {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {tok}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    );
+    for _ in 0..2 {
+        let (h, b) = raw_request(&mut conn, &head, body).await;
+        assert!(h.starts_with("http/1.1 202"), "{h}\n{b}");
+        assert!(!h.contains("connection: close"), "{h}");
+    }
+
+    // 10 MiB against a 64 KiB limit: the handler drains it (so the client, still sending,
+    // reads the 413), and the connection stays usable.
+    let big = vec![b' '; 10 << 20];
+    let head = format!(
+        "POST {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {tok}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+        big.len()
+    );
+    let mut conn = tokio::net::TcpStream::connect(("127.0.0.1", gw.port))
+        .await
+        .unwrap();
+    let (h, b) = raw_request(&mut conn, &head, &big).await;
+    assert!(h.starts_with("http/1.1 413"), "{h}\n{b}");
+    assert!(!h.contains("connection: close"), "{h}");
+
+    // Refused before the body is read (a wrong token): hyper will not read the rest, so the
+    // answer tells the client not to reuse the connection.
+    let head = format!(
+        "POST {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer rw_wrong\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+        1 << 20
+    );
+    let mut conn = tokio::net::TcpStream::connect(("127.0.0.1", gw.port))
+        .await
+        .unwrap();
+    let (h, b) = raw_request(&mut conn, &head, &vec![b' '; 1 << 20]).await;
+    assert!(h.starts_with("http/1.1 401"), "{h}\n{b}");
+    assert!(h.contains("connection: close"), "{h}");
+
+    // A client that pools connections gets no broken pipe after such a refusal.
+    let client = reqwest::Client::new();
+    for _ in 0..5 {
+        let s = client
+            .post(gw.url(&path))
+            .bearer_auth("rw_wrong")
+            .header("content-type", "application/json")
+            .body(vec![b' '; 4096])
+            .send()
+            .await
+            .unwrap()
+            .status();
+        assert_eq!(s, 401);
+        let s = client
+            .post(gw.url(&path))
+            .bearer_auth(&tok)
+            .header("content-type", "application/json")
+            .body(r#"{"n":2}"#)
+            .send()
+            .await
+            .unwrap()
+            .status();
+        assert_eq!(s, 202);
+    }
+}

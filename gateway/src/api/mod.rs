@@ -59,8 +59,12 @@ pub fn router(state: Arc<AppState>) -> Router {
     for service in grpc::SERVICES {
         router = router.route_service(&format!("/{service}/{{method}}"), grpc.clone());
     }
-    router.layer(axum::middleware::from_fn_with_state(
-        state,
-        rest::track_requests,
-    ))
+    router
+        .layer(axum::middleware::from_fn(
+            crate::http_server::close_if_body_unread,
+        ))
+        .layer(axum::middleware::from_fn_with_state(
+            state,
+            rest::track_requests,
+        ))
 }
