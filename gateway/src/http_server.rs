@@ -35,10 +35,11 @@ pub const H2_CONNECTION_WINDOW: u32 = 8 << 20;
 pub const H2_MAX_FRAME: u32 = 256 << 10;
 
 /// Middleware: an HTTP/1.x response to a request whose body the handler did not read to the
-/// end (a 413 for a body over the limit, a refusal before reading) says `Connection: close`.
-/// hyper closes such a connection after the response rather than read the rest; without the
-/// header a client puts the connection back in its pool, and its next request on it fails
-/// with a broken pipe (seen in the e2e suite after a refused 100 MiB plugin upload).
+/// end (refused before reading: a wrong token, a bad plugin name; or larger than the cap up
+/// to which oversized bodies are drained) says `Connection: close`. hyper closes such a
+/// connection after the response rather than read the rest; without the header a client puts
+/// the connection back in its pool, and its next request on it fails with a broken pipe (seen
+/// in the e2e suite after a plugin upload refused for its name).
 pub async fn close_if_body_unread(
     req: axum::extract::Request,
     next: axum::middleware::Next,

@@ -80,13 +80,19 @@ impl PacedWriter {
     /// Writes back what is left and `fdatasync`s the file.
     pub fn finish(&mut self) -> std::io::Result<()> {
         self.file.flush()?;
+        self.write_back_pending()?;
+        self.file.sync_data()
+    }
+
+    /// Writes back everything written since the last write-back.
+    fn write_back_pending(&mut self) -> std::io::Result<()> {
         write_back(
             &self.file,
             self.written_back,
             self.written - self.written_back,
         )?;
         self.written_back = self.written;
-        self.file.sync_data()
+        Ok(())
     }
 }
 
@@ -95,12 +101,7 @@ impl Write for PacedWriter {
         let n = self.file.write(buf)?;
         self.written += n as u64;
         if self.written - self.written_back >= PIECE {
-            write_back(
-                &self.file,
-                self.written_back,
-                self.written - self.written_back,
-            )?;
-            self.written_back = self.written;
+            self.write_back_pending()?;
         }
         Ok(n)
     }

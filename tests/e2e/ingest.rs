@@ -333,18 +333,18 @@ async fn a_refused_body_closes_the_connection_and_a_read_one_keeps_it() {
     let (admin, col) = gw.team_with_collection("acme", "orders").await;
     let tok = gw.token(&admin, &["ingest"]).await;
     let path = format!("/v1/collections/{col}/events");
+    let head = |token: &str, len: usize| {
+        format!(
+            "POST {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\nContent-Type: application/json\r\nContent-Length: {len}\r\n\r\n"
+        )
+    };
+    let connect = || tokio::net::TcpStream::connect(("127.0.0.1", gw.port));
 
     // A body read to its end: keep-alive, and the same connection takes a second request.
-    let mut conn = tokio::net::TcpStream::connect(("127.0.0.1", gw.port))
-        .await
-        .unwrap();
+    let mut conn = connect().await.unwrap();
     let body = br#"{"n":1}"#;
-    let head = format!(
-        "POST {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {tok}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
-        body.len()
-    );
     for _ in 0..2 {
-        let (h, b) = raw_request(&mut conn, &head, body).await;
+        let (h, b) = raw_request(&mut conn, &head(&tok, body.len()), body).await;
         assert!(h.starts_with("http/1.1 202"), "{h}\n{b}");
         assert!(!h.contains("connection: close"), "{h}");
     }
@@ -352,27 +352,15 @@ async fn a_refused_body_closes_the_connection_and_a_read_one_keeps_it() {
     // 10 MiB against a 64 KiB limit: the handler drains it (so the client, still sending,
     // reads the 413), and the connection stays usable.
     let big = vec![b' '; 10 << 20];
-    let head = format!(
-        "POST {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {tok}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
-        big.len()
-    );
-    let mut conn = tokio::net::TcpStream::connect(("127.0.0.1", gw.port))
-        .await
-        .unwrap();
-    let (h, b) = raw_request(&mut conn, &head, &big).await;
+    let mut conn = connect().await.unwrap();
+    let (h, b) = raw_request(&mut conn, &head(&tok, big.len()), &big).await;
     assert!(h.starts_with("http/1.1 413"), "{h}\n{b}");
     assert!(!h.contains("connection: close"), "{h}");
 
     // Refused before the body is read (a wrong token): hyper will not read the rest, so the
     // answer tells the client not to reuse the connection.
-    let head = format!(
-        "POST {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer rw_wrong\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
-        1 << 20
-    );
-    let mut conn = tokio::net::TcpStream::connect(("127.0.0.1", gw.port))
-        .await
-        .unwrap();
-    let (h, b) = raw_request(&mut conn, &head, &vec![b' '; 1 << 20]).await;
+    let mut conn = connect().await.unwrap();
+    let (h, b) = raw_request(&mut conn, &head("rw_wrong", 1 << 20), &vec![b' '; 1 << 20]).await;
     assert!(h.starts_with("http/1.1 401"), "{h}\n{b}");
     assert!(h.contains("connection: close"), "{h}");
 
