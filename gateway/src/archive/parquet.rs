@@ -66,40 +66,33 @@ pub fn file_schema(columns: &[(&str, ColumnType)]) -> Arc<Schema> {
 /// Builds the Arrow record batch of `rows` under `schema` (from [`file_schema`]): the
 /// archive's own columns, then one column per inferred field of the schema. `slot_of[c]` is
 /// the position among the file's inferred columns of the collection's column `c`.
+/// `text_hint` holds the text bytes each inferred column took in the previous chunk (and is
+/// updated to this chunk's), so that string columns are allocated once at about their size
+/// without a pass over the rows to count them.
 pub fn to_record_batch(
     rows: &[Row<'_>],
     schema: &Arc<Schema>,
     slot_of: &[Option<u32>],
+    text_hint: &mut Vec<usize>,
 ) -> Result<RecordBatch, arrow::error::ArrowError> {
     let inferred = &schema.fields()[base_fields().len()..];
-    // Values sparse by row, per inferred column, and the text bytes of each (so string
-    // builders are allocated once at their final size).
-    // Counted first, so each column's list is allocated once at its size (growing them cost
-    // ~1 % of the archiver's CPU in reallocations).
-    let mut counts = vec![0usize; inferred.len()];
-    for row in rows {
-        for (col, _) in &row.fields {
-            if let Some(Some(i)) = slot_of.get(*col as usize) {
-                counts[*i as usize] += 1;
-            }
-        }
-    }
-    let mut values: Vec<Vec<(usize, &Scalar<'_>)>> =
-        counts.iter().map(|&c| Vec::with_capacity(c)).collect();
-    let mut text_bytes = vec![0usize; inferred.len()];
+    let n = rows.len();
+    text_hint.resize(inferred.len(), 0);
+    // One pass over the rows' fields, each value appended to its column's builder (nulls
+    // filled in for the rows that lack the field).
+    let mut builders: Vec<ColumnBuilder> = inferred
+        .iter()
+        .zip(text_hint.iter())
+        .map(|(field, &hint)| ColumnBuilder::new(field.data_type(), n, hint + hint / 4))
+        .collect();
     for (r, row) in rows.iter().enumerate() {
         for (col, value) in &row.fields {
             if let Some(Some(i)) = slot_of.get(*col as usize) {
-                values[*i as usize].push((r, value));
-                text_bytes[*i as usize] += match value {
-                    Scalar::Str(s) => s.len(),
-                    _ => 8,
-                };
+                builders[*i as usize].push(r, value);
             }
         }
     }
     let payload_bytes: usize = rows.iter().map(|r| r.event.payload.len()).sum();
-    let n = rows.len();
     let mut id = StringBuilder::with_capacity(n, n * 26);
     let mut received = TimestampMicrosecondBuilder::with_capacity(n).with_timezone("UTC");
     let mut content_type = StringBuilder::with_capacity(n, n * 16);
@@ -131,69 +124,88 @@ pub fn to_record_batch(
         Arc::new(headers.finish()),
         Arc::new(payload.finish()),
     ];
-    for ((field, values), bytes) in inferred.iter().zip(&values).zip(text_bytes) {
-        let ty = match field.data_type() {
-            DataType::Boolean => ColumnType::Bool,
-            DataType::Int64 => ColumnType::Int64,
-            DataType::Float64 => ColumnType::Float64,
-            _ => ColumnType::Utf8,
-        };
-        columns.push(build_column(ty, values, n, bytes));
+    for (builder, hint) in builders.into_iter().zip(text_hint.iter_mut()) {
+        let (array, text) = builder.finish(n);
+        *hint = text;
+        columns.push(array);
     }
     RecordBatch::try_new(schema.clone(), columns)
 }
 
-fn build_column(
-    ty: ColumnType,
-    values: &[(usize, &Scalar<'_>)],
-    len: usize,
-    text_bytes: usize,
-) -> ArrayRef {
-    macro_rules! fill {
-        ($builder:expr, $convert:expr) => {{
-            let mut b = $builder;
-            let mut next = 0;
-            for (row, value) in values {
-                while next < *row {
-                    b.append_null();
-                    next += 1;
-                }
-                match $convert(*value) {
-                    Some(v) => b.append_value(v),
-                    None => b.append_null(),
-                }
-                next += 1;
-            }
-            while next < len {
-                b.append_null();
-                next += 1;
-            }
-            Arc::new(b.finish()) as ArrayRef
-        }};
+/// The builder of one inferred column of a chunk. Values come row by row; `rows` is the
+/// number of rows it holds so far, so a row without the field becomes a null. A value whose
+/// type is narrower than the column's (the column was widened by other events of the file)
+/// is converted: an integer into a float column as a float, anything into a string column
+/// as its JSON text; other mismatches cannot occur (the column's type is the widest of its
+/// values) and would be null.
+struct ColumnBuilder {
+    rows: usize,
+    values: Values,
+}
+
+enum Values {
+    Bool(BooleanBuilder),
+    Int(Int64Builder),
+    Float(Float64Builder),
+    Str(StringBuilder),
+}
+
+impl Values {
+    fn append_nulls(&mut self, n: usize) {
+        match self {
+            Self::Bool(b) => b.append_nulls(n),
+            Self::Int(b) => b.append_nulls(n),
+            Self::Float(b) => b.append_nulls(n),
+            Self::Str(b) => b.append_nulls(n),
+        }
     }
-    match ty {
-        ColumnType::Bool => fill!(
-            BooleanBuilder::with_capacity(len),
-            |s: &Scalar<'_>| match s {
-                Scalar::Bool(b) => Some(*b),
-                _ => None,
+}
+
+impl ColumnBuilder {
+    fn new(ty: &DataType, rows: usize, text_bytes: usize) -> Self {
+        let values = match ty {
+            DataType::Boolean => Values::Bool(BooleanBuilder::with_capacity(rows)),
+            DataType::Int64 => Values::Int(Int64Builder::with_capacity(rows)),
+            DataType::Float64 => Values::Float(Float64Builder::with_capacity(rows)),
+            _ => Values::Str(StringBuilder::with_capacity(rows, text_bytes)),
+        };
+        Self { rows: 0, values }
+    }
+
+    /// Sets row `row` (rows come in order, each at most once: a field given twice in one
+    /// event reaches here once, see `CollectionSchema::observe_json`).
+    #[inline]
+    fn push(&mut self, row: usize, value: &Scalar<'_>) {
+        if row > self.rows {
+            self.values.append_nulls(row - self.rows);
+        }
+        self.rows = row + 1;
+        match (&mut self.values, value) {
+            (Values::Str(b), Scalar::Str(s)) => b.append_value(s),
+            (Values::Str(b), other) => b.append_value(other.as_text()),
+            (Values::Int(b), Scalar::Int(v)) => b.append_value(*v),
+            (Values::Float(b), Scalar::Float(v)) => b.append_value(*v),
+            (Values::Float(b), Scalar::Int(v)) => b.append_value(*v as f64),
+            (Values::Bool(b), Scalar::Bool(v)) => b.append_value(*v),
+            (values, _) => values.append_nulls(1),
+        }
+    }
+
+    /// The column of `rows` rows (trailing rows without the field are null), and the text
+    /// bytes it holds (0 for non-string columns).
+    fn finish(mut self, rows: usize) -> (ArrayRef, usize) {
+        if rows > self.rows {
+            self.values.append_nulls(rows - self.rows);
+        }
+        match self.values {
+            Values::Bool(mut b) => (Arc::new(b.finish()), 0),
+            Values::Int(mut b) => (Arc::new(b.finish()), 0),
+            Values::Float(mut b) => (Arc::new(b.finish()), 0),
+            Values::Str(mut b) => {
+                let text = b.values_slice().len();
+                (Arc::new(b.finish()), text)
             }
-        ),
-        ColumnType::Int64 => fill!(Int64Builder::with_capacity(len), |s: &Scalar<'_>| match s {
-            Scalar::Int(i) => Some(*i),
-            _ => None,
-        }),
-        ColumnType::Float64 => fill!(
-            Float64Builder::with_capacity(len),
-            |s: &Scalar<'_>| match s {
-                Scalar::Int(i) => Some(*i as f64),
-                Scalar::Float(f) => Some(*f),
-                _ => None,
-            }
-        ),
-        ColumnType::Utf8 => fill!(StringBuilder::with_capacity(len, text_bytes), |s| Some(
-            Scalar::text(s)
-        )),
+        }
     }
 }
 
@@ -271,6 +283,8 @@ pub struct FileWriter {
     schema: Arc<Schema>,
     slot_of: Vec<Option<u32>>,
     writer: ArrowWriter<Vec<u8>>,
+    /// Text bytes per inferred column in the last chunk (see [`to_record_batch`]).
+    text_hint: Vec<usize>,
 }
 
 impl FileWriter {
@@ -300,12 +314,13 @@ impl FileWriter {
             schema,
             slot_of,
             writer,
+            text_hint: Vec::new(),
         })
     }
 
     /// Appends rows (at most [`CHUNK_ROWS`] at a time keeps memory low).
     pub fn write(&mut self, rows: &[Row<'_>]) -> Result<(), parquet::errors::ParquetError> {
-        let batch = to_record_batch(rows, &self.schema, &self.slot_of)
+        let batch = to_record_batch(rows, &self.schema, &self.slot_of, &mut self.text_hint)
             .map_err(|e| parquet::errors::ParquetError::General(e.to_string()))?;
         self.writer.write(&batch)
     }
@@ -333,6 +348,96 @@ mod tests {
     use super::*;
     use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
     use parquet::basic::Encoding;
+
+    #[test]
+    fn rows_become_columns_with_nulls_for_missing_fields_and_widened_values() {
+        use arrow::array::{Array, BooleanArray, Float64Array, Int64Array, StringArray};
+        let events: Vec<Event> = (0..6)
+            .map(|i| Event {
+                id: format!("ev{i}"),
+                payload: Bytes::from_static(b"{}"),
+                content_type: "application/json".into(),
+                ..Default::default()
+            })
+            .collect();
+        // Collection columns: 0 flag (bool), 1 n (float64: ints widened), 2 s (string:
+        // numbers and booleans as text), 3 k (int64), 4 unused by this file.
+        let fields: Vec<Vec<(u32, Scalar<'_>)>> = vec![
+            vec![
+                (0, Scalar::Bool(true)),
+                (1, Scalar::Int(3)),
+                (2, Scalar::Str("a".into())),
+            ],
+            vec![],
+            vec![
+                (3, Scalar::Int(-7)),
+                (2, Scalar::Int(12)),
+                (1, Scalar::Float(0.5)),
+            ],
+            vec![(2, Scalar::Bool(false))],
+            vec![(4, Scalar::Int(1)), (0, Scalar::Bool(false))],
+            vec![(2, Scalar::Float(2.5)), (3, Scalar::Int(9))],
+        ];
+        let rows: Vec<Row<'_>> = events
+            .iter()
+            .zip(fields)
+            .map(|(event, fields)| Row { event, fields })
+            .collect();
+        let schema = file_schema(&[
+            ("flag", ColumnType::Bool),
+            ("n", ColumnType::Float64),
+            ("s", ColumnType::Utf8),
+            ("k", ColumnType::Int64),
+        ]);
+        let slot_of = vec![Some(0), Some(1), Some(2), Some(3), None];
+        let mut hint = Vec::new();
+        for round in 0..2 {
+            let batch = to_record_batch(&rows, &schema, &slot_of, &mut hint).unwrap();
+            assert_eq!(batch.num_rows(), 6);
+            let col = |name: &str| batch.column_by_name(name).unwrap().clone();
+            let flag = col("flag");
+            let flag = flag.as_any().downcast_ref::<BooleanArray>().unwrap();
+            let flags: Vec<Option<bool>> = flag.iter().collect();
+            assert_eq!(flags, [Some(true), None, None, None, Some(false), None]);
+            let n = col("n");
+            let n: Vec<Option<f64>> = n
+                .as_any()
+                .downcast_ref::<Float64Array>()
+                .unwrap()
+                .iter()
+                .collect();
+            assert_eq!(n, [Some(3.0), None, Some(0.5), None, None, None]);
+            let s = col("s");
+            let s: Vec<Option<&str>> = s
+                .as_any()
+                .downcast_ref::<StringArray>()
+                .unwrap()
+                .iter()
+                .collect();
+            assert_eq!(
+                s,
+                [
+                    Some("a"),
+                    None,
+                    Some("12"),
+                    Some("false"),
+                    None,
+                    Some("2.5")
+                ]
+            );
+            let k = col("k");
+            let k: Vec<Option<i64>> = k
+                .as_any()
+                .downcast_ref::<Int64Array>()
+                .unwrap()
+                .iter()
+                .collect();
+            assert_eq!(k, [None, None, Some(-7), None, None, Some(9)]);
+            assert_eq!(batch.column_by_name("payload").unwrap().len(), 6);
+            // The string column's text size is kept for the next chunk's allocation.
+            assert_eq!(hint, [0, 0, "a12false2.5".len(), 0], "round {round}");
+        }
+    }
 
     #[test]
     fn mostly_distinct_string_columns_are_written_without_a_dictionary() {
