@@ -253,7 +253,7 @@ const ZSTD_LEVEL: i32 = 1;
 const PAYLOAD_PAGE_BYTES: usize = 1 << 20;
 
 /// Rows sampled per column by [`high_cardinality`].
-const CARDINALITY_SAMPLE: usize = 1024;
+const CARDINALITY_SAMPLE: usize = 256;
 
 /// The inferred string columns (by collection column index) whose values are mostly
 /// distinct in a sample of `rows`: ids, e-mails, free text. Dictionary encoding only costs
