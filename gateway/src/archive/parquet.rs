@@ -351,7 +351,8 @@ mod tests {
 
     #[test]
     fn rows_become_columns_with_nulls_for_missing_fields_and_widened_values() {
-        use arrow::array::{Array, BooleanArray, Float64Array, Int64Array, StringArray};
+        use arrow::array::{Array, AsArray};
+        use arrow::datatypes::{Float64Type, Int64Type};
         let events: Vec<Event> = (0..6)
             .map(|i| Event {
                 id: format!("ev{i}"),
@@ -395,43 +396,24 @@ mod tests {
             let batch = to_record_batch(&rows, &schema, &slot_of, &mut hint).unwrap();
             assert_eq!(batch.num_rows(), 6);
             let col = |name: &str| batch.column_by_name(name).unwrap().clone();
-            let flag = col("flag");
-            let flag = flag.as_any().downcast_ref::<BooleanArray>().unwrap();
-            let flags: Vec<Option<bool>> = flag.iter().collect();
+            let flags: Vec<Option<bool>> = col("flag").as_boolean().iter().collect();
             assert_eq!(flags, [Some(true), None, None, None, Some(false), None]);
             let n = col("n");
-            let n: Vec<Option<f64>> = n
-                .as_any()
-                .downcast_ref::<Float64Array>()
-                .unwrap()
-                .iter()
-                .collect();
+            let n: Vec<Option<f64>> = n.as_primitive::<Float64Type>().iter().collect();
             assert_eq!(n, [Some(3.0), None, Some(0.5), None, None, None]);
             let s = col("s");
-            let s: Vec<Option<&str>> = s
-                .as_any()
-                .downcast_ref::<StringArray>()
-                .unwrap()
-                .iter()
-                .collect();
-            assert_eq!(
-                s,
-                [
-                    Some("a"),
-                    None,
-                    Some("12"),
-                    Some("false"),
-                    None,
-                    Some("2.5")
-                ]
-            );
+            let s: Vec<Option<&str>> = s.as_string::<i32>().iter().collect();
+            let expected = [
+                Some("a"),
+                None,
+                Some("12"),
+                Some("false"),
+                None,
+                Some("2.5"),
+            ];
+            assert_eq!(s, expected);
             let k = col("k");
-            let k: Vec<Option<i64>> = k
-                .as_any()
-                .downcast_ref::<Int64Array>()
-                .unwrap()
-                .iter()
-                .collect();
+            let k: Vec<Option<i64>> = k.as_primitive::<Int64Type>().iter().collect();
             assert_eq!(k, [None, None, Some(-7), None, None, Some(9)]);
             assert_eq!(batch.column_by_name("payload").unwrap().len(), 6);
             // The string column's text size is kept for the next chunk's allocation.

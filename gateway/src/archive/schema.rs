@@ -92,14 +92,6 @@ impl Scalar<'_> {
         }
     }
 
-    /// The value as column text (strings borrowed, numbers and booleans as their JSON text).
-    pub fn text(&self) -> Cow<'_, str> {
-        match self {
-            Scalar::Str(s) => Cow::Borrowed(s),
-            other => Cow::Owned(other.as_text()),
-        }
-    }
-
     pub fn as_text(&self) -> String {
         match self {
             Scalar::Bool(b) => b.to_string(),
