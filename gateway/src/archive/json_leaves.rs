@@ -404,7 +404,7 @@ impl<'a> Reader<'a> {
             Some(b't') => self.literal(b"true"),
             Some(b'f') => self.literal(b"false"),
             Some(b'n') => self.literal(b"null"),
-            Some(b'-' | b'0'..=b'9') => self.number().map(drop),
+            Some(b'-' | b'0'..=b'9') => self.skip_number(),
             Some(_) => Err(self.err("expected a value")),
             None => Err(self.err("unexpected end of input")),
         }
@@ -549,6 +549,39 @@ impl<'a> Reader<'a> {
             self.i += 1;
         }
         self.i - start
+    }
+
+    /// Checks and steps over a number without converting it: [`Self::number`] errs only on
+    /// the grammar and on a magnitude past `f64` (which needs an exponent or more than 308
+    /// integer digits), so only such numbers are converted to be checked. Arrays are skipped
+    /// this way, and correctly rounded float conversion was most of the cost of skipping them.
+    fn skip_number(&mut self) -> Result<(), JsonError> {
+        let start = self.i;
+        if self.peek() == Some(b'-') {
+            self.i += 1;
+        }
+        let int_digits = match self.peek() {
+            Some(b'0') => {
+                self.i += 1;
+                if matches!(self.peek(), Some(b'0'..=b'9')) {
+                    return Err(self.err("invalid number"));
+                }
+                1
+            }
+            Some(b'1'..=b'9') => self.digits(),
+            _ => return Err(self.err("invalid number")),
+        };
+        if self.peek() == Some(b'.') {
+            self.i += 1;
+            if self.digits() == 0 {
+                return Err(self.err("invalid number"));
+            }
+        }
+        if matches!(self.peek(), Some(b'e' | b'E')) || int_digits > 308 {
+            self.i = start;
+            return self.number().map(drop);
+        }
+        Ok(())
     }
 
     /// A number, read as `serde_json` reads it: an integer that fits `u64` is an `Int` when it
@@ -733,6 +766,60 @@ mod tests {
                     assert_eq!(a.to_bits(), b.to_bits(), "{n}: {a} vs {b}")
                 }
                 _ => assert_eq!(got, want, "{n}"),
+            }
+        }
+    }
+
+    #[test]
+    fn numbers_inside_kept_arrays_and_deep_objects_are_checked_as_serde_json_checks_them() {
+        // Skipped values are not converted, only checked; the checks must still agree,
+        // including magnitudes past f64 (by exponent or by 309+ integer digits).
+        let big = format!("1{}", "0".repeat(308)); // 1e308: fits
+        let too_big = format!("1{}", "0".repeat(309)); // 1e309: out of range
+        let mut literals: Vec<String> = NUMBER_LITERALS.iter().map(|s| s.to_string()).collect();
+        literals.extend(
+            [
+                "1e309",
+                "-1e309",
+                "1e-999",
+                "1.7976931348623157e308",
+                "1.8e308",
+                "00",
+                "-01",
+                "1.",
+                ".5",
+                "1e+",
+                "-",
+                "1.5e",
+                "2E-2",
+                "0.0e0",
+            ]
+            .map(String::from),
+        );
+        literals.extend([
+            big,
+            too_big.clone(),
+            format!("-{too_big}"),
+            format!("{too_big}.5"),
+        ]);
+        for n in &literals {
+            for doc in [
+                format!("{{\"a\": [{n}]}}"),
+                format!("{{\"a\": [1, {{\"b\": {n}}}, 2]}}"),
+                format!("{{\"a\": {{\"b\": {{\"c\": {n}}}}}}}"),
+            ] {
+                let serde_ok = serde_json::from_str::<serde_json::Value>(&doc).is_ok();
+                // max_depth 1: the inner object of the third form is kept whole (skipped).
+                let ours = leaves(&doc, 1);
+                assert_eq!(ours.is_ok(), serde_ok, "{doc}: {ours:?}");
+                if let Ok(l) = ours {
+                    let text = doc["{\"a\": ".len()..doc.len() - 1].to_string();
+                    assert_eq!(
+                        l,
+                        vec![("a".to_string(), Scalar::Str(text.into()))],
+                        "{doc}"
+                    );
+                }
             }
         }
     }
