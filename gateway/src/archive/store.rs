@@ -158,8 +158,8 @@ enum Direct {
     Done(std::fs::Metadata),
     /// The file already exists (create-only).
     Exists,
-    /// Direct I/O is not possible here (file system or buffer): nothing was left behind, use
-    /// the buffered path.
+    /// Not written with direct I/O (the file system refuses it, or the object is under one
+    /// block): nothing was left behind, use the buffered path.
     Unsupported,
 }
 
