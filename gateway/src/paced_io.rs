@@ -10,9 +10,38 @@
 //! start write-back every [`PIECE`] bytes and wait for it (`sync_file_range`, Linux), so each
 //! flush of the bus carries at most about one piece of background data; a final `fsync`
 //! still makes each file durable as before.
+//!
+//! Files written with direct I/O (the bus log, local archive objects) skip the page cache;
+//! [`open_direct`] and [`DIRECT_ALIGN`] are what they share.
 
 use std::fs::File;
 use std::io::Write;
+
+/// Alignment of direct I/O: file offset, length and memory address (4 KiB covers every
+/// logical block size Linux file systems use).
+pub const DIRECT_ALIGN: usize = 4096;
+
+/// Opens `path` with `O_DIRECT` added to `options`; `None` where the file system refuses
+/// direct I/O (or off Linux), so the caller falls back to buffered I/O.
+pub fn open_direct(
+    options: &mut std::fs::OpenOptions,
+    path: &std::path::Path,
+) -> std::io::Result<Option<File>> {
+    #[cfg(target_os = "linux")]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        match options.custom_flags(libc::O_DIRECT).open(path) {
+            Ok(file) => Ok(Some(file)),
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        let _ = (options, path);
+        Ok(None)
+    }
+}
 
 /// Bytes written back at a time.
 pub const PIECE: u64 = 1 << 20;

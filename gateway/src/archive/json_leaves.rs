@@ -132,6 +132,15 @@ struct Reader<'a> {
     nesting: usize,
 }
 
+/// Where a number's parts are in the text (see `Reader::number_text`).
+struct NumberText {
+    start: usize,
+    int_start: usize,
+    int_end: usize,
+    fraction: bool,
+    exponent: bool,
+}
+
 const ONES: u64 = 0x0101_0101_0101_0101;
 const HIGH: u64 = 0x8080_8080_8080_8080;
 
@@ -551,46 +560,11 @@ impl<'a> Reader<'a> {
         self.i - start
     }
 
-    /// Checks and steps over a number without converting it: [`Self::number`] errs only on
-    /// the grammar and on a magnitude past `f64` (which needs an exponent or more than 308
-    /// integer digits), so only such numbers are converted to be checked. Arrays are skipped
-    /// this way, and correctly rounded float conversion was most of the cost of skipping them.
-    fn skip_number(&mut self) -> Result<(), JsonError> {
+    /// Steps over a number, checking its grammar (RFC 8259, as `serde_json`): where it starts,
+    /// where its integer digits are, and whether it has a fraction or an exponent.
+    fn number_text(&mut self) -> Result<NumberText, JsonError> {
         let start = self.i;
         if self.peek() == Some(b'-') {
-            self.i += 1;
-        }
-        let int_digits = match self.peek() {
-            Some(b'0') => {
-                self.i += 1;
-                if matches!(self.peek(), Some(b'0'..=b'9')) {
-                    return Err(self.err("invalid number"));
-                }
-                1
-            }
-            Some(b'1'..=b'9') => self.digits(),
-            _ => return Err(self.err("invalid number")),
-        };
-        if self.peek() == Some(b'.') {
-            self.i += 1;
-            if self.digits() == 0 {
-                return Err(self.err("invalid number"));
-            }
-        }
-        if matches!(self.peek(), Some(b'e' | b'E')) || int_digits > 308 {
-            self.i = start;
-            return self.number().map(drop);
-        }
-        Ok(())
-    }
-
-    /// A number, read as `serde_json` reads it: an integer that fits `u64` is an `Int` when it
-    /// also fits `i64` (negative ones down to `i64::MIN`, `-0` excepted) and a `Float`
-    /// otherwise; fractions and exponents are `Float`s; a number too big for `f64` is an error.
-    fn number(&mut self) -> Result<Scalar<'a>, JsonError> {
-        let start = self.i;
-        let negative = self.peek() == Some(b'-');
-        if negative {
             self.i += 1;
         }
         let int_start = self.i;
@@ -607,14 +581,15 @@ impl<'a> Reader<'a> {
             _ => return Err(self.err("invalid number")),
         }
         let int_end = self.i;
-        let mut float = false;
+        let mut fraction = false;
         if self.peek() == Some(b'.') {
             self.i += 1;
             if self.digits() == 0 {
                 return Err(self.err("invalid number"));
             }
-            float = true;
+            fraction = true;
         }
+        let mut exponent = false;
         if matches!(self.peek(), Some(b'e' | b'E')) {
             self.i += 1;
             if matches!(self.peek(), Some(b'+' | b'-')) {
@@ -623,12 +598,44 @@ impl<'a> Reader<'a> {
             if self.digits() == 0 {
                 return Err(self.err("invalid number"));
             }
-            float = true;
+            exponent = true;
         }
-        if !float {
+        Ok(NumberText {
+            start,
+            int_start,
+            int_end,
+            fraction,
+            exponent,
+        })
+    }
+
+    /// Checks and steps over a number without converting it: a number is an error only for
+    /// its grammar or for a magnitude past `f64`, which needs an exponent or more than 308
+    /// integer digits, so only such numbers are converted to be checked. Arrays are skipped
+    /// this way, and correctly rounded float conversion was most of the cost of skipping them.
+    fn skip_number(&mut self) -> Result<(), JsonError> {
+        let t = self.number_text()?;
+        if t.exponent || t.int_end - t.int_start > 308 {
+            self.convert_number(&t)?;
+        }
+        Ok(())
+    }
+
+    /// A number, read as `serde_json` reads it: an integer that fits `u64` is an `Int` when it
+    /// also fits `i64` (negative ones down to `i64::MIN`, `-0` excepted) and a `Float`
+    /// otherwise; fractions and exponents are `Float`s; a number too big for `f64` is an error.
+    fn number(&mut self) -> Result<Scalar<'a>, JsonError> {
+        let t = self.number_text()?;
+        self.convert_number(&t)
+    }
+
+    /// The value of the number [`Self::number_text`] just stepped over.
+    fn convert_number(&self, t: &NumberText) -> Result<Scalar<'a>, JsonError> {
+        let negative = self.b[t.start] == b'-';
+        if !t.fraction && !t.exponent {
             let mut significand: u64 = 0;
             let mut fits = true;
-            for &d in &self.b[int_start..int_end] {
+            for &d in &self.b[t.int_start..t.int_end] {
                 match significand
                     .checked_mul(10)
                     .and_then(|s| s.checked_add((d - b'0') as u64))
@@ -656,13 +663,13 @@ impl<'a> Reader<'a> {
                 });
             }
         }
-        let f: f64 = self.s[start..self.i].parse().map_err(|_| JsonError {
-            at: start,
+        let f: f64 = self.s[t.start..self.i].parse().map_err(|_| JsonError {
+            at: t.start,
             what: "invalid number",
         })?;
         if f.is_infinite() {
             return Err(JsonError {
-                at: start,
+                at: t.start,
                 what: "number out of range",
             });
         }

@@ -120,8 +120,7 @@ fn sync_dirs_up_to(dir: Option<&std::path::Path>, root: &std::path::Path) -> std
     Ok(())
 }
 
-/// Block size and alignment of direct writes.
-const DIRECT_ALIGN: usize = 4096;
+use crate::paced_io::{DIRECT_ALIGN, open_direct};
 
 /// A block-aligned buffer of up to a [`crate::paced_io::PIECE`] for [`put_direct`], kept
 /// between objects (each is written on a new thread) so that its pages stay mapped.
@@ -176,7 +175,7 @@ fn put_direct(
 ) -> std::io::Result<Direct> {
     #[cfg(target_os = "linux")]
     {
-        use std::os::unix::fs::{FileExt, OpenOptionsExt};
+        use std::os::unix::fs::FileExt;
         if data.len() < DIRECT_ALIGN {
             return Ok(Direct::Unsupported);
         }
@@ -186,19 +185,17 @@ fn put_direct(
             let mut staging = path.as_os_str().to_owned();
             staging.push(format!("#{n}"));
             let staging = PathBuf::from(staging);
-            match std::fs::OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .custom_flags(libc::O_DIRECT)
-                .open(&staging)
-            {
-                Ok(f) => break (f, staging),
+            match open_direct(
+                std::fs::OpenOptions::new().write(true).create_new(true),
+                &staging,
+            ) {
+                Ok(Some(f)) => break (f, staging),
+                Ok(None) => return Ok(Direct::Unsupported),
                 Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => n += 1,
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound && !made_dirs => {
                     std::fs::create_dir_all(path.parent().unwrap_or(root))?;
                     made_dirs = true;
                 }
-                Err(e) if e.raw_os_error() == Some(libc::EINVAL) => return Ok(Direct::Unsupported),
                 Err(e) => return Err(e),
             }
         };
@@ -298,10 +295,13 @@ impl ObjectStore for SyncedLocal {
             object_store::PutMode::Overwrite => Some(false),
             object_store::PutMode::Update(_) => None,
         };
-        let chunks: Vec<bytes::Bytes> = payload.iter().cloned().collect();
-        if let (Some(create_only), [data], true) =
-            (create_only, chunks.as_slice(), opts.attributes.is_empty())
-        {
+        let mut chunks = payload.iter();
+        if let (Some(create_only), Some(data), None, true) = (
+            create_only,
+            chunks.next(),
+            chunks.next(),
+            opts.attributes.is_empty(),
+        ) {
             let file = self.inner.path_to_filesystem(location)?;
             let root = self.root.clone();
             let data = data.clone();
@@ -442,15 +442,10 @@ mod tests {
     }
 
     fn takes_direct_io(dir: &std::path::Path) -> bool {
-        use std::os::unix::fs::OpenOptionsExt;
-        std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .custom_flags(libc::O_DIRECT)
-            .open(dir.join("probe"))
-            .map(|_| std::fs::remove_file(dir.join("probe")))
-            .is_ok()
+        let probe = dir.join("probe");
+        let opened = open_direct(std::fs::OpenOptions::new().write(true).create(true), &probe);
+        let _ = std::fs::remove_file(&probe);
+        matches!(opened, Ok(Some(_)))
     }
 
     fn pattern(len: usize) -> Vec<u8> {

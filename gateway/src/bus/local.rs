@@ -76,9 +76,7 @@ struct Segment {
     len: Arc<AtomicU64>,
 }
 
-/// Alignment of direct-I/O writes: file offset, length and memory address (4 KiB covers every
-/// logical block size Linux file systems use).
-const ALIGN: usize = 4096;
+use crate::paced_io::{DIRECT_ALIGN as ALIGN, open_direct};
 
 struct AppendRequest {
     body: Vec<u8>,
@@ -409,25 +407,6 @@ impl LocalBus {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(0),
             Err(e) => Err(io_err("cannot read", &path, e)),
         }
-    }
-}
-
-/// Opens `path` with `O_DIRECT` added to `options`; `None` where the file system refuses
-/// direct I/O (or off Linux), so the caller falls back to buffered I/O.
-fn open_direct(options: &mut OpenOptions, path: &Path) -> std::io::Result<Option<File>> {
-    #[cfg(target_os = "linux")]
-    {
-        use std::os::unix::fs::OpenOptionsExt;
-        match options.custom_flags(libc::O_DIRECT).open(path) {
-            Ok(file) => Ok(Some(file)),
-            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => Ok(None),
-            Err(e) => Err(e),
-        }
-    }
-    #[cfg(not(target_os = "linux"))]
-    {
-        let _ = (options, path);
-        Ok(None)
     }
 }
 
