@@ -1144,6 +1144,12 @@ impl Consumer for LocalConsumer {
         Ok(())
     }
 
+    async fn release(&mut self, delivery: Delivery) -> Result<(), BusError> {
+        // Not acked, so never committed past: the reopened consumer reads it again.
+        drop(delivery);
+        Ok(())
+    }
+
     async fn commit(&mut self) -> Result<(), BusError> {
         self.save()
     }

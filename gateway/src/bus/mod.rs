@@ -120,6 +120,10 @@ pub trait Consumer: Send {
     /// Marks a delivered message as processed. Messages never acked are delivered again after
     /// the consumer is reopened.
     async fn ack(&mut self, delivery: Delivery) -> Result<(), BusError>;
+    /// Hands a delivered message back unprocessed, to be delivered again: on NATS at once (to
+    /// this consumer or another of its group), on the local bus once the consumer is reopened
+    /// (it reads on from its last committed position).
+    async fn release(&mut self, delivery: Delivery) -> Result<(), BusError>;
     /// Saves the consumer's progress now (it is also saved periodically and on drop).
     async fn commit(&mut self) -> Result<(), BusError>;
     /// Messages on the bus this consumer has not acknowledged yet.

@@ -381,7 +381,7 @@ struct NatsConsumer {
 impl Consumer for NatsConsumer {
     async fn next(&mut self) -> Result<Delivery, BusError> {
         loop {
-            let message = match self.messages.next().await {
+            let mut message = match self.messages.next().await {
                 Some(Ok(m)) => m,
                 Some(Err(e)) => {
                     tracing::warn!(error = %e, "NATS consumer error; continuing");
@@ -394,7 +394,10 @@ impl Consumer for NatsConsumer {
                 .info()
                 .map_err(|e| BusError::Unavailable(format!("bad JetStream message metadata: {e}")))?
                 .stream_sequence;
-            let batch = decode_batch(position, message.payload.clone())?;
+            let batch = decode_batch(position, std::mem::take(&mut message.message.payload))?;
+            // The events' payloads point into the message's body; the ack needs only its
+            // reply subject, so the body is freed once the consumer drops the events, not
+            // when it acks.
             return Ok(Delivery {
                 position,
                 batch,
@@ -409,6 +412,16 @@ impl Consumer for NatsConsumer {
                 .double_ack()
                 .await
                 .map_err(|e| BusError::Unavailable(format!("NATS ack failed: {e}"))),
+            AckHandle::Local(_) => Err(BusError::Rejected("delivery is not from NATS".into())),
+        }
+    }
+
+    async fn release(&mut self, delivery: Delivery) -> Result<(), BusError> {
+        match delivery.ack {
+            AckHandle::Nats(message) => message
+                .ack_with(jetstream::AckKind::Nak(None))
+                .await
+                .map_err(|e| BusError::Unavailable(format!("NATS nak failed: {e}"))),
             AckHandle::Local(_) => Err(BusError::Rejected("delivery is not from NATS".into())),
         }
     }

@@ -331,6 +331,9 @@ impl EmbeddedIndex {
                 .try_for_each(|h| h.join().expect("document builder panicked"))
         });
         let mut writer = writer;
+        // tantivy has its own copies now: free the events (and the bus records their payloads
+        // point into) before the commit, the longest part of the write.
+        drop(docs);
         if let Err(e) = added {
             let _ = writer.rollback();
             return Err(internal(e));

@@ -3,8 +3,13 @@
 //! collection's events stay indexed, and the background job that removes older ones.
 //!
 //! Search never slows ingestion: the indexer reads the bus at its own pace. When the index is
-//! down it keeps its current batch, retries with backoff and stops reading (the bus holds the
-//! backlog; `/readyz` shows the lag), then catches up.
+//! down it hands its batch back to the bus, waits (backing off) and reads it again (the bus
+//! holds the backlog; `/readyz` shows the lag), then catches up.
+//!
+//! A batch's documents are handed to the index, not copied: their payloads point into the bus
+//! records, and the index drops them as soon as it has built its own documents, so a record is
+//! freed while the index is still committing rather than when the batch is acked. What the
+//! indexer keeps of a delivery until its ack is only what the ack needs.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -174,12 +179,18 @@ impl Indexer {
     /// Runs until `shutdown` fires; what is not yet indexed is redelivered after a restart.
     pub async fn run(self, mut shutdown: tokio::sync::watch::Receiver<bool>) {
         self.status.running.store(true, Ordering::Relaxed);
-        let mut backoff = Duration::from_millis(500);
+        const FIRST_BACKOFF: Duration = Duration::from_millis(500);
+        let mut backoff = FIRST_BACKOFF;
         loop {
+            let indexed = self.status.events_indexed.load(Ordering::Relaxed);
             match self.run_once(&mut shutdown).await {
                 Ok(()) => break,
                 Err(e) => {
-                    tracing::error!(error = %e, "indexer stopped; restarting it");
+                    if self.status.events_indexed.load(Ordering::Relaxed) > indexed {
+                        // It made progress since the last failure: not the same outage.
+                        backoff = FIRST_BACKOFF;
+                    }
+                    tracing::error!(error = %e, retry_in = ?backoff, "indexer stopped; restarting it");
                     self.status.set_error(Some(e));
                     tokio::select! {
                         _ = tokio::time::sleep(backoff) => {}
@@ -229,11 +240,10 @@ impl Indexer {
             let due = !pending.is_empty() && (full || oldest.elapsed() >= self.options.max_wait);
             if due && writing.is_none() {
                 *writing = Some(Writing {
-                    task: tokio::spawn(write_until_done(
+                    task: tokio::spawn(write_batch(
                         self.index.clone(),
                         std::mem::take(&mut docs),
                         self.status.clone(),
-                        shutdown.clone(),
                     )),
                     deliveries: std::mem::take(&mut pending),
                 });
@@ -241,8 +251,8 @@ impl Indexer {
             }
             tokio::select! {
                 _ = stopped(shutdown) => {
-                    // A write under way finishes (or gives up at once if it was retrying);
-                    // what it wrote is acked, the rest is redelivered after a restart.
+                    // A write under way finishes; what it wrote is acked, the rest is
+                    // redelivered after a restart.
                     if let Some(w) = writing.take() {
                         w.finish(consumer).await?;
                     }
@@ -252,19 +262,27 @@ impl Indexer {
                 done = async { (&mut writing.as_mut().expect("guarded").task).await }, if writing.is_some() => {
                     let w = writing.take().expect("guarded");
                     let written = done.map_err(|e| format!("the index writer task failed: {e}"))?;
-                    if !written {
-                        return Ok(());
+                    if let Err(e) = written {
+                        // Its documents are gone: hand its messages (and the next batch's)
+                        // back to the bus, to be read again once the consumer is reopened.
+                        for d in w.deliveries.into_iter().chain(pending) {
+                            if let Err(e) = consumer.release(d).await {
+                                tracing::debug!(error = %e, "cannot hand a message back; it is redelivered after its ack wait");
+                            }
+                        }
+                        return Err(e);
                     }
                     w.ack(consumer).await?;
                 }
                 delivery = consumer.next(), if !full => {
-                    let delivery = delivery.map_err(|e| e.to_string())?;
+                    let mut delivery = delivery.map_err(|e| e.to_string())?;
                     if pending.is_empty() {
                         oldest = Instant::now();
                     }
-                    let batch = &delivery.batch;
+                    // The documents take the events; the delivery keeps its ack handle.
+                    let batch = std::mem::take(&mut delivery.batch);
                     let cutoff = self.windows.cutoff(&batch.collection_id);
-                    for e in &batch.events {
+                    for e in batch.events {
                         if e.received_at_micros < cutoff {
                             self.status.events_skipped.fetch_add(1, Ordering::Relaxed);
                             continue;
@@ -272,10 +290,10 @@ impl Indexer {
                         docs.push(IndexDoc {
                             team_id: batch.team_id.clone(),
                             collection_id: batch.collection_id.clone(),
-                            id: e.id.clone(),
+                            id: e.id,
                             received_at: e.received_at_micros,
-                            content_type: e.content_type.clone(),
-                            payload: e.payload.clone(),
+                            content_type: e.content_type,
+                            payload: e.payload,
                             position: delivery.position,
                         });
                     }
@@ -289,7 +307,7 @@ impl Indexer {
 
 /// A batch being written to the index and the bus messages it came from.
 struct Writing {
-    task: tokio::task::JoinHandle<bool>,
+    task: tokio::task::JoinHandle<Result<(), String>>,
     deliveries: Vec<Delivery>,
 }
 
@@ -304,39 +322,159 @@ impl Writing {
 
     /// Waits for the write and acks it if it went through.
     async fn finish(mut self, consumer: &mut dyn crate::bus::Consumer) -> Result<(), String> {
-        if (&mut self.task).await.unwrap_or(false) {
+        if matches!((&mut self.task).await, Ok(Ok(()))) {
             self.ack(consumer).await?;
         }
         Ok(())
     }
 }
 
-/// Writes a batch to the index, retrying with backoff until it succeeds (true) or the gateway
-/// stops first (false: nothing of it is acked, the bus redelivers it after a restart).
-async fn write_until_done(
+/// Writes a batch to the index. The index owns the documents from here on (it frees them as
+/// soon as it has built its own), so a failed write cannot be retried from them: the caller
+/// reads the batch again from the bus.
+async fn write_batch(
     index: Arc<dyn SearchIndex>,
     docs: Vec<IndexDoc>,
     status: Arc<IndexStatus>,
-    mut shutdown: tokio::sync::watch::Receiver<bool>,
-) -> bool {
-    let mut backoff = Duration::from_millis(200);
-    loop {
-        match index.index(docs.clone()).await {
-            Ok(()) => break,
-            Err(e) => {
-                tracing::warn!(error = %e, events = docs.len(), "indexing failed; keeping the batch and retrying");
-                status.set_error(Some(e.to_string()));
-                tokio::select! {
-                    _ = tokio::time::sleep(backoff) => {}
-                    _ = stopped(&mut shutdown) => return false,
-                }
-                backoff = (backoff * 2).min(Duration::from_secs(5));
+) -> Result<(), String> {
+    let events = docs.len();
+    match index.index(docs).await {
+        Ok(()) => {
+            status.set_error(None);
+            status
+                .events_indexed
+                .fetch_add(events as u64, Ordering::Relaxed);
+            Ok(())
+        }
+        Err(e) => {
+            let e =
+                format!("indexing {events} events failed: {e}; they are read again from the bus");
+            status.set_error(Some(e.clone()));
+            Err(e)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::bus::BusBatch;
+    use crate::bus::local::{LocalBus, LocalBusOptions};
+    use crate::proto::v1::Event;
+    use crate::search::{SearchError, SearchHealth, SearchPage, SearchRequest};
+    use async_trait::async_trait;
+
+    /// An index that refuses its first `failures` writes and records the ids of the others.
+    struct FlakyIndex {
+        failures: Mutex<usize>,
+        ids: Mutex<Vec<String>>,
+    }
+
+    #[async_trait]
+    impl SearchIndex for FlakyIndex {
+        fn kind(&self) -> &'static str {
+            "flaky"
+        }
+        async fn index(&self, docs: Vec<IndexDoc>) -> Result<(), SearchError> {
+            let mut failures = self.failures.lock().unwrap();
+            if *failures > 0 {
+                *failures -= 1;
+                return Err(SearchError::Unavailable("down for the test".into()));
+            }
+            let mut ids = self.ids.lock().unwrap();
+            ids.extend(docs.into_iter().map(|d| d.id));
+            Ok(())
+        }
+        async fn search(&self, _: &SearchRequest) -> Result<SearchPage, SearchError> {
+            Err(SearchError::Unavailable("not searched in this test".into()))
+        }
+        async fn delete_before(&self, _: &str, _: &str, _: i64) -> Result<(), SearchError> {
+            Ok(())
+        }
+        async fn health(&self) -> SearchHealth {
+            SearchHealth {
+                kind: "flaky",
+                ready: true,
+                detail: String::new(),
             }
         }
     }
-    status.set_error(None);
-    status
-        .events_indexed
-        .fetch_add(docs.len() as u64, Ordering::Relaxed);
-    true
+
+    fn batch(n: usize, tag: &str) -> BusBatch {
+        BusBatch {
+            team_id: "tm_1".into(),
+            collection_id: "col_1".into(),
+            events: (0..n)
+                .map(|i| Event {
+                    id: format!("{tag}-{i}"),
+                    received_at_micros: now_micros(),
+                    payload: bytes::Bytes::from(format!("{{\"i\":{i}}}")),
+                    content_type: "application/json".into(),
+                    ..Default::default()
+                })
+                .collect(),
+        }
+    }
+
+    /// Writes that fail hand their batch back to the bus: once the index takes writes again,
+    /// every event is indexed exactly once, the error shown meanwhile is cleared, and the bus
+    /// has nothing left for the indexer.
+    #[tokio::test]
+    async fn a_failed_write_is_read_again_from_the_bus_and_indexed_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let bus: Arc<dyn Bus> =
+            Arc::new(LocalBus::open(dir.path(), LocalBusOptions::default()).unwrap());
+        for b in 0..5 {
+            bus.append(&batch(100, &format!("b{b}")), &format!("m{b}"))
+                .await
+                .unwrap();
+        }
+        let index = Arc::new(FlakyIndex {
+            failures: Mutex::new(2),
+            ids: Mutex::default(),
+        });
+        let options = IndexerOptions {
+            batch_events: 150,
+            max_wait: Duration::from_millis(20),
+            ..Default::default()
+        };
+        let indexer = Indexer::new(
+            bus.clone(),
+            index.clone(),
+            Arc::new(HotWindows::new(Duration::from_secs(3600))),
+            options,
+        );
+        let status = indexer.status.clone();
+        let (stop, shutdown) = tokio::sync::watch::channel(false);
+        let task = tokio::spawn(indexer.run(shutdown));
+
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let mut saw_error = false;
+        while index.ids.lock().unwrap().len() < 500 {
+            saw_error |= status
+                .last_error
+                .lock()
+                .unwrap()
+                .as_deref()
+                .is_some_and(|e| e.contains("read again from the bus"));
+            assert!(Instant::now() < deadline, "the indexer did not catch up");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        stop.send(true).unwrap();
+        task.await.unwrap();
+
+        assert!(saw_error, "the failed writes were not shown in the status");
+        assert_eq!(*index.failures.lock().unwrap(), 0);
+        let mut ids = index.ids.lock().unwrap().clone();
+        ids.sort();
+        let before = ids.len();
+        ids.dedup();
+        assert_eq!((before, ids.len()), (500, 500), "indexed twice or lost");
+        assert_eq!(status.events_indexed.load(Ordering::Relaxed), 500);
+        assert!(status.last_error.lock().unwrap().is_none());
+        // Everything was acked: a reopened consumer has nothing to deliver.
+        let mut consumer = bus.consumer(CONSUMER).await.unwrap();
+        let next = tokio::time::timeout(Duration::from_millis(300), consumer.next()).await;
+        assert!(next.is_err(), "a message was left unacked");
+    }
 }
