@@ -1175,24 +1175,8 @@ impl Drop for LocalConsumer {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::proto::v1::Event;
 
-    fn batch(n: usize, tag: &str) -> BusBatch {
-        BusBatch {
-            team_id: "tm_1".into(),
-            collection_id: "col_1".into(),
-            events: (0..n)
-                .map(|i| Event {
-                    id: format!("{tag}-{i}"),
-                    received_at_micros: crate::ids::now_micros(),
-                    payload: bytes::Bytes::from(format!("{{\"i\":{i}}}")),
-                    content_type: "application/json".into(),
-                    client_id: format!("c-{tag}-{i}"),
-                    ..Default::default()
-                })
-                .collect(),
-        }
-    }
+    use crate::bus::test_batch as batch;
 
     async fn drain(consumer: &mut Box<dyn Consumer>, n: usize) -> Vec<Delivery> {
         let mut out = Vec::new();

@@ -138,3 +138,22 @@ pub fn decode_batch(position: Position, bytes: bytes::Bytes) -> Result<BusBatch,
         detail: e.to_string(),
     })
 }
+
+/// A batch of `n` small JSON events for tests (`{tag}-{i}` ids, client ids `c-{tag}-{i}`).
+#[cfg(test)]
+pub(crate) fn test_batch(n: usize, tag: &str) -> BusBatch {
+    BusBatch {
+        team_id: "tm_1".into(),
+        collection_id: "col_1".into(),
+        events: (0..n)
+            .map(|i| Event {
+                id: format!("{tag}-{i}"),
+                received_at_micros: crate::ids::now_micros(),
+                payload: bytes::Bytes::from(format!("{{\"i\":{i}}}")),
+                content_type: "application/json".into(),
+                client_id: format!("c-{tag}-{i}"),
+                ..Default::default()
+            })
+            .collect(),
+    }
+}

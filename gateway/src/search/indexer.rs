@@ -358,9 +358,8 @@ async fn write_batch(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::bus::BusBatch;
     use crate::bus::local::{LocalBus, LocalBusOptions};
-    use crate::proto::v1::Event;
+    use crate::bus::test_batch as batch;
     use crate::search::{SearchError, SearchHealth, SearchPage, SearchRequest};
     use async_trait::async_trait;
 
@@ -397,22 +396,6 @@ mod tests {
                 ready: true,
                 detail: String::new(),
             }
-        }
-    }
-
-    fn batch(n: usize, tag: &str) -> BusBatch {
-        BusBatch {
-            team_id: "tm_1".into(),
-            collection_id: "col_1".into(),
-            events: (0..n)
-                .map(|i| Event {
-                    id: format!("{tag}-{i}"),
-                    received_at_micros: now_micros(),
-                    payload: bytes::Bytes::from(format!("{{\"i\":{i}}}")),
-                    content_type: "application/json".into(),
-                    ..Default::default()
-                })
-                .collect(),
         }
     }
 
