@@ -101,6 +101,31 @@ pub fn set_threads(tids: &std::collections::BTreeSet<i32>, prefixes: &[&str], ni
     }
 }
 
+/// The calling thread at background priority until this is dropped; see
+/// [`lower_for_a_while`].
+#[must_use = "the thread goes back to normal priority when this is dropped"]
+pub struct Lowered(bool);
+
+/// Moves the calling thread (e.g. one of tokio's blocking pool, which other tasks reuse) to
+/// the background until the returned guard is dropped. Where this process could not give the
+/// thread its normal priority back ([`can_restore_priority`]), it is left as it is.
+pub fn lower_for_a_while() -> Lowered {
+    #[cfg(target_os = "linux")]
+    if can_restore_priority() {
+        return Lowered(set_nice(current_tid(), BACKGROUND_NICE));
+    }
+    Lowered(false)
+}
+
+impl Drop for Lowered {
+    fn drop(&mut self) {
+        #[cfg(target_os = "linux")]
+        if self.0 && !set_nice(current_tid(), 0) {
+            tracing::warn!("cannot give a thread its normal priority back");
+        }
+    }
+}
+
 /// Runs `f` on a new thread at background priority and waits for it.
 pub fn run_in_background<T: Send>(name: &str, f: impl FnOnce() -> T + Send) -> Result<T, String> {
     std::thread::scope(|scope| {
@@ -233,6 +258,35 @@ mod tests {
             super::io_class_of(super::current_tid()),
             super::IOPRIO_CLASS_IDLE as libc::c_long
         );
+    }
+
+    #[test]
+    fn a_thread_lowered_for_a_while_gets_its_priority_back() {
+        if nice_of(super::current_tid()) != 0 || !super::can_restore_priority() {
+            eprintln!("not checked: cannot give a thread its priority back here");
+            return;
+        }
+        // On a thread of its own: the test harness's thread is left alone whatever happens.
+        std::thread::spawn(|| {
+            let tid = super::current_tid();
+            {
+                let _lowered = super::lower_for_a_while();
+                assert_eq!(nice_of(tid), super::BACKGROUND_NICE);
+                assert_eq!(policy_of(tid), libc::SCHED_IDLE);
+                assert_eq!(
+                    super::io_class_of(tid),
+                    super::IOPRIO_CLASS_IDLE as libc::c_long
+                );
+            }
+            assert_eq!(nice_of(tid), 0);
+            assert_eq!(policy_of(tid), libc::SCHED_OTHER);
+            assert_ne!(
+                super::io_class_of(tid),
+                super::IOPRIO_CLASS_IDLE as libc::c_long
+            );
+        })
+        .join()
+        .unwrap();
     }
 
     /// A named thread that waits until stopped (its id is what the tests change).

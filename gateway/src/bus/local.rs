@@ -716,8 +716,7 @@ impl LogReader {
     }
 
     /// Opens the segment holding `self.next` and skips to it.
-    fn open_at_next(&mut self) -> Result<(), BusError> {
-        let segments = self.shared.segments.read().expect("lock").clone();
+    fn open_at_next(&mut self, segments: &[Segment]) -> Result<(), BusError> {
         if let Some(first) = segments.first()
             && self.next < first.base
         {
@@ -776,11 +775,26 @@ impl LogReader {
         max: usize,
         max_bytes: usize,
     ) -> Result<Vec<(Position, Vec<u8>)>, BusError> {
+        let segments = self.shared.segments.read().expect("lock").clone();
+        self.read_in(&segments, limit, max, max_bytes)
+    }
+
+    /// As [`Self::read`], with the segment list taken by the caller: it must be taken after
+    /// `limit` was (a segment is listed before any of its records is durable), and it lets
+    /// a reader at background priority read without touching the lock the bus writer takes
+    /// at every roll.
+    fn read_in(
+        &mut self,
+        segments: &[Segment],
+        limit: Position,
+        max: usize,
+        max_bytes: usize,
+    ) -> Result<Vec<(Position, Vec<u8>)>, BusError> {
         let mut out = Vec::new();
         let mut bytes = 0usize;
         while self.next < limit && out.len() < max && bytes < max_bytes {
             if self.current.is_none() {
-                self.open_at_next()?;
+                self.open_at_next(segments)?;
             }
             let (_, reader) = self.current.as_mut().expect("opened");
             match read_record(reader) {
@@ -800,7 +814,6 @@ impl LogReader {
                 }
                 Ok(None) => {
                     // End of this segment: the next one must start here.
-                    let segments = self.shared.segments.read().expect("lock");
                     match segments.iter().find(|seg| seg.base == self.next) {
                         Some(_) => self.current = None,
                         None => {
@@ -1115,9 +1128,16 @@ impl Consumer for LocalConsumer {
             let reading = self.reading.clone();
             tokio::task::spawn_blocking(move || {
                 let mut reading = reading.lock().expect("lock");
+                // Consumers (archiver, indexer) read the log in the background: the device
+                // reads and the copies then wait for the acknowledging threads instead of
+                // running beside them (docs/benchmarks.md, "What the background consumers
+                // cost the half-peak tail"). The segment list is taken first, so that the
+                // lowered thread never holds the lock the bus writer takes at a roll.
+                let segments = reading.0.shared.segments.read().expect("lock").clone();
+                let _background = crate::priority::lower_for_a_while();
                 // Read-ahead is bounded in bytes, not only in records: a record can be a
                 // batch of thousands of events.
-                let records = reading.0.read(head, 512, READ_AHEAD_BYTES)?;
+                let records = reading.0.read_in(&segments, head, 512, READ_AHEAD_BYTES)?;
                 reading.1.extend(records);
                 Ok::<_, BusError>(())
             })
