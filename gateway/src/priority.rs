@@ -103,8 +103,9 @@ pub fn set_threads(tids: &std::collections::BTreeSet<i32>, prefixes: &[&str], ni
 
 /// The calling thread at background priority until this is dropped; see
 /// [`lower_for_a_while`].
+/// Holds the id of the thread it lowered, if it did.
 #[must_use = "the thread goes back to normal priority when this is dropped"]
-pub struct Lowered(bool);
+pub struct Lowered(Option<i32>);
 
 /// Moves the calling thread (e.g. one of tokio's blocking pool, which other tasks reuse) to
 /// the background until the returned guard is dropped. Where this process could not give the
@@ -112,15 +113,18 @@ pub struct Lowered(bool);
 pub fn lower_for_a_while() -> Lowered {
     #[cfg(target_os = "linux")]
     if can_restore_priority() {
-        return Lowered(set_nice(current_tid(), BACKGROUND_NICE));
+        let tid = current_tid();
+        return Lowered(set_nice(tid, BACKGROUND_NICE).then_some(tid));
     }
-    Lowered(false)
+    Lowered(None)
 }
 
 impl Drop for Lowered {
     fn drop(&mut self) {
         #[cfg(target_os = "linux")]
-        if self.0 && !set_nice(current_tid(), 0) {
+        if let Some(tid) = self.0
+            && !set_nice(tid, 0)
+        {
             tracing::warn!("cannot give a thread its normal priority back");
         }
     }
