@@ -102,19 +102,25 @@ pub fn set_threads(tids: &std::collections::BTreeSet<i32>, prefixes: &[&str], ni
 }
 
 /// The calling thread at background priority until this is dropped; see
-/// [`lower_for_a_while`].
-/// Holds the id of the thread it lowered, if it did.
-#[must_use = "the thread goes back to normal priority when this is dropped"]
-pub struct Lowered(Option<i32>);
+/// [`lower_for_a_while`]. Holds the id of the thread it lowered and the nice value it had
+/// before, if it lowered one.
+#[must_use = "the thread goes back to its priority when this is dropped"]
+pub struct Lowered(Option<(i32, i32)>);
 
 /// Moves the calling thread (e.g. one of tokio's blocking pool, which other tasks reuse) to
-/// the background until the returned guard is dropped. Where this process could not give the
-/// thread its normal priority back ([`can_restore_priority`]), it is left as it is.
+/// the background until the returned guard is dropped, which gives the thread back the nice
+/// value it had (a gateway started under `nice` keeps its threads' value) with the normal
+/// policy. A thread already in the background, or one this process could not give its
+/// priority back ([`can_restore_priority`]), is left as it is.
 pub fn lower_for_a_while() -> Lowered {
     #[cfg(target_os = "linux")]
     if can_restore_priority() {
         let tid = current_tid();
-        return Lowered(set_nice(tid, BACKGROUND_NICE).then_some(tid));
+        if let Some(before) = nice_now(tid)
+            && before < BACKGROUND_NICE
+        {
+            return Lowered(set_nice(tid, BACKGROUND_NICE).then_some((tid, before)));
+        }
     }
     Lowered(None)
 }
@@ -122,12 +128,29 @@ pub fn lower_for_a_while() -> Lowered {
 impl Drop for Lowered {
     fn drop(&mut self) {
         #[cfg(target_os = "linux")]
-        if let Some(tid) = self.0
-            && !set_nice(tid, 0)
+        if let Some((tid, before)) = self.0
+            && !set_nice(tid, before)
         {
-            tracing::warn!("cannot give a thread its normal priority back");
+            tracing::warn!("cannot give a thread its priority back");
         }
     }
+}
+
+/// Thread `tid`'s nice value (`getpriority`), if it can be read.
+#[cfg(target_os = "linux")]
+#[allow(unsafe_code)] // two libc calls taking and returning integers
+fn nice_now(tid: i32) -> Option<i32> {
+    if tid <= 0 {
+        return None;
+    }
+    // getpriority returns -1 both for nice -1 and for an error: errno tells them apart.
+    // SAFETY: __errno_location returns this thread's errno, which is written before the call.
+    unsafe { *libc::__errno_location() = 0 };
+    // SAFETY: getpriority reads two integers and returns the nice value of thread `tid`.
+    let nice = unsafe { libc::getpriority(libc::PRIO_PROCESS, tid as libc::id_t) };
+    // SAFETY: as above.
+    let failed = nice == -1 && unsafe { *libc::__errno_location() } != 0;
+    (!failed).then_some(nice)
 }
 
 /// Runs `f` on a new thread at background priority and waits for it.
@@ -288,6 +311,36 @@ mod tests {
                 super::io_class_of(tid),
                 super::IOPRIO_CLASS_IDLE as libc::c_long
             );
+        })
+        .join()
+        .unwrap();
+    }
+
+    #[test]
+    fn a_niced_thread_lowered_for_a_while_gets_its_own_nice_value_back() {
+        if nice_of(super::current_tid()) != 0 || !super::can_restore_priority() {
+            eprintln!("not checked: cannot give a thread its priority back here");
+            return;
+        }
+        std::thread::spawn(|| {
+            let tid = super::current_tid();
+            // As for a gateway started under `nice -n 5`.
+            assert!(super::set_nice(tid, 5));
+            {
+                let _lowered = super::lower_for_a_while();
+                assert_eq!(nice_of(tid), super::BACKGROUND_NICE);
+                assert_eq!(policy_of(tid), libc::SCHED_IDLE);
+            }
+            assert_eq!(nice_of(tid), 5);
+            assert_eq!(policy_of(tid), libc::SCHED_OTHER);
+            // A thread already in the background is left there.
+            assert!(super::set_nice(tid, super::BACKGROUND_NICE + 2));
+            {
+                let _lowered = super::lower_for_a_while();
+                assert_eq!(nice_of(tid), super::BACKGROUND_NICE + 2);
+            }
+            assert_eq!(nice_of(tid), super::BACKGROUND_NICE + 2);
+            assert_eq!(policy_of(tid), libc::SCHED_IDLE);
         })
         .join()
         .unwrap();

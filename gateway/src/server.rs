@@ -39,15 +39,24 @@ pub async fn open_metastore(config: &Config) -> anyhow::Result<Arc<dyn Metastore
     Ok(Arc::new(CachedMetastore::new(store, token_ttl)))
 }
 
+/// Whose consumers read the bus: the gateway's own (archiver, indexer) read the local log at
+/// background priority, an operator's tool (`rewind bus read`) at normal priority.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BusReader {
+    Gateway,
+    Tool,
+}
+
 /// Opens the configured bus. NATS connects in the background (the gateway starts even if
 /// NATS is down, and reports itself not ready until it connects).
-pub async fn open_bus(config: &Config) -> anyhow::Result<Arc<dyn Bus>> {
+pub async fn open_bus(config: &Config, reader: BusReader) -> anyhow::Result<Arc<dyn Bus>> {
     Ok(match &config.bus {
         BusConfig::Local => Arc::new(LocalBus::open(
             &config.data_dir.join("bus"),
             LocalBusOptions {
                 segment_bytes: config.bus_segment_bytes,
                 direct_io: config.bus_direct_io,
+                background_reads: reader == BusReader::Gateway,
             },
         )?),
         BusConfig::Nats { url } => {
@@ -76,7 +85,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     }
 
     let meta = open_metastore(&config).await?;
-    let bus = open_bus(&config).await?;
+    let bus = open_bus(&config, BusReader::Gateway).await?;
     let metrics = Arc::new(Metrics::new());
     let limiter = TokenRateLimiter::new(
         config.rate_limit.events_per_sec,

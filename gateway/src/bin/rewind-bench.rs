@@ -310,6 +310,8 @@ async fn archive_bench(events: usize, event_bytes: usize) -> anyhow::Result<()> 
         &dir.path().join("bus"),
         rewind_gateway::bus::local::LocalBusOptions {
             direct_io: bus_direct_io(),
+            // As in the gateway: the archiver's reads in the background.
+            background_reads: true,
             ..Default::default()
         },
     )?);

@@ -56,6 +56,12 @@ pub struct LocalBusOptions {
     pub segment_bytes: u64,
     /// Write with `O_DIRECT` where the file system allows it (see the module doc).
     pub direct_io: bool,
+    /// Consumers read the log at background priority (`crate::priority::lower_for_a_while`).
+    /// The gateway sets it for its own consumers (archiver, indexer), whose reads should wait
+    /// for the threads that acknowledge clients. Off by default, and off for operator tools
+    /// such as `rewind bus read`: a background read can wait seconds for a CPU on a busy
+    /// machine, and a tool that stops after an idle timeout would take that for an empty bus.
+    pub background_reads: bool,
 }
 
 impl Default for LocalBusOptions {
@@ -63,6 +69,7 @@ impl Default for LocalBusOptions {
         Self {
             segment_bytes: 128 << 20,
             direct_io: true,
+            background_reads: false,
         }
     }
 }
@@ -92,6 +99,8 @@ struct Shared {
     open_consumers: Mutex<HashSet<String>>,
     /// Readers use direct I/O too (`LocalBusOptions::direct_io`).
     direct_io: bool,
+    /// `LocalBusOptions::background_reads`.
+    background_reads: bool,
 }
 
 /// The embedded, file-backed bus.
@@ -280,6 +289,7 @@ impl LocalBus {
             poisoned: Mutex::new(None),
             open_consumers: Mutex::new(HashSet::new()),
             direct_io: options.direct_io,
+            background_reads: options.background_reads,
         });
         let (durable_tx, durable_rx) = watch::channel(next);
         let (tx, rx) = mpsc::unbounded_channel();
@@ -1134,7 +1144,11 @@ impl Consumer for LocalConsumer {
                 // cost the half-peak tail"). The segment list is taken first, so that the
                 // lowered thread never holds the lock the bus writer takes at a roll.
                 let segments = reading.0.shared.segments.read().expect("lock").clone();
-                let _background = crate::priority::lower_for_a_while();
+                let _background = reading
+                    .0
+                    .shared
+                    .background_reads
+                    .then(crate::priority::lower_for_a_while);
                 // Read-ahead is bounded in bytes, not only in records: a record can be a
                 // batch of thousands of events.
                 let records = reading.0.read_in(&segments, head, 512, READ_AHEAD_BYTES)?;
@@ -1388,6 +1402,8 @@ mod tests {
             let options = LocalBusOptions {
                 segment_bytes: 64 << 10,
                 direct_io,
+                // The gateway's consumers read in the background: both ways are checked.
+                background_reads: direct_io,
             };
             let bus = LocalBus::open(dir.path(), options.clone()).unwrap();
             let mut consumer = bus.consumer("follower").await.unwrap();

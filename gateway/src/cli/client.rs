@@ -364,7 +364,7 @@ pub fn bus_forget(args: BusForgetArgs) -> anyhow::Result<()> {
 
 pub async fn bus_read(args: BusReadArgs) -> anyhow::Result<()> {
     let config = args.serve.resolve()?;
-    let bus = crate::server::open_bus(&config).await?;
+    let bus = crate::server::open_bus(&config, crate::server::BusReader::Tool).await?;
     let mut consumer = bus.consumer(&args.consumer).await?;
     let idle = Duration::from_millis(args.idle_ms);
     let mut stdout = std::io::stdout().lock();
