@@ -5,7 +5,11 @@
 //! switches between the two (`search::embedded`): while it keeps up with the bus it indexes at
 //! normal priority (freshness is a target of its own: tried in the background under a steady
 //! search load, it fell far behind), and once it is a backlog behind it catches up in the
-//! background, so that a burst of ingest is acknowledged first.
+//! background, so that a burst of ingest is acknowledged first. The gateway's consumers of
+//! the local bus (archiver, indexer) read the log in the background as well
+//! (`LocalBusOptions::background_reads`, each read only: [`lower_for_a_while`]); operator
+//! tools such as `rewind bus read` do not, as on a busy machine a background thread can wait
+//! seconds for a CPU and a tool would take that for the end of the log.
 //!
 //! "Background" is Linux's `SCHED_IDLE` policy (and nice +10, which tools show): such a thread
 //! runs only on a CPU no normal thread wants, and a normal thread that wakes up takes the CPU
