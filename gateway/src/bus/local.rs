@@ -56,9 +56,11 @@ pub struct LocalBusOptions {
     pub segment_bytes: u64,
     /// Write with `O_DIRECT` where the file system allows it (see the module doc).
     pub direct_io: bool,
-    /// Consumers read the log at background priority (`crate::priority::lower_for_a_while`).
-    /// The gateway sets it for its own consumers (archiver, indexer), whose reads should wait
-    /// for the threads that acknowledge clients. Off by default, and off for operator tools
+    /// Consumers read segments the writer has rolled (a backlog) at background priority
+    /// (`crate::priority::lower_for_a_while`); the active segment is always read at normal
+    /// priority (see `LocalConsumer::next`). The gateway sets it for its own consumers
+    /// (archiver, indexer), whose catching up should wait for the threads that acknowledge
+    /// clients. Off by default, and off for operator tools
     /// such as `rewind bus read`: a background read can wait seconds for a CPU on a busy
     /// machine, and a tool that stops after an idle timeout would take that for an empty bus.
     pub background_reads: bool,
@@ -1138,20 +1140,30 @@ impl Consumer for LocalConsumer {
             let reading = self.reading.clone();
             tokio::task::spawn_blocking(move || {
                 let mut reading = reading.lock().expect("lock");
-                // Consumers (archiver, indexer) read the log in the background: the device
-                // reads and the copies then wait for the acknowledging threads instead of
-                // running beside them (docs/benchmarks.md, "What the background consumers
-                // cost the half-peak tail"). The segment list is taken first, so that the
-                // lowered thread never holds the lock the bus writer takes at a roll.
+                // The gateway's consumers (archiver, indexer) read segments the writer has
+                // rolled in the background, so that catching up with a backlog waits for the
+                // acknowledging threads instead of running beside them. The active segment is
+                // read at normal priority: a direct read holds the file's inode lock (shared)
+                // until its I/O completes and the thread runs again, and the writer's appends
+                // can take that lock exclusively (ext4 does for writes that extend the file),
+                // so a reader in the background there could hold
+                // up every acknowledgement behind a thread that waits for an idle CPU
+                // (docs/benchmarks.md, "What the background consumers cost the half-peak
+                // tail"). A read that starts in a rolled segment stops where the active one
+                // begins. The segment list is taken first, so that a lowered thread never
+                // holds the lock the bus writer takes at a roll.
                 let segments = reading.0.shared.segments.read().expect("lock").clone();
-                let _background = reading
-                    .0
-                    .shared
-                    .background_reads
-                    .then(crate::priority::lower_for_a_while);
+                let active_base = segments.last().map_or(0, |s| s.base);
+                let catching_up = reading.0.shared.background_reads && reading.0.next < active_base;
+                let limit = if catching_up {
+                    head.min(active_base)
+                } else {
+                    head
+                };
+                let _background = catching_up.then(crate::priority::lower_for_a_while);
                 // Read-ahead is bounded in bytes, not only in records: a record can be a
                 // batch of thousands of events.
-                let records = reading.0.read_in(&segments, head, 512, READ_AHEAD_BYTES)?;
+                let records = reading.0.read_in(&segments, limit, 512, READ_AHEAD_BYTES)?;
                 reading.1.extend(records);
                 Ok::<_, BusError>(())
             })
@@ -1276,6 +1288,45 @@ mod tests {
         let mut fresh = bus.consumer("fresh").await.unwrap();
         let first = drain(&mut fresh, 1).await;
         assert_eq!(first[0].position, kept[0].base);
+    }
+
+    #[tokio::test]
+    async fn a_backlog_read_in_the_background_is_whole_and_in_order_up_to_the_head() {
+        // As the gateway's consumers read: rolled segments in the background, each read
+        // stopping where the active segment begins, then the active one at normal priority.
+        let dir = tempfile::tempdir().unwrap();
+        let bus = LocalBus::open(
+            dir.path(),
+            LocalBusOptions {
+                segment_bytes: 4096,
+                background_reads: true,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        for i in 0..200 {
+            bus.append(&batch(3, &i.to_string()), "").await.unwrap();
+        }
+        assert!(list_segments(dir.path()).unwrap().len() >= 5);
+        let mut consumer = bus.consumer("archiver").await.unwrap();
+        let got = drain(&mut consumer, 200).await;
+        assert_eq!(
+            got.iter().map(|d| d.position).collect::<Vec<_>>(),
+            (0..200).collect::<Vec<_>>()
+        );
+        for (i, d) in got.iter().enumerate() {
+            assert_eq!(d.batch.events.len(), 3);
+            assert_eq!(d.batch.events[0].id, format!("{i}-0"));
+        }
+        // At the head: appended after the reader caught up, read from the active segment.
+        for i in 200..210 {
+            bus.append(&batch(3, &i.to_string()), "").await.unwrap();
+        }
+        let more = drain(&mut consumer, 10).await;
+        assert_eq!(
+            more.iter().map(|d| d.position).collect::<Vec<_>>(),
+            (200..210).collect::<Vec<_>>()
+        );
     }
 
     #[tokio::test]
