@@ -6,8 +6,10 @@
 //! normal priority (freshness is a target of its own: tried in the background under a steady
 //! search load, it fell far behind), and once it is a backlog behind it catches up in the
 //! background, so that a burst of ingest is acknowledged first. The gateway's consumers of
-//! the local bus (archiver, indexer) read the log in the background as well
-//! (`LocalBusOptions::background_reads`, each read only: [`lower_for_a_while`]); operator
+//! the local bus (archiver, indexer) read a backlog (segments the writer has rolled) in the
+//! background as well (`LocalBusOptions::background_reads`, each read only:
+//! [`lower_for_a_while`]; never the active segment, whose inode lock the writer takes);
+//! operator
 //! tools such as `rewind bus read` do not, as on a busy machine a background thread can wait
 //! seconds for a CPU and a tool would take that for the end of the log.
 //!
