@@ -9,9 +9,8 @@
 //! the local bus (archiver, indexer) read a backlog (segments the writer has rolled) in the
 //! background as well (`LocalBusOptions::background_reads`, each read only:
 //! [`lower_for_a_while`]; never the active segment, whose inode lock the writer takes);
-//! operator
-//! tools such as `rewind bus read` do not, as on a busy machine a background thread can wait
-//! seconds for a CPU and a tool would take that for the end of the log.
+//! operator tools such as `rewind bus read` do not, as on a busy machine a background thread
+//! can wait seconds for a CPU and a tool would take that for the end of the log.
 //!
 //! "Background" is Linux's `SCHED_IDLE` policy (and nice +10, which tools show): such a thread
 //! runs only on a CPU no normal thread wants, and a normal thread that wakes up takes the CPU

@@ -39,8 +39,9 @@ pub async fn open_metastore(config: &Config) -> anyhow::Result<Arc<dyn Metastore
     Ok(Arc::new(CachedMetastore::new(store, token_ttl)))
 }
 
-/// Whose consumers read the bus: the gateway's own (archiver, indexer) read the local log at
-/// background priority, an operator's tool (`rewind bus read`) at normal priority.
+/// Whose consumers read the bus: the gateway's own (archiver, indexer) read a backlog of the
+/// local log at background priority, an operator's tool (`rewind bus read`) reads all of it
+/// at normal priority.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum BusReader {
     Gateway,

@@ -60,9 +60,9 @@ pub struct LocalBusOptions {
     /// (`crate::priority::lower_for_a_while`); the active segment is always read at normal
     /// priority (see `LocalConsumer::next`). The gateway sets it for its own consumers
     /// (archiver, indexer), whose catching up should wait for the threads that acknowledge
-    /// clients. Off by default, and off for operator tools
-    /// such as `rewind bus read`: a background read can wait seconds for a CPU on a busy
-    /// machine, and a tool that stops after an idle timeout would take that for an empty bus.
+    /// clients. Off by default, and off for operator tools such as `rewind bus read`: a
+    /// background read can wait seconds for a CPU on a busy machine, and a tool that stops
+    /// after an idle timeout would take that for an empty bus.
     pub background_reads: bool,
 }
 
@@ -1146,12 +1146,12 @@ impl Consumer for LocalConsumer {
                 // read at normal priority: a direct read holds the file's inode lock (shared)
                 // until its I/O completes and the thread runs again, and the writer's appends
                 // can take that lock exclusively (ext4 does for writes that extend the file),
-                // so a reader in the background there could hold
-                // up every acknowledgement behind a thread that waits for an idle CPU
-                // (docs/benchmarks.md, "What the background consumers cost the half-peak
-                // tail"). A read that starts in a rolled segment stops where the active one
-                // begins. The segment list is taken first, so that a lowered thread never
-                // holds the lock the bus writer takes at a roll.
+                // so a reader in the background there could hold up every acknowledgement
+                // behind a thread that waits for an idle CPU (docs/benchmarks.md, "The
+                // background reads, only for the backlog"). A read that starts in a rolled
+                // segment stops where the active one begins. The segment list is taken first,
+                // so that a lowered thread never holds the lock the bus writer takes at a
+                // roll.
                 let segments = reading.0.shared.segments.read().expect("lock").clone();
                 let active_base = segments.last().map_or(0, |s| s.base);
                 let catching_up = reading.0.shared.background_reads && reading.0.next < active_base;
