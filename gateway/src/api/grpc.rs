@@ -20,9 +20,12 @@ use pb::team_service_server::{TeamService, TeamServiceServer};
 use pb::token_service_server::{TokenService, TokenServiceServer};
 
 /// How many batches of one `PublishStream` may be in flight at once (acks stay in order). Each
-/// holds its request and its encoded bus record until durable: 8 covers the group commit's
-/// latency (16 raised the peak RSS under the ingest benchmark without raising the rate).
-const STREAM_PIPELINE: usize = 8;
+/// holds its request and its encoded bus record until durable, and a decoded request holds
+/// its memory before the in-flight budget admits it: 4 covers the group commit's latency.
+/// Under the ingest benchmark (docs/benchmarks.md, "The background reads, only for the
+/// backlog") 8 put the gRPC scenario's RSS peak at 300-307 MiB against 262-279 with 4, for
+/// ~6 % more rate (16 raised the peak further without raising the rate).
+const STREAM_PIPELINE: usize = 4;
 
 /// Full names of the services, as they appear in gRPC paths.
 pub const SERVICES: [&str; 6] = [
