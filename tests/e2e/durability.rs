@@ -212,10 +212,11 @@ async fn bus_read_reads_everything_while_every_cpu_is_busy() {
     let mut gw = Gateway::start(&[]).await;
     let (admin, col) = gw.team_with_collection("acme", "orders").await;
     let tok = gw.token(&admin, &["ingest"]).await;
-    let mut sent = 0;
-    for batch in 0..40 {
-        let body: String = (0..500)
-            .map(|i| format!("{}\n", event_of_size(batch * 500 + i, 1024)))
+    let (batches, per_batch) = (40, 500);
+    let sent = batches * per_batch;
+    for batch in 0..batches {
+        let body: String = (0..per_batch)
+            .map(|i| format!("{}\n", event_of_size(batch * per_batch + i, 1024)))
             .collect();
         assert_eq!(
             gw.send(&tok, &col, "application/x-ndjson", body)
@@ -223,7 +224,6 @@ async fn bus_read_reads_everything_while_every_cpu_is_busy() {
                 .status(),
             202
         );
-        sent += 500;
     }
     gw.terminate();
 
