@@ -7,6 +7,7 @@ pub mod archiver;
 pub mod compact;
 pub mod json_leaves;
 pub mod parquet;
+mod payload_column;
 pub mod read;
 pub mod schema;
 pub mod select;

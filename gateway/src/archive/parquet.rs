@@ -7,16 +7,19 @@
 use std::sync::Arc;
 
 use arrow::array::{
-    ArrayRef, BinaryBuilder, BooleanBuilder, Float64Builder, Int64Builder, StringBuilder,
-    TimestampMicrosecondBuilder,
+    Array, ArrayRef, BinaryArray, BinaryBuilder, BooleanBuilder, Float64Builder, Int64Builder,
+    StringBuilder, TimestampMicrosecondBuilder,
 };
 use arrow::datatypes::{DataType, Field, Schema, TimeUnit};
 use arrow::record_batch::RecordBatch;
 use bytes::Bytes;
 use parquet::arrow::ArrowWriter;
+use parquet::arrow::arrow_writer::{ArrowColumnWriter, ArrowRowGroupWriterFactory, compute_leaves};
 use parquet::basic::{Compression, Encoding, ZstdLevel};
 use parquet::file::properties::{EnabledStatistics, WriterProperties, WriterVersion};
+use parquet::file::writer::SerializedFileWriter;
 
+use super::payload_column::PayloadColumn;
 use super::schema::{ColumnType, Scalar};
 use crate::bus::Event;
 
@@ -43,6 +46,9 @@ fn base_fields() -> Vec<Field> {
         Field::new("payload", DataType::Binary, false),
     ]
 }
+
+/// The position of `payload` among a file's columns (and Parquet leaves).
+pub const PAYLOAD_COLUMN: usize = 5;
 
 /// The Arrow type of an inferred column.
 pub(crate) fn arrow_type(t: ColumnType) -> DataType {
@@ -75,6 +81,19 @@ pub fn to_record_batch(
     slot_of: &[Option<u32>],
     text_hint: &mut Vec<usize>,
 ) -> Result<RecordBatch, arrow::error::ArrowError> {
+    let columns = build_columns(rows, schema, slot_of, text_hint, true);
+    RecordBatch::try_new(schema.clone(), columns)
+}
+
+/// The columns of [`to_record_batch`], without the payload column unless `with_payload`
+/// (the file writer writes payloads straight from the events, see [`PayloadColumn`]).
+fn build_columns(
+    rows: &[Row<'_>],
+    schema: &Arc<Schema>,
+    slot_of: &[Option<u32>],
+    text_hint: &mut Vec<usize>,
+    with_payload: bool,
+) -> Vec<ArrayRef> {
     let inferred = &schema.fields()[base_fields().len()..];
     let n = rows.len();
     text_hint.resize(inferred.len(), 0);
@@ -92,7 +111,11 @@ pub fn to_record_batch(
             }
         }
     }
-    let payload_bytes: usize = rows.iter().map(|r| r.event.payload.len()).sum();
+    let payload_bytes: usize = if with_payload {
+        rows.iter().map(|r| r.event.payload.len()).sum()
+    } else {
+        0
+    };
     let mut id = StringBuilder::with_capacity(n, n * 26);
     let mut received = TimestampMicrosecondBuilder::with_capacity(n).with_timezone("UTC");
     let mut content_type = StringBuilder::with_capacity(n, n * 16);
@@ -114,7 +137,9 @@ pub fn to_record_batch(
         } else {
             headers.append_value(serde_json::to_string(&e.headers).unwrap_or_default())
         }
-        payload.append_value(&e.payload);
+        if with_payload {
+            payload.append_value(&e.payload);
+        }
     }
     let mut columns: Vec<ArrayRef> = vec![
         Arc::new(id.finish()),
@@ -122,14 +147,16 @@ pub fn to_record_batch(
         Arc::new(content_type.finish()),
         Arc::new(client_id.finish()),
         Arc::new(headers.finish()),
-        Arc::new(payload.finish()),
     ];
+    if with_payload {
+        columns.insert(PAYLOAD_COLUMN, Arc::new(payload.finish()));
+    }
     for (builder, hint) in builders.into_iter().zip(text_hint.iter_mut()) {
         let (array, text) = builder.finish(n);
         *hint = text;
         columns.push(array);
     }
-    RecordBatch::try_new(schema.clone(), columns)
+    columns
 }
 
 /// The builder of one inferred column of a chunk. Values come row by row; `rows` is the
@@ -241,6 +268,10 @@ fn writer_properties(
         // buffers the allocator got from the kernel as fresh zeroed memory.
         .set_column_data_page_size_limit("payload".into(), PAYLOAD_PAGE_BYTES)
         .set_column_dictionary_enabled("payload".into(), false)
+        // The payload's chunks are written by `payload_column` (with zstd parameters
+        // Parquet's writer does not take); the Arrow writer Parquet sets up for the column
+        // is never used, and without a codec it does not allocate zstd contexts.
+        .set_column_compression("payload".into(), Compression::UNCOMPRESSED)
         // Min/max of raw payload bytes help no reader and cost a compare per value.
         .set_column_statistics_enabled("payload".into(), EnabledStatistics::None)
         .set_column_dictionary_enabled("id".into(), false)
@@ -278,11 +309,19 @@ pub fn high_cardinality(rows: &[Row<'_>], columns: &[ColumnType]) -> Vec<usize> 
         .collect()
 }
 
-/// Writes one Parquet file chunk by chunk into memory.
+/// Writes one Parquet file chunk by chunk into memory: the archive's own columns and the
+/// inferred columns through Parquet's Arrow column writers, the payload through
+/// [`PayloadColumn`] (compressed with the archiver's own zstd parameters), one row group of
+/// at most [`ROW_GROUP_ROWS`] rows at a time.
 pub struct FileWriter {
     schema: Arc<Schema>,
     slot_of: Vec<Option<u32>>,
-    writer: ArrowWriter<Vec<u8>>,
+    file: SerializedFileWriter<Vec<u8>>,
+    factory: ArrowRowGroupWriterFactory,
+    /// The open row group's column writers (the payload's slot is never written).
+    columns: Option<Vec<ArrowColumnWriter>>,
+    payload: PayloadColumn,
+    rows_in_group: usize,
     /// Text bytes per inferred column in the last chunk (see [`to_record_batch`]).
     text_hint: Vec<usize>,
 }
@@ -305,24 +344,81 @@ impl FileWriter {
         bytes: usize,
         plain_columns: &[String],
     ) -> Result<Self, parquet::errors::ParquetError> {
-        let writer = ArrowWriter::try_new(
+        if schema
+            .fields()
+            .get(PAYLOAD_COLUMN)
+            .map(|f| f.name().as_str())
+            != Some("payload")
+        {
+            return Err(parquet::errors::ParquetError::General(format!(
+                "not an archive file's schema (column {PAYLOAD_COLUMN} is not `payload`): {schema}"
+            )));
+        }
+        // ArrowWriter sets the file up (the Arrow schema in the footer's metadata, the
+        // Parquet schema); the row groups are then written column by column.
+        let (file, factory) = ArrowWriter::try_new(
             Vec::with_capacity(bytes),
             schema.clone(),
             Some(writer_properties(plain_columns)?),
+        )?
+        .into_serialized_writer()?;
+        let payload = PayloadColumn::new(
+            file.schema_descr().column(PAYLOAD_COLUMN),
+            PAYLOAD_PAGE_BYTES,
         )?;
         Ok(Self {
             schema,
             slot_of,
-            writer,
+            file,
+            factory,
+            columns: None,
+            payload,
+            rows_in_group: 0,
             text_hint: Vec::new(),
         })
     }
 
+    /// The open row group's column writers.
+    fn columns(&mut self) -> Result<&mut Vec<ArrowColumnWriter>, parquet::errors::ParquetError> {
+        if self.columns.is_none() {
+            let index = self.file.flushed_row_groups().len();
+            self.columns = Some(self.factory.create_column_writers(index)?);
+        }
+        Ok(self.columns.as_mut().expect("just set"))
+    }
+
+    /// Writes every column of `columns` (the file's columns but the payload, in order)
+    /// to the open row group.
+    fn write_columns(&mut self, columns: &[ArrayRef]) -> Result<(), parquet::errors::ParquetError> {
+        let schema = self.schema.clone();
+        let writers = self.columns()?;
+        let fields = schema
+            .fields()
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| *i != PAYLOAD_COLUMN);
+        for ((i, field), array) in fields.zip(columns) {
+            for leaf in compute_leaves(field, array)? {
+                writers[i].write(&leaf)?;
+            }
+        }
+        Ok(())
+    }
+
     /// Appends rows (at most [`CHUNK_ROWS`] at a time keeps memory low).
-    pub fn write(&mut self, rows: &[Row<'_>]) -> Result<(), parquet::errors::ParquetError> {
-        let batch = to_record_batch(rows, &self.schema, &self.slot_of, &mut self.text_hint)
-            .map_err(|e| parquet::errors::ParquetError::General(e.to_string()))?;
-        self.writer.write(&batch)
+    pub fn write(&mut self, mut rows: &[Row<'_>]) -> Result<(), parquet::errors::ParquetError> {
+        while !rows.is_empty() {
+            let take = rows.len().min(ROW_GROUP_ROWS - self.rows_in_group);
+            let (now, rest) = rows.split_at(take);
+            let columns =
+                build_columns(now, &self.schema, &self.slot_of, &mut self.text_hint, false);
+            self.write_columns(&columns)?;
+            self.payload
+                .write(now.iter().map(|r| &r.event.payload[..]))?;
+            self.advance(take)?;
+            rows = rest;
+        }
+        Ok(())
     }
 
     /// Appends a record batch already in the file's schema.
@@ -330,16 +426,64 @@ impl FileWriter {
         &mut self,
         batch: &RecordBatch,
     ) -> Result<(), parquet::errors::ParquetError> {
-        self.writer.write(batch)
+        let mut offset = 0;
+        while offset < batch.num_rows() {
+            let take = (batch.num_rows() - offset).min(ROW_GROUP_ROWS - self.rows_in_group);
+            let part = batch.slice(offset, take);
+            let mut columns = part.columns().to_vec();
+            let payload = columns.remove(PAYLOAD_COLUMN);
+            self.write_columns(&columns)?;
+            let payload = payload
+                .as_any()
+                .downcast_ref::<BinaryArray>()
+                .ok_or_else(|| {
+                    parquet::errors::ParquetError::General(format!(
+                        "payload column is {}, not binary",
+                        payload.data_type()
+                    ))
+                })?;
+            self.payload
+                .write((0..payload.len()).map(|i| payload.value(i)))?;
+            self.advance(take)?;
+            offset += take;
+        }
+        Ok(())
+    }
+
+    /// Counts `rows` written; closes the row group when it is full.
+    fn advance(&mut self, rows: usize) -> Result<(), parquet::errors::ParquetError> {
+        self.rows_in_group += rows;
+        if self.rows_in_group >= ROW_GROUP_ROWS {
+            self.end_row_group()?;
+        }
+        Ok(())
     }
 
     /// Ends the current row group (the next rows start a new one).
     pub fn end_row_group(&mut self) -> Result<(), parquet::errors::ParquetError> {
-        self.writer.flush()
+        let Some(columns) = self.columns.take() else {
+            return Ok(());
+        };
+        let mut payload = Some(self.payload.close_chunk()?);
+        let mut group = self.file.next_row_group()?;
+        for (i, writer) in columns.into_iter().enumerate() {
+            if i == PAYLOAD_COLUMN {
+                let (bytes, close) = payload.take().ok_or_else(|| {
+                    parquet::errors::ParquetError::General("row group without payloads".into())
+                })?;
+                group.append_column(&bytes, close)?;
+            } else {
+                writer.close()?.append_to_row_group(&mut group)?;
+            }
+        }
+        group.close()?;
+        self.rows_in_group = 0;
+        Ok(())
     }
 
-    pub fn finish(self) -> Result<Bytes, parquet::errors::ParquetError> {
-        Ok(Bytes::from(self.writer.into_inner()?))
+    pub fn finish(mut self) -> Result<Bytes, parquet::errors::ParquetError> {
+        self.end_row_group()?;
+        Ok(Bytes::from(self.file.into_inner()?))
     }
 }
 
