@@ -37,18 +37,17 @@ pub const PAYLOAD_ZSTD: ZstdParams = ZstdParams {
 
 /// A zstd compressor set up with [`PAYLOAD_ZSTD`].
 fn payload_compressor() -> Result<zstd::bulk::Compressor<'static>> {
-    let zstd_err = |e: std::io::Error| ParquetError::General(format!("zstd: {e}"));
-    let mut c = zstd::bulk::Compressor::new(PAYLOAD_ZSTD.level).map_err(zstd_err)?;
+    let mut c = zstd::bulk::Compressor::new(PAYLOAD_ZSTD.level).map_err(zstd_error)?;
     c.set_parameter(zstd::stream::raw::CParameter::HashLog(
         PAYLOAD_ZSTD.hash_log,
     ))
-    .map_err(zstd_err)?;
+    .map_err(zstd_error)?;
     Ok(c)
 }
 
 /// Writes the payload column of a file's row groups, one column chunk at a time: plain
 /// encoded values (a 4-byte little-endian length, then the bytes) in version 2 data pages of
-/// at most [`PAGE_BYTES`] (unless one value is larger), no levels (a payload is never null),
+/// at most `page_bytes` (unless one value is larger), no levels (a payload is never null),
 /// no dictionary, no statistics (min/max of raw payloads help no reader), an offset index.
 pub struct PayloadColumn {
     descr: ColumnDescPtr,
@@ -87,7 +86,7 @@ impl Chunk {
 }
 
 fn zstd_error(e: std::io::Error) -> ParquetError {
-    ParquetError::General(format!("compressing a payload page with zstd: {e}"))
+    ParquetError::General(format!("zstd, payload column: {e}"))
 }
 
 impl PayloadColumn {
