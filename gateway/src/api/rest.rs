@@ -231,6 +231,7 @@ async fn readyz(State((state, _)): St) -> Response {
         "behind": search_error_is_some_or_lag(&state, search_lag),
         "lag_messages": search_lag,
         "events_indexed": state.search.status.events_indexed.load(Relaxed),
+        "events_collected": state.search.status.events_collected.load(Relaxed),
         "default_window_secs": state.search.windows.default_window().as_secs(),
     });
     let lag: serde_json::Map<String, Value> = bus

@@ -31,9 +31,23 @@ pub struct IndexerOptions {
     pub consumer: String,
     /// Most events per index write.
     pub batch_events: usize,
-    /// Longest an event waits in the indexer before its batch is written.
+    /// Longest an event waits in the indexer before its batch is written (while the indexer
+    /// keeps up with the bus; see [`BEHIND`]).
     pub max_wait: Duration,
 }
+
+/// While a batch is being written, the next one collects at most this fraction of
+/// `batch_events`; it reads the rest once the write is done. Two full batches in memory at
+/// once (one being written, one collected) were the largest item of the gateway's heap while
+/// it worked off a backlog; reading the rest after the write costs the catch-up a few percent.
+const COLLECT_WHILE_WRITING: usize = 4;
+
+/// A batch whose oldest event is older than this is behind the bus (a backlog): it is written
+/// when it is full or when the bus has nothing more to give for [`IDLE`], not after `max_wait`,
+/// so that a backlog is indexed in whole batches (fewer, larger commits and segments) even
+/// though each batch collected during a write has waited longer than `max_wait`.
+const BEHIND: Duration = Duration::from_secs(5);
+const IDLE: Duration = Duration::from_millis(50);
 
 impl Default for IndexerOptions {
     fn default() -> Self {
@@ -50,6 +64,8 @@ impl Default for IndexerOptions {
 pub struct IndexStatus {
     pub last_error: Mutex<Option<String>>,
     pub events_indexed: AtomicU64,
+    /// Events read from the bus and held for the next index write.
+    pub events_collected: AtomicU64,
     /// Events older than their collection's window when they reached the indexer.
     pub events_skipped: AtomicU64,
     pub running: AtomicBool,
@@ -233,12 +249,36 @@ impl Indexer {
         let mut pending: Vec<Delivery> = Vec::new();
         let mut docs: Vec<IndexDoc> = Vec::new();
         let mut oldest = Instant::now();
+        // `received_at` of the batch's oldest event, and when the bus last gave (or could
+        // have given) the indexer something.
+        let mut oldest_received = i64::MAX;
+        let mut last_delivery = Instant::now();
+        // When the last write ended (a batch cannot be written before that).
+        let mut free_since = Instant::now();
         let mut tick = tokio::time::interval(Duration::from_millis(50));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let batch_events = self.options.batch_events.max(1);
         loop {
-            let full = docs.len() >= self.options.batch_events;
-            let due = !pending.is_empty() && (full || oldest.elapsed() >= self.options.max_wait);
+            let full = docs.len() >= batch_events;
+            let cap = if writing.is_some() {
+                batch_events.div_ceil(COLLECT_WHILE_WRITING)
+            } else {
+                batch_events
+            };
+            let reading = docs.len() < cap;
+            let waited = oldest.elapsed();
+            let behind = now_micros().saturating_sub(oldest_received) > BEHIND.as_micros() as i64;
+            let due = !pending.is_empty()
+                && (full
+                    || (waited >= self.options.max_wait
+                        && (!behind || last_delivery.elapsed() >= IDLE))
+                    // However busy the bus, a batch starts at most ten times `max_wait`
+                    // after the previous write is done.
+                    || (waited >= self.options.max_wait
+                        && free_since.elapsed() >= self.options.max_wait * 10));
             if due && writing.is_none() {
+                oldest_received = i64::MAX;
+                self.status.events_collected.store(0, Ordering::Relaxed);
                 *writing = Some(Writing {
                     task: tokio::spawn(write_batch(
                         self.index.clone(),
@@ -273,9 +313,14 @@ impl Indexer {
                         return Err(e);
                     }
                     w.ack(consumer).await?;
+                    // Reading was held back during the write: give the bus a moment to show
+                    // whether more is waiting before a partial batch counts as the last one.
+                    last_delivery = Instant::now();
+                    free_since = Instant::now();
                 }
-                delivery = consumer.next(), if !full => {
+                delivery = consumer.next(), if reading => {
                     let mut delivery = delivery.map_err(|e| e.to_string())?;
+                    last_delivery = Instant::now();
                     if pending.is_empty() {
                         oldest = Instant::now();
                     }
@@ -287,6 +332,7 @@ impl Indexer {
                             self.status.events_skipped.fetch_add(1, Ordering::Relaxed);
                             continue;
                         }
+                        oldest_received = oldest_received.min(e.received_at_micros);
                         docs.push(IndexDoc {
                             team_id: batch.team_id.clone(),
                             collection_id: batch.collection_id.clone(),
@@ -298,6 +344,7 @@ impl Indexer {
                         });
                     }
                     pending.push(delivery);
+                    self.status.events_collected.store(docs.len() as u64, Ordering::Relaxed);
                 }
                 _ = tick.tick() => {}
             }
@@ -459,5 +506,99 @@ mod tests {
         let mut consumer = bus.consumer(CONSUMER).await.unwrap();
         let next = tokio::time::timeout(Duration::from_millis(300), consumer.next()).await;
         assert!(next.is_err(), "a message was left unacked");
+    }
+
+    /// An index whose writes wait until the test lets each one through, recording their sizes.
+    struct GatedIndex {
+        gate: tokio::sync::Semaphore,
+        sizes: Mutex<Vec<usize>>,
+    }
+
+    #[async_trait]
+    impl SearchIndex for GatedIndex {
+        fn kind(&self) -> &'static str {
+            "gated"
+        }
+        async fn index(&self, docs: Vec<IndexDoc>) -> Result<(), SearchError> {
+            self.sizes.lock().unwrap().push(docs.len());
+            self.gate.acquire().await.unwrap().forget();
+            Ok(())
+        }
+        async fn search(&self, _: &SearchRequest) -> Result<SearchPage, SearchError> {
+            Err(SearchError::Unavailable("not searched in this test".into()))
+        }
+        async fn delete_before(&self, _: &str, _: &str, _: i64) -> Result<(), SearchError> {
+            Ok(())
+        }
+        async fn health(&self) -> SearchHealth {
+            SearchHealth {
+                kind: "gated",
+                ready: true,
+                detail: String::new(),
+            }
+        }
+    }
+
+    /// A backlog (events older than [`BEHIND`]) is indexed in whole batches although every
+    /// batch after the first has waited longer than `max_wait`, and while a batch is being
+    /// written the indexer holds at most a quarter of the next one.
+    #[tokio::test]
+    async fn a_backlog_is_indexed_in_whole_batches_holding_little_during_a_write() {
+        let dir = tempfile::tempdir().unwrap();
+        let bus: Arc<dyn Bus> =
+            Arc::new(LocalBus::open(dir.path(), LocalBusOptions::default()).unwrap());
+        let old = now_micros() - 60_000_000;
+        for b in 0..10 {
+            let mut batch = batch(100, &format!("b{b}"));
+            for e in &mut batch.events {
+                e.received_at_micros = old;
+            }
+            bus.append(&batch, &format!("m{b}")).await.unwrap();
+        }
+        let index = Arc::new(GatedIndex {
+            gate: tokio::sync::Semaphore::new(0),
+            sizes: Mutex::default(),
+        });
+        let options = IndexerOptions {
+            batch_events: 400,
+            max_wait: Duration::from_millis(20),
+            ..Default::default()
+        };
+        let indexer = Indexer::new(
+            bus.clone(),
+            index.clone(),
+            Arc::new(HotWindows::new(Duration::from_secs(3600))),
+            options,
+        );
+        let status = indexer.status.clone();
+        let (stop, shutdown) = tokio::sync::watch::channel(false);
+        let task = tokio::spawn(indexer.run(shutdown));
+
+        let deadline = Instant::now() + Duration::from_secs(20);
+        for write in 1..=3 {
+            while index.sizes.lock().unwrap().len() < write {
+                assert!(Instant::now() < deadline, "write {write} never started");
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            // The write is held; the indexer reads on, but only up to a quarter of a batch
+            // (one 100-event message here).
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            let collected = status.events_collected.load(Ordering::Relaxed);
+            let expected = if write < 3 { 100 } else { 0 };
+            assert_eq!(
+                collected,
+                expected,
+                "held during write {write}; sizes {:?}",
+                index.sizes.lock().unwrap()
+            );
+            index.gate.add_permits(1);
+        }
+        while status.events_indexed.load(Ordering::Relaxed) < 1000 {
+            assert!(Instant::now() < deadline, "the indexer did not finish");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        stop.send(true).unwrap();
+        task.await.unwrap();
+        assert_eq!(*index.sizes.lock().unwrap(), vec![400, 400, 200]);
     }
 }
