@@ -268,14 +268,14 @@ impl Indexer {
             let reading = docs.len() < cap;
             let waited = oldest.elapsed();
             let behind = now_micros().saturating_sub(oldest_received) > BEHIND.as_micros() as i64;
+            // However busy the bus, a batch starts at most ten times `max_wait` after the
+            // previous write is done.
             let due = !pending.is_empty()
                 && (full
                     || (waited >= self.options.max_wait
-                        && (!behind || last_delivery.elapsed() >= IDLE))
-                    // However busy the bus, a batch starts at most ten times `max_wait`
-                    // after the previous write is done.
-                    || (waited >= self.options.max_wait
-                        && free_since.elapsed() >= self.options.max_wait * 10));
+                        && (!behind
+                            || last_delivery.elapsed() >= IDLE
+                            || free_since.elapsed() >= self.options.max_wait * 10)));
             if due && writing.is_none() {
                 oldest_received = i64::MAX;
                 self.status.events_collected.store(0, Ordering::Relaxed);
@@ -410,22 +410,32 @@ mod tests {
     use crate::search::{SearchError, SearchHealth, SearchPage, SearchRequest};
     use async_trait::async_trait;
 
-    /// An index that refuses its first `failures` writes and records the ids of the others.
-    struct FlakyIndex {
+    /// An index for these tests: it refuses its first `failures` writes, then records each
+    /// write's size and ids; with a `gate`, each write waits until the test lets it through.
+    #[derive(Default)]
+    struct TestIndex {
         failures: Mutex<usize>,
+        gate: Option<tokio::sync::Semaphore>,
         ids: Mutex<Vec<String>>,
+        sizes: Mutex<Vec<usize>>,
     }
 
     #[async_trait]
-    impl SearchIndex for FlakyIndex {
+    impl SearchIndex for TestIndex {
         fn kind(&self) -> &'static str {
-            "flaky"
+            "test"
         }
         async fn index(&self, docs: Vec<IndexDoc>) -> Result<(), SearchError> {
-            let mut failures = self.failures.lock().unwrap();
-            if *failures > 0 {
-                *failures -= 1;
-                return Err(SearchError::Unavailable("down for the test".into()));
+            {
+                let mut failures = self.failures.lock().unwrap();
+                if *failures > 0 {
+                    *failures -= 1;
+                    return Err(SearchError::Unavailable("down for the test".into()));
+                }
+            }
+            self.sizes.lock().unwrap().push(docs.len());
+            if let Some(gate) = &self.gate {
+                gate.acquire().await.unwrap().forget();
             }
             let mut ids = self.ids.lock().unwrap();
             ids.extend(docs.into_iter().map(|d| d.id));
@@ -439,7 +449,7 @@ mod tests {
         }
         async fn health(&self) -> SearchHealth {
             SearchHealth {
-                kind: "flaky",
+                kind: "test",
                 ready: true,
                 detail: String::new(),
             }
@@ -459,9 +469,9 @@ mod tests {
                 .await
                 .unwrap();
         }
-        let index = Arc::new(FlakyIndex {
+        let index = Arc::new(TestIndex {
             failures: Mutex::new(2),
-            ids: Mutex::default(),
+            ..Default::default()
         });
         let options = IndexerOptions {
             batch_events: 150,
@@ -508,37 +518,6 @@ mod tests {
         assert!(next.is_err(), "a message was left unacked");
     }
 
-    /// An index whose writes wait until the test lets each one through, recording their sizes.
-    struct GatedIndex {
-        gate: tokio::sync::Semaphore,
-        sizes: Mutex<Vec<usize>>,
-    }
-
-    #[async_trait]
-    impl SearchIndex for GatedIndex {
-        fn kind(&self) -> &'static str {
-            "gated"
-        }
-        async fn index(&self, docs: Vec<IndexDoc>) -> Result<(), SearchError> {
-            self.sizes.lock().unwrap().push(docs.len());
-            self.gate.acquire().await.unwrap().forget();
-            Ok(())
-        }
-        async fn search(&self, _: &SearchRequest) -> Result<SearchPage, SearchError> {
-            Err(SearchError::Unavailable("not searched in this test".into()))
-        }
-        async fn delete_before(&self, _: &str, _: &str, _: i64) -> Result<(), SearchError> {
-            Ok(())
-        }
-        async fn health(&self) -> SearchHealth {
-            SearchHealth {
-                kind: "gated",
-                ready: true,
-                detail: String::new(),
-            }
-        }
-    }
-
     /// A backlog (events older than [`BEHIND`]) is indexed in whole batches although every
     /// batch after the first has waited longer than `max_wait`, and while a batch is being
     /// written the indexer holds at most a quarter of the next one.
@@ -555,9 +534,9 @@ mod tests {
             }
             bus.append(&batch, &format!("m{b}")).await.unwrap();
         }
-        let index = Arc::new(GatedIndex {
-            gate: tokio::sync::Semaphore::new(0),
-            sizes: Mutex::default(),
+        let index = Arc::new(TestIndex {
+            gate: Some(tokio::sync::Semaphore::new(0)),
+            ..Default::default()
         });
         let options = IndexerOptions {
             batch_events: 400,
@@ -591,7 +570,7 @@ mod tests {
                 "held during write {write}; sizes {:?}",
                 index.sizes.lock().unwrap()
             );
-            index.gate.add_permits(1);
+            index.gate.as_ref().unwrap().add_permits(1);
         }
         while status.events_indexed.load(Ordering::Relaxed) < 1000 {
             assert!(Instant::now() < deadline, "the indexer did not finish");
