@@ -40,6 +40,7 @@ pub struct Metrics {
     pub rate_limited: Counter,
     pub ingest_overloaded: Counter,
     pub append_seconds: Histogram,
+    pub ingest_request_seconds: Histogram,
     pub bus_lag: Family<ConsumerLabel, Gauge>,
     pub bus_ready: Gauge,
     pub search_indexed: Gauge,
@@ -92,6 +93,12 @@ impl Metrics {
             "Time from append to durable on the bus",
             append_seconds.clone(),
         );
+        let ingest_request_seconds = Histogram::new(exponential_buckets(0.0001, 2.0, 16));
+        registry.register(
+            "ingest_request_seconds",
+            "Time the gateway spends on a REST ingest request (POST …/events), from its headers to its response: reading the body, parsing it, making it durable",
+            ingest_request_seconds.clone(),
+        );
         let bus_lag = Family::<ConsumerLabel, Gauge>::default();
         registry.register(
             "bus_lag_messages",
@@ -130,6 +137,7 @@ impl Metrics {
             rate_limited,
             ingest_overloaded,
             append_seconds,
+            ingest_request_seconds,
             bus_lag,
             bus_ready,
             search_indexed,

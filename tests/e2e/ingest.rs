@@ -275,6 +275,11 @@ async fn rate_limit_answers_429_with_retry_after_and_ratelimit_headers() {
         .await
         .unwrap();
     assert!(metrics.contains("rewind_rate_limited_total 1"), "{metrics}");
+    // Every ingest request above (202, 429 and 413 alike) was timed, and nothing else was.
+    assert!(
+        metrics.contains("rewind_ingest_request_seconds_count 5\n"),
+        "{metrics}"
+    );
     // The allocator's own figures: the gateway holds some megabytes, live and resident.
     let bytes = |kind: &str| -> u64 {
         let prefix = format!("rewind_allocator_bytes{{kind=\"{kind}\"}} ");

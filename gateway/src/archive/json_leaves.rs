@@ -4,7 +4,9 @@
 //! and objects at the depth limit, are handed over as their JSON text exactly as sent (a
 //! borrowed slice), since the archive keeps them opaque. [`walk`] is the same reader for
 //! the search index: every node in document order (arrays looked into), so that an event's
-//! terms and words come from one pass over its bytes.
+//! terms and words come from one pass over its bytes. [`value_span`] is the same reader as a
+//! check only: ingest uses it to accept NDJSON events (serde_json is then called only to word
+//! the error of a line it rejects).
 //!
 //! It accepts exactly JSON (RFC 8259), like `serde_json` — the same number grammar, string
 //! escapes, control characters, surrogate pairs, nesting limit and trailing-data check — and
@@ -55,6 +57,32 @@ where
         return Err(r.err("trailing characters"));
     }
     Ok(())
+}
+
+/// Checks that `text` is one JSON value with nothing but whitespace around it, as strictly as
+/// [`for_each_leaf`] (that is, as `serde_json`), and returns where the value starts and ends:
+/// the span `serde_json`'s `RawValue` would hold, found without building anything and with
+/// the SIMD string scan. Ingest checks every NDJSON event with it.
+pub fn value_span(text: &[u8]) -> Result<std::ops::Range<usize>, JsonError> {
+    let text = std::str::from_utf8(text).map_err(|e| JsonError {
+        at: e.valid_up_to(),
+        what: "not UTF-8",
+    })?;
+    let mut r = Reader {
+        s: text,
+        b: text.as_bytes(),
+        i: 0,
+        nesting: 0,
+    };
+    r.ws();
+    let start = r.i;
+    r.skip_value()?;
+    let end = r.i;
+    r.ws();
+    if r.i != r.b.len() {
+        return Err(r.err("trailing characters"));
+    }
+    Ok(start..end)
 }
 
 /// What [`walk`] found at a path.
@@ -460,6 +488,20 @@ impl<'a> Reader<'a> {
         }
     }
 
+    /// `self.s[start..end]` where both ends are next to a `"` (an ASCII byte, so both are
+    /// character boundaries), without the boundary checks of `str` indexing: a string's
+    /// text is taken this way for every key and string value.
+    #[inline(always)]
+    #[allow(unsafe_code)] // an unchecked slice of ranges that are checked below
+    fn plain_str(&self, start: usize, end: usize) -> &'a str {
+        assert!(start <= end && end <= self.b.len());
+        debug_assert!(self.b[start - 1] == b'"' && self.b[end] == b'"');
+        // SAFETY: `start` follows and `end` is the position of a `"` (checked by the callers:
+        // `string` took the opening quote and stopped at the closing one), so both are char
+        // boundaries of the valid UTF-8 `self.s`, and the assert keeps the range in bounds.
+        unsafe { self.s.get_unchecked(start..end) }
+    }
+
     /// A string starting at its opening quote: borrowed when it has no escapes.
     fn string(&mut self) -> Result<Cow<'a, str>, JsonError> {
         self.i += 1; // '"'
@@ -467,7 +509,7 @@ impl<'a> Reader<'a> {
         self.skip_plain();
         match self.peek() {
             Some(b'"') => {
-                let s = &self.s[start..self.i];
+                let s = self.plain_str(start, self.i);
                 self.i += 1;
                 return Ok(Cow::Borrowed(s));
             }
@@ -1038,7 +1080,63 @@ mod tests {
                 let serde_ok = serde_json::from_slice::<serde_json::Value>(&bad).is_ok();
                 let ours_ok = for_each_leaf(&bad, max, &mut |_, _| {}).is_ok();
                 assert_eq!(ours_ok, serde_ok, "{}", String::from_utf8_lossy(&bad));
+                assert_same_span(&bad);
             }
+            // With whitespace around it, as an NDJSON line may have: accepted.
+            assert!(assert_same_span(format!(" \t{text}\r\n ").as_bytes()));
+        }
+    }
+
+    /// What `value_span` accepts, `serde_json` reads as a `RawValue` with the same span; returns
+    /// whether it accepted. (It may reject what a `RawValue` takes: serde_json skips a raw
+    /// value without checking number ranges or `\u` surrogates, which `Value` does check;
+    /// ingest then asks serde_json, so the two together accept exactly what it accepts.)
+    fn assert_same_span(text: &[u8]) -> bool {
+        let serde = std::str::from_utf8(text)
+            .ok()
+            .and_then(|t| serde_json::from_str::<&serde_json::value::RawValue>(t).ok());
+        match (value_span(text), serde) {
+            (Ok(span), Some(raw)) => {
+                assert_eq!(&text[span], raw.get().as_bytes());
+                true
+            }
+            (Err(_), _) => false,
+            (ours, serde) => panic!(
+                "{}: ours {ours:?}, serde_json {serde:?}",
+                String::from_utf8_lossy(text)
+            ),
+        }
+    }
+
+    #[test]
+    fn value_span_agrees_with_serde_json_raw_values() {
+        for n in NUMBER_LITERALS {
+            for doc in [n.to_string(), format!("[{n}]"), format!("{{\"a\": {n}}}")] {
+                assert!(assert_same_span(doc.as_bytes()), "{doc}");
+            }
+        }
+        for (doc, accepted) in [
+            ("{}", true),
+            (" {} ", true),
+            ("[]", true),
+            ("\"s\"", true),
+            ("true", true),
+            ("null", true),
+            ("", false),
+            (" ", false),
+            ("{\"a\":1} x", false),
+            ("{\"a\":1}}", false),
+            ("{\"a\":[1,]}", false),
+            ("\"\\ud800\"", false),
+            ("{\"a\":1e999}", false),
+            ("{\"a\": \"\u{1}\"}", false),
+        ] {
+            assert_eq!(assert_same_span(doc.as_bytes()), accepted, "{doc:?}");
+        }
+        assert!(!assert_same_span(b"{\"a\": \"\xff\"}"));
+        for depth in [100, 127, 128, 129, 200] {
+            let doc = format!("{}1{}", "[".repeat(depth), "]".repeat(depth));
+            assert_eq!(assert_same_span(doc.as_bytes()), depth <= 128, "{depth}");
         }
     }
 }

@@ -155,6 +155,13 @@ fn same_str(a: &str, b: &str) -> bool {
         8..=16 => word(a, 0) == word(b, 0) && word(a, n - 8) == word(b, n - 8),
         4..=7 => half(a, 0) == half(b, 0) && half(a, n - 4) == half(b, n - 4),
         0..=3 => a == b,
+        // Four overlapping loads cover 17..=32 bytes (`attributes.attr_12`, `session.user_agent`).
+        17..=32 => {
+            word(a, 0) == word(b, 0)
+                && word(a, 8) == word(b, 8)
+                && word(a, n - 16) == word(b, n - 16)
+                && word(a, n - 8) == word(b, n - 8)
+        }
         _ => {
             word(a, 0) == word(b, 0)
                 && word(a, n - 8) == word(b, n - 8)
@@ -258,39 +265,37 @@ impl CollectionSchema {
             self.event_stamp = 1;
         }
         let stamp = self.event_stamp;
+        self.size_lookups();
         // Slot of `next_after` for the previous field's column (0: none yet).
         let mut prev = 0usize;
         let result = for_each_leaf(payload, MAX_DEPTH, &mut |path: &str, scalar: Scalar<'a>| {
+            let ty = scalar.column_type();
             // The hint's column name equal to the path means the path is its column name: no
             // column has a reserved name (those get a `_`), so `column_name` is not needed.
-            let hint = self
-                .next_after
-                .get(prev)
-                .map(|&i| i as usize)
-                .filter(|&i| i < self.columns.len() && same_str(&self.columns[i].name, path));
-            let found = match hint {
-                Some(i) => {
-                    self.widen(i, scalar.column_type(), now, changed);
-                    Some(i)
+            let hinted = self.next_after[prev] as usize;
+            let i = match self.columns.get(hinted) {
+                Some(c) if same_str(&c.name, path) => {
+                    if c.ty != ty {
+                        self.widen(hinted, ty, now, changed);
+                    }
+                    hinted
                 }
-                None => self.observe_one(&column_name(path), scalar.column_type(), now, changed),
+                _ => match self.observe_one(&column_name(path), ty, now, changed) {
+                    Some(i) => {
+                        self.size_lookups();
+                        i
+                    }
+                    None => return,
+                },
             };
-            if let Some(i) = found {
-                if self.next_after.len() <= prev {
-                    self.next_after.resize(prev + 1, u32::MAX);
-                }
-                self.next_after[prev] = i as u32;
-                prev = i + 1;
-                if self.slots.len() <= i {
-                    self.slots.resize(i + 1, (0, 0));
-                }
-                let (s, at) = self.slots[i];
-                if s == stamp {
-                    out[at as usize].1 = scalar;
-                } else {
-                    self.slots[i] = (stamp, out.len() as u32);
-                    out.push((i as u32, scalar));
-                }
+            self.next_after[prev] = i as u32;
+            prev = i + 1;
+            let slot = &mut self.slots[i];
+            if slot.0 == stamp {
+                out[slot.1 as usize].1 = scalar;
+            } else {
+                *slot = (stamp, out.len() as u32);
+                out.push((i as u32, scalar));
             }
         });
         self.last_len = out.len();
@@ -320,6 +325,18 @@ impl CollectionSchema {
             }
         });
         out
+    }
+
+    /// Sizes the per-column lookups of [`Self::observe_json`] to the columns (done when a
+    /// column is added, so that the per-field path does no resizing).
+    fn size_lookups(&mut self) {
+        let n = self.columns.len();
+        if self.next_after.len() <= n {
+            self.next_after.resize(n + 1, u32::MAX);
+        }
+        if self.slots.len() < n {
+            self.slots.resize(n, (0, 0));
+        }
     }
 
     /// Widens column `i` to hold a value of type `ty` (recording the change).
