@@ -85,6 +85,33 @@ pub fn value_span(text: &[u8]) -> Result<std::ops::Range<usize>, JsonError> {
     Ok(start..end)
 }
 
+/// [`value_span`] for a text that is one JSON array: the span of each element (what
+/// serde_json reads as a `Vec<&RawValue>`). Ingest checks JSON array bodies with it.
+pub fn array_element_spans(text: &str) -> Result<Vec<std::ops::Range<usize>>, JsonError> {
+    let mut r = Reader {
+        s: text,
+        b: text.as_bytes(),
+        i: 0,
+        nesting: 0,
+    };
+    r.ws();
+    if r.peek() != Some(b'[') {
+        return Err(r.err("expected an array"));
+    }
+    let mut spans = Vec::new();
+    r.container(b']', |r| {
+        let start = r.i;
+        r.skip_value()?;
+        spans.push(start..r.i);
+        Ok(())
+    })?;
+    r.ws();
+    if r.i != r.b.len() {
+        return Err(r.err("trailing characters"));
+    }
+    Ok(spans)
+}
+
 /// What [`walk`] found at a path.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Node<'a> {
@@ -1084,6 +1111,15 @@ mod tests {
             }
             // With whitespace around it, as an NDJSON line may have: accepted.
             assert!(assert_same_span(format!(" \t{text}\r\n ").as_bytes()));
+            // As elements of an array body, and that body with one byte changed.
+            let body = format!("\n[ {text},\n{text} ]\n");
+            assert!(assert_same_elements(&body));
+            let mut bad = body.into_bytes();
+            let at = rng.random_range(0..bad.len());
+            bad[at] = b"{}[]\",:0-e.\\ tx\x01"[rng.random_range(0..16)];
+            if let Ok(bad) = std::str::from_utf8(&bad) {
+                assert_same_elements(bad);
+            }
         }
     }
 
@@ -1105,6 +1141,43 @@ mod tests {
                 "{}: ours {ours:?}, serde_json {serde:?}",
                 String::from_utf8_lossy(text)
             ),
+        }
+    }
+
+    /// What `array_element_spans` accepts, serde_json reads as a `Vec<&RawValue>` with the
+    /// same elements; returns whether it accepted.
+    fn assert_same_elements(text: &str) -> bool {
+        let serde = serde_json::from_str::<Vec<&serde_json::value::RawValue>>(text).ok();
+        match (array_element_spans(text), serde) {
+            (Ok(spans), Some(raws)) => {
+                let ours: Vec<&str> = spans.into_iter().map(|r| &text[r]).collect();
+                let theirs: Vec<&str> = raws.iter().map(|r| r.get()).collect();
+                assert_eq!(ours, theirs);
+                true
+            }
+            (Err(_), _) => false,
+            (ours, serde) => panic!("{text}: ours {ours:?}, serde_json {serde:?}"),
+        }
+    }
+
+    #[test]
+    fn array_element_spans_agree_with_serde_json() {
+        for (doc, accepted) in [
+            ("[]", true),
+            (" [ ] ", true),
+            ("[{}, [1, 2], \"s\", 3, null]", true),
+            ("[1,]", false),
+            ("[1 2]", false),
+            ("[1] x", false),
+            ("{}", false),
+            ("[", false),
+            ("", false),
+        ] {
+            assert_eq!(assert_same_elements(doc), accepted, "{doc:?}");
+        }
+        for depth in [100, 126, 127, 128, 129, 200] {
+            let doc = format!("[{}1{}]", "[".repeat(depth), "]".repeat(depth));
+            assert_eq!(assert_same_elements(&doc), depth < 128, "{depth}");
         }
     }
 

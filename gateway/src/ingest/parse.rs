@@ -172,7 +172,15 @@ fn parse_json(body: &Bytes, limits: &Limits) -> Result<Vec<ParsedEvent>, ParseEr
     })?;
     let trimmed = text.trim_start();
     if trimmed.starts_with('[') {
-        let elements: Vec<&RawValue> = serde_json::from_str(text).map_err(|e| json_error(e, 0))?;
+        // The strict reader first, serde_json for what it refuses (see `parse_ndjson`).
+        let elements: Vec<&str> = match json_leaves::array_element_spans(text) {
+            Ok(spans) => spans.into_iter().map(|span| &text[span]).collect(),
+            Err(_) => serde_json::from_str::<Vec<&RawValue>>(text)
+                .map_err(|e| json_error(e, 0))?
+                .into_iter()
+                .map(RawValue::get)
+                .collect(),
+        };
         if elements.is_empty() {
             return Err(ParseError::Empty);
         }
@@ -186,7 +194,7 @@ fn parse_json(body: &Bytes, limits: &Limits) -> Result<Vec<ParsedEvent>, ParseEr
             .into_iter()
             .enumerate()
             .map(|(i, raw)| ParsedEvent {
-                payload: body.slice_ref(raw.get().as_bytes()),
+                payload: body.slice_ref(raw.as_bytes()),
                 is_json: true,
                 origin: Origin::Element(i),
             })
@@ -323,6 +331,16 @@ mod tests {
         assert_eq!(
             parse(body, BodyFormat::Ndjson).unwrap(),
             vec!["{\"a\": 1}", "[1e999]", "\"\\ud800\""]
+        );
+        // The same for the elements of a JSON array body.
+        assert_eq!(
+            parse(" [ {\"a\": 1} , [1e999],\"\\ud800\"]\n", BodyFormat::Json).unwrap(),
+            vec!["{\"a\": 1}", "[1e999]", "\"\\ud800\""]
+        );
+        let err = parse("[{\"a\":1},\n{\"b\":[1,]}]", BodyFormat::Json).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "malformed JSON at line 2, column 9: expected value"
         );
         // A line neither takes is worded by serde_json, with the line and the column.
         let err = parse("{\"a\":1}\n{\"b\":[1,]}", BodyFormat::Ndjson).unwrap_err();
