@@ -5,8 +5,8 @@
 //! borrowed slice), since the archive keeps them opaque. [`walk`] is the same reader for
 //! the search index: every node in document order (arrays looked into), so that an event's
 //! terms and words come from one pass over its bytes. [`value_span`] is the same reader as a
-//! check only: ingest uses it to accept NDJSON events (serde_json is then called only to word
-//! the error of a line it rejects).
+//! check only, and [`array_element_spans`] its form for an array body: ingest uses them to
+//! accept JSON events (serde_json is then called only for what they refuse).
 //!
 //! It accepts exactly JSON (RFC 8259), like `serde_json` — the same number grammar, string
 //! escapes, control characters, surrogate pairs, nesting limit and trailing-data check — and
