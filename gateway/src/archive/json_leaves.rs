@@ -39,16 +39,7 @@ pub fn for_each_leaf<'a, F>(text: &'a [u8], max_depth: usize, emit: &mut F) -> R
 where
     F: FnMut(&str, Scalar<'a>),
 {
-    let text = std::str::from_utf8(text).map_err(|e| JsonError {
-        at: e.valid_up_to(),
-        what: "not UTF-8",
-    })?;
-    let mut r = Reader {
-        s: text,
-        b: text.as_bytes(),
-        i: 0,
-        nesting: 0,
-    };
+    let mut r = Reader::new(utf8(text)?);
     let mut path = String::with_capacity(64);
     r.ws();
     r.value(&mut path, 0, max_depth, emit)?;
@@ -64,16 +55,7 @@ where
 /// the span `serde_json`'s `RawValue` would hold, found without building anything and with
 /// the SIMD string scan. Ingest checks every NDJSON event with it.
 pub fn value_span(text: &[u8]) -> Result<std::ops::Range<usize>, JsonError> {
-    let text = std::str::from_utf8(text).map_err(|e| JsonError {
-        at: e.valid_up_to(),
-        what: "not UTF-8",
-    })?;
-    let mut r = Reader {
-        s: text,
-        b: text.as_bytes(),
-        i: 0,
-        nesting: 0,
-    };
+    let mut r = Reader::new(utf8(text)?);
     r.ws();
     let start = r.i;
     r.skip_value()?;
@@ -88,12 +70,7 @@ pub fn value_span(text: &[u8]) -> Result<std::ops::Range<usize>, JsonError> {
 /// [`value_span`] for a text that is one JSON array: the span of each element (what
 /// serde_json reads as a `Vec<&RawValue>`). Ingest checks JSON array bodies with it.
 pub fn array_element_spans(text: &str) -> Result<Vec<std::ops::Range<usize>>, JsonError> {
-    let mut r = Reader {
-        s: text,
-        b: text.as_bytes(),
-        i: 0,
-        nesting: 0,
-    };
+    let mut r = Reader::new(text);
     r.ws();
     if r.peek() != Some(b'[') {
         return Err(r.err("expected an array"));
@@ -142,16 +119,7 @@ pub fn walk<'a, F>(text: &'a [u8], visit: &mut F) -> Result<Walked, JsonError>
 where
     F: FnMut(&str, usize, bool, Node<'a>),
 {
-    let text = std::str::from_utf8(text).map_err(|e| JsonError {
-        at: e.valid_up_to(),
-        what: "not UTF-8",
-    })?;
-    let mut r = Reader {
-        s: text,
-        b: text.as_bytes(),
-        i: 0,
-        nesting: 0,
-    };
+    let mut r = Reader::new(utf8(text)?);
     let mut w = TreeWalk {
         path: String::with_capacity(64),
         keys: Vec::new(),
@@ -171,6 +139,14 @@ struct TreeWalk {
     path: String,
     keys: Vec<u64>,
     walked: Walked,
+}
+
+/// `text` as a `str`, or where it stops being UTF-8.
+fn utf8(text: &[u8]) -> Result<&str, JsonError> {
+    std::str::from_utf8(text).map_err(|e| JsonError {
+        at: e.valid_up_to(),
+        what: "not UTF-8",
+    })
 }
 
 fn key_hash(key: &str) -> u64 {
@@ -228,6 +204,15 @@ fn special_bytes_16(block: &[u8; 16]) -> u32 {
 }
 
 impl<'a> Reader<'a> {
+    fn new(text: &'a str) -> Self {
+        Reader {
+            s: text,
+            b: text.as_bytes(),
+            i: 0,
+            nesting: 0,
+        }
+    }
+
     fn err(&self, what: &'static str) -> JsonError {
         JsonError { at: self.i, what }
     }

@@ -677,6 +677,20 @@ async fn gateway_histogram(gw: &Gateway, name: &str) -> anyhow::Result<Vec<(f64,
         .collect())
 }
 
+/// p50 and p99 (ms, bucket upper bounds) of what a histogram of seconds gained between two
+/// readings of its cumulative buckets.
+fn window_p50_p99_ms(before: &[(f64, u64)], after: &[(f64, u64)]) -> (f64, f64) {
+    let window: Vec<(f64, u64)> = after
+        .iter()
+        .zip(before)
+        .map(|((le, n), (_, b))| (*le, n - b))
+        .collect();
+    (
+        histogram_quantile(&window, 0.50) * 1e3,
+        histogram_quantile(&window, 0.99) * 1e3,
+    )
+}
+
 /// The upper bound of the bucket holding quantile `q` of cumulative buckets.
 fn histogram_quantile(buckets: &[(f64, u64)], q: f64) -> f64 {
     let total = buckets.last().map_or(0, |b| b.1);
@@ -1157,27 +1171,15 @@ async fn main() -> anyhow::Result<()> {
     );
     // The gateway's own histogram of append → durable (the bus writer's write + fdatasync)
     // over the same window: what of the tail is the disk, and what is waiting for a CPU.
-    let window: Vec<(f64, u64)> = appends
-        .iter()
-        .zip(&appends_before)
-        .map(|((le, n), (_, before))| (*le, n - before))
-        .collect();
+    let (a50, a99) = window_p50_p99_ms(&appends_before, &appends);
     println!(
-        "| of which the bus append (write + fdatasync) in the gateway, same window | p50 ≤ {:.1} ms, p99 ≤ {:.1} ms (histogram bucket bounds) |",
-        histogram_quantile(&window, 0.50) * 1e3,
-        histogram_quantile(&window, 0.99) * 1e3
+        "| of which the bus append (write + fdatasync) in the gateway, same window | p50 ≤ {a50:.1} ms, p99 ≤ {a99:.1} ms (histogram bucket bounds) |"
     );
     // The gateway's own time per request (headers in → response out), same window: the rest
     // of the client's latency is the connection, the client's own scheduling and the reply.
-    let window: Vec<(f64, u64)> = handled
-        .iter()
-        .zip(&handled_before)
-        .map(|((le, n), (_, before))| (*le, n - before))
-        .collect();
+    let (h50, h99) = window_p50_p99_ms(&handled_before, &handled);
     println!(
-        "| of which the gateway's handling of the request (body read, parsed, durable), same window | p50 ≤ {:.1} ms, p99 ≤ {:.1} ms (histogram bucket bounds) |",
-        histogram_quantile(&window, 0.50) * 1e3,
-        histogram_quantile(&window, 0.99) * 1e3
+        "| of which the gateway's handling of the request (body read, parsed, durable), same window | p50 ≤ {h50:.1} ms, p99 ≤ {h99:.1} ms (histogram bucket bounds) |"
     );
     if let Some((pct, worst_ms, window_ms, cpus)) = steal {
         println!(

@@ -456,6 +456,33 @@ mod tests {
         }
     }
 
+    /// Runs an indexer of `bus` into `index` (batches of `batch_events`, `max_wait` 20 ms):
+    /// its status, the sender that stops it, and its task.
+    fn start(
+        bus: &Arc<dyn Bus>,
+        index: &Arc<TestIndex>,
+        batch_events: usize,
+    ) -> (
+        Arc<IndexStatus>,
+        tokio::sync::watch::Sender<bool>,
+        tokio::task::JoinHandle<()>,
+    ) {
+        let options = IndexerOptions {
+            batch_events,
+            max_wait: Duration::from_millis(20),
+            ..Default::default()
+        };
+        let indexer = Indexer::new(
+            bus.clone(),
+            index.clone(),
+            Arc::new(HotWindows::new(Duration::from_secs(3600))),
+            options,
+        );
+        let status = indexer.status.clone();
+        let (stop, shutdown) = tokio::sync::watch::channel(false);
+        (status, stop, tokio::spawn(indexer.run(shutdown)))
+    }
+
     /// Writes that fail hand their batch back to the bus: once the index takes writes again,
     /// every event is indexed exactly once, the error shown meanwhile is cleared, and the bus
     /// has nothing left for the indexer.
@@ -473,20 +500,7 @@ mod tests {
             failures: Mutex::new(2),
             ..Default::default()
         });
-        let options = IndexerOptions {
-            batch_events: 150,
-            max_wait: Duration::from_millis(20),
-            ..Default::default()
-        };
-        let indexer = Indexer::new(
-            bus.clone(),
-            index.clone(),
-            Arc::new(HotWindows::new(Duration::from_secs(3600))),
-            options,
-        );
-        let status = indexer.status.clone();
-        let (stop, shutdown) = tokio::sync::watch::channel(false);
-        let task = tokio::spawn(indexer.run(shutdown));
+        let (status, stop, task) = start(&bus, &index, 150);
 
         let deadline = Instant::now() + Duration::from_secs(20);
         let mut saw_error = false;
@@ -538,20 +552,7 @@ mod tests {
             gate: Some(tokio::sync::Semaphore::new(0)),
             ..Default::default()
         });
-        let options = IndexerOptions {
-            batch_events: 400,
-            max_wait: Duration::from_millis(20),
-            ..Default::default()
-        };
-        let indexer = Indexer::new(
-            bus.clone(),
-            index.clone(),
-            Arc::new(HotWindows::new(Duration::from_secs(3600))),
-            options,
-        );
-        let status = indexer.status.clone();
-        let (stop, shutdown) = tokio::sync::watch::channel(false);
-        let task = tokio::spawn(indexer.run(shutdown));
+        let (status, stop, task) = start(&bus, &index, 400);
 
         let deadline = Instant::now() + Duration::from_secs(20);
         for write in 1..=3 {
