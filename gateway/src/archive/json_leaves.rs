@@ -39,15 +39,63 @@ pub fn for_each_leaf<'a, F>(text: &'a [u8], max_depth: usize, emit: &mut F) -> R
 where
     F: FnMut(&str, Scalar<'a>),
 {
+    struct Unhinted<'f, F>(&'f mut F);
+    impl<'a, F: FnMut(&str, Scalar<'a>)> LeafSink<'a> for Unhinted<'_, F> {
+        fn expected(&self) -> Option<&str> {
+            None
+        }
+        fn expected_leaf(&mut self, _: Scalar<'a>) {
+            unreachable!("nothing is expected")
+        }
+        fn leaf(&mut self, path: &str, value: Scalar<'a>) {
+            (self.0)(path, value)
+        }
+    }
+    for_each_leaf_hinted(text, max_depth, &mut Unhinted(emit))
+}
+
+/// Where [`for_each_leaf_hinted`] hands the leaves, and what it expects next.
+///
+/// Events of a stream mostly have the same fields in the same order. A sink that can guess
+/// the next leaf's path saves the reader the work of a key it guessed right: the key's bytes
+/// are compared with the guess where they stand instead of being scanned, the path is not
+/// built, and the sink is told "your guess" instead of being handed a path to look up.
+pub trait LeafSink<'a> {
+    /// The full dotted path the sink expects for the next leaf, or `None`. A path with a `"`,
+    /// a `\` or a control character is never matched (its raw bytes could not be the key).
+    fn expected(&self) -> Option<&str>;
+    /// The next leaf, whose path was exactly [`Self::expected`].
+    fn expected_leaf(&mut self, value: Scalar<'a>);
+    /// The next leaf, at `path` (not the expected one, or nothing was expected).
+    fn leaf(&mut self, path: &str, value: Scalar<'a>);
+}
+
+/// [`for_each_leaf`] with a sink that may guess the next leaf's path (see [`LeafSink`]). The
+/// leaves, their values and what is an error are the same whatever the guesses.
+pub fn for_each_leaf_hinted<'a, S: LeafSink<'a>>(
+    text: &'a [u8],
+    max_depth: usize,
+    sink: &mut S,
+) -> Result<(), JsonError> {
     let mut r = Reader::new(utf8(text)?);
     let mut path = String::with_capacity(64);
     r.ws();
-    r.value(&mut path, 0, max_depth, emit)?;
+    if r.peek() == Some(b'{') {
+        r.object(&mut path, 0, max_depth, sink)?;
+    } else {
+        r.skip_value()?;
+    }
     r.ws();
     if r.i != r.b.len() {
         return Err(r.err("trailing characters"));
     }
     Ok(())
+}
+
+/// Whether `name` has a byte that cannot stand unescaped in a JSON string, or that would
+/// stand for something else there (`"`, `\`, control characters).
+fn needs_escaping(name: &[u8]) -> bool {
+    name.iter().any(|&c| c == b'"' || c == b'\\' || c < 0x20)
 }
 
 /// Checks that `text` is one JSON value with nothing but whitespace around it, as strictly as
@@ -156,6 +204,36 @@ fn key_hash(key: &str) -> u64 {
     })
 }
 
+/// `a == b`, without a call into `memcmp` for the short strings field names mostly are
+/// (the field-order hint compares one or two per field of every archived event).
+#[inline(always)]
+pub(crate) fn same_bytes(a: &[u8], b: &[u8]) -> bool {
+    let n = a.len();
+    if n != b.len() {
+        return false;
+    }
+    let word = |s: &[u8], at: usize| u64::from_le_bytes(s[at..at + 8].try_into().expect("8 bytes"));
+    let half = |s: &[u8], at: usize| u32::from_le_bytes(s[at..at + 4].try_into().expect("4 bytes"));
+    match n {
+        // Two overlapping loads cover 8..=16 bytes (4..=8 with the 4-byte ones).
+        8..=16 => word(a, 0) == word(b, 0) && word(a, n - 8) == word(b, n - 8),
+        4..=7 => half(a, 0) == half(b, 0) && half(a, n - 4) == half(b, n - 4),
+        0..=3 => a == b,
+        // Four overlapping loads cover 17..=32 bytes (`attributes.attr_12`, `session.user_agent`).
+        17..=32 => {
+            word(a, 0) == word(b, 0)
+                && word(a, 8) == word(b, 8)
+                && word(a, n - 16) == word(b, n - 16)
+                && word(a, n - 8) == word(b, n - 8)
+        }
+        _ => {
+            word(a, 0) == word(b, 0)
+                && word(a, n - 8) == word(b, n - 8)
+                && a[8..n - 8] == b[8..n - 8]
+        }
+    }
+}
+
 struct Reader<'a> {
     s: &'a str,
     b: &'a [u8],
@@ -242,61 +320,41 @@ impl<'a> Reader<'a> {
         }
     }
 
-    /// One value at `depth` (0 = the top level) whose dotted path is in `path`.
-    fn value<F>(
+    /// A member's value at `depth` (1 = a member of the top-level object), whose dotted path
+    /// is in `path`: descended into when it is an object above `max_depth`, otherwise handed
+    /// to `sink` (nothing for `null`).
+    fn member_value<S: LeafSink<'a>>(
         &mut self,
         path: &mut String,
         depth: usize,
         max_depth: usize,
-        emit: &mut F,
-    ) -> Result<(), JsonError>
-    where
-        F: FnMut(&str, Scalar<'a>),
-    {
-        let leaf = depth > 0;
+        sink: &mut S,
+    ) -> Result<(), JsonError> {
         match self.peek() {
+            // (Under an empty path, i.e. keys that are all "", objects are always descended
+            // into: the archive has read them so from the start.)
             Some(b'{') if depth < max_depth || path.is_empty() => {
-                self.object(path, depth, max_depth, emit)
+                self.object(path, depth, max_depth, sink)
             }
+            Some(b'n') => self.literal(b"null"),
+            _ => {
+                let v = self.leaf_value()?;
+                sink.leaf(path, v);
+                Ok(())
+            }
+        }
+    }
+
+    /// A value kept whole as a leaf: a scalar, or the text of an array or object.
+    #[inline]
+    fn leaf_value(&mut self) -> Result<Scalar<'a>, JsonError> {
+        match self.peek() {
             Some(b'{' | b'[') => {
                 let start = self.i;
                 self.skip_value()?;
-                if leaf {
-                    emit(path, Scalar::Str(Cow::Borrowed(&self.s[start..self.i])));
-                }
-                Ok(())
+                Ok(Scalar::Str(Cow::Borrowed(&self.s[start..self.i])))
             }
-            Some(b'"') => {
-                let s = self.string()?;
-                if leaf {
-                    emit(path, Scalar::Str(s));
-                }
-                Ok(())
-            }
-            Some(b't') => {
-                self.literal(b"true")?;
-                if leaf {
-                    emit(path, Scalar::Bool(true));
-                }
-                Ok(())
-            }
-            Some(b'f') => {
-                self.literal(b"false")?;
-                if leaf {
-                    emit(path, Scalar::Bool(false));
-                }
-                Ok(())
-            }
-            Some(b'n') => self.literal(b"null"),
-            Some(b'-' | b'0'..=b'9') => {
-                let n = self.number()?;
-                if leaf {
-                    emit(path, n);
-                }
-                Ok(())
-            }
-            Some(_) => Err(self.err("expected a value")),
-            None => Err(self.err("unexpected end of input")),
+            _ => self.scalar(),
         }
     }
 
@@ -346,27 +404,92 @@ impl<'a> Reader<'a> {
         Ok(key)
     }
 
-    fn object<F>(
+    /// An object at `depth` (0 = the top level) whose path is in `path`: each member's
+    /// value with the member's path (see [`LeafSink`] for the keys that were expected).
+    fn object<S: LeafSink<'a>>(
         &mut self,
         path: &mut String,
         depth: usize,
         max_depth: usize,
-        emit: &mut F,
-    ) -> Result<(), JsonError>
-    where
-        F: FnMut(&str, Scalar<'a>),
-    {
+        sink: &mut S,
+    ) -> Result<(), JsonError> {
         self.container(b'}', |r| {
+            if let Some(key_len) = r.expected_key(path, sink) {
+                // The key is the rest of the expected path: `path` is not needed for a leaf.
+                r.ws();
+                r.expect(b':', "expected ':'")?;
+                r.ws();
+                return match r.peek() {
+                    Some(b'{') if depth + 1 < max_depth => {
+                        let len = path.len();
+                        let name = sink.expected().expect("the key was expected");
+                        if len > 0 {
+                            path.push('.');
+                        }
+                        path.push_str(&name[name.len() - key_len..]);
+                        r.object(path, depth + 1, max_depth, sink)?;
+                        path.truncate(len);
+                        Ok(())
+                    }
+                    Some(b'n') => r.literal(b"null"),
+                    _ => {
+                        let v = r.leaf_value()?;
+                        sink.expected_leaf(v);
+                        Ok(())
+                    }
+                };
+            }
             let key = r.key()?;
             let len = path.len();
             if len > 0 {
                 path.push('.');
             }
             path.push_str(&key);
-            r.value(path, depth + 1, max_depth, emit)?;
+            r.member_value(path, depth + 1, max_depth, sink)?;
             path.truncate(len);
             Ok(())
         })
+    }
+
+    /// At a member's key in the object at `path`: when the sink expects `path.key` and the
+    /// key's raw bytes are that `key` with no escape, followed by the closing quote, steps
+    /// past the key and returns its length. Otherwise leaves the position as it was.
+    #[inline(always)]
+    fn expected_key<S: LeafSink<'a>>(&mut self, path: &str, sink: &S) -> Option<usize> {
+        let name = sink.expected()?.as_bytes();
+        let prefix = path.len() + usize::from(!path.is_empty());
+        if name.len() <= prefix
+            || (prefix > 0
+                && (name[path.len()] != b'.' || !same_bytes(&name[..path.len()], path.as_bytes())))
+        {
+            return None;
+        }
+        let key = &name[prefix..];
+        let at = self.i + 1;
+        match self.b.get(self.i..at + key.len()) {
+            Some([b'"', raw @ ..]) if same_bytes(raw, key) => {}
+            _ => return None,
+        }
+        // The key's bytes are the expected ones; the first byte after them that a string
+        // scan stops at must be the closing quote right after them (no escape, no control
+        // character, no quote inside).
+        let end = at + key.len();
+        #[cfg(target_arch = "x86_64")]
+        if key.len() < 16
+            && let Some(block) = self.b.get(at..at + 16)
+        {
+            let m = special_bytes_16(block.try_into().expect("16 bytes"));
+            if m.trailing_zeros() as usize != key.len() || self.b[end] != b'"' {
+                return None;
+            }
+            self.i = end + 1;
+            return Some(key.len());
+        }
+        if self.b.get(end) != Some(&b'"') || needs_escaping(key) {
+            return None;
+        }
+        self.i = end + 1;
+        Some(key.len())
     }
 
     /// One value for [`walk`], at `depth` and with the path in `w.path`.
@@ -514,17 +637,26 @@ impl<'a> Reader<'a> {
         unsafe { self.s.get_unchecked(start..end) }
     }
 
-    /// A string starting at its opening quote: borrowed when it has no escapes.
+    /// A string starting at its opening quote: borrowed when it has no escapes. The common
+    /// case (no escape) is inlined; [`Self::escaped_string`] takes the rest.
+    #[inline(always)]
     fn string(&mut self) -> Result<Cow<'a, str>, JsonError> {
         self.i += 1; // '"'
         let start = self.i;
         self.skip_plain();
+        if self.peek() == Some(b'"') {
+            let s = self.plain_str(start, self.i);
+            self.i += 1;
+            return Ok(Cow::Borrowed(s));
+        }
+        self.escaped_string(start)
+    }
+
+    /// The rest of a string that started at `start` and whose scan stopped at something
+    /// other than its closing quote: an escape, a control character or the end.
+    #[inline(never)]
+    fn escaped_string(&mut self, start: usize) -> Result<Cow<'a, str>, JsonError> {
         match self.peek() {
-            Some(b'"') => {
-                let s = self.plain_str(start, self.i);
-                self.i += 1;
-                return Ok(Cow::Borrowed(s));
-            }
             Some(b'\\') => {}
             Some(_) => return Err(self.err("control character in a string")),
             None => return Err(self.err("unterminated string")),
