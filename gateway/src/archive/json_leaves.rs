@@ -2,7 +2,9 @@
 //! hands each leaf to a callback as (dotted path, [`Scalar`]), without building a tree and
 //! without allocating for strings that have no escapes (they borrow from the input). Arrays,
 //! and objects at the depth limit, are handed over as their JSON text exactly as sent (a
-//! borrowed slice), since the archive keeps them opaque. [`walk`] is the same reader for
+//! borrowed slice), since the archive keeps them opaque. With [`for_each_leaf_hinted`] the
+//! receiver ([`LeafSink`]) may guess the next leaf's path: a key that is the guess is compared
+//! where it stands instead of being scanned and joined into a path. [`walk`] is the same reader for
 //! the search index: every node in document order (arrays looked into), so that an event's
 //! terms and words come from one pass over its bytes. [`value_span`] is the same reader as a
 //! check only, and [`array_element_spans`] its form for an array body: ingest uses them to
