@@ -400,10 +400,17 @@ impl<'a> Reader<'a> {
             return Err(self.err("expected a key"));
         }
         let key = self.string()?;
+        self.colon()?;
+        Ok(key)
+    }
+
+    /// The `:` after a member's key, with the whitespace around it.
+    #[inline]
+    fn colon(&mut self) -> Result<(), JsonError> {
         self.ws();
         self.expect(b':', "expected ':'")?;
         self.ws();
-        Ok(key)
+        Ok(())
     }
 
     /// An object at `depth` (0 = the top level) whose path is in `path`: each member's
@@ -418,9 +425,7 @@ impl<'a> Reader<'a> {
         self.container(b'}', |r| {
             if let Some(key_len) = r.expected_key(path, sink) {
                 // The key is the rest of the expected path: `path` is not needed for a leaf.
-                r.ws();
-                r.expect(b':', "expected ':'")?;
-                r.ws();
+                r.colon()?;
                 return match r.peek() {
                     Some(b'{') if depth + 1 < max_depth => {
                         let len = path.len();

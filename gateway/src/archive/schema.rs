@@ -380,7 +380,7 @@ impl<'a> LeafSink<'a> for Observer<'_, '_, 'a> {
         self.schema.columns.get(hinted).map(|c| c.name.as_str())
     }
 
-    #[inline]
+    #[inline(always)]
     fn expected_leaf(&mut self, value: Scalar<'a>) {
         // The path is the hinted column's name, so the column is that one: no column has a
         // reserved name (those get a `_`), so `column_name` is not needed.
@@ -393,27 +393,21 @@ impl<'a> LeafSink<'a> for Observer<'_, '_, 'a> {
     }
 
     fn leaf(&mut self, path: &str, value: Scalar<'a>) {
+        // The reader may not have matched a guess that is still right (a key with an escape).
+        if self
+            .expected()
+            .is_some_and(|name| same_bytes(name.as_bytes(), path.as_bytes()))
+        {
+            return self.expected_leaf(value);
+        }
         let ty = value.column_type();
-        let hinted = self.schema.next_after[self.prev] as usize;
-        let i = match self.schema.columns.get(hinted) {
-            Some(c) if same_bytes(c.name.as_bytes(), path.as_bytes()) => {
-                if c.ty != ty {
-                    self.schema.widen(hinted, ty, self.now, self.changed);
-                }
-                hinted
-            }
-            _ => match self
-                .schema
-                .observe_one(&column_name(path), ty, self.now, self.changed)
-            {
-                Some(i) => {
-                    self.schema.size_lookups();
-                    i
-                }
-                None => return,
-            },
-        };
-        self.record(i, value);
+        if let Some(i) = self
+            .schema
+            .observe_one(&column_name(path), ty, self.now, self.changed)
+        {
+            self.schema.size_lookups();
+            self.record(i, value);
+        }
     }
 }
 
