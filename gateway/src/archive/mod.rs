@@ -12,6 +12,7 @@ pub mod read;
 pub mod schema;
 pub mod select;
 pub mod store;
+mod string_column;
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;

@@ -7,8 +7,8 @@
 use std::sync::Arc;
 
 use arrow::array::{
-    Array, ArrayRef, BinaryArray, BinaryBuilder, BooleanBuilder, Float64Builder, Int64Builder,
-    StringBuilder, TimestampMicrosecondBuilder,
+    Array, ArrayRef, AsArray, BinaryArray, BinaryBuilder, BooleanBuilder, Float64Builder,
+    Int64Builder, StringBuilder, TimestampMicrosecondBuilder,
 };
 use arrow::datatypes::{DataType, Field, Schema, TimeUnit};
 use arrow::record_batch::RecordBatch;
@@ -21,9 +21,14 @@ use parquet::file::writer::SerializedFileWriter;
 
 use super::payload_column::PayloadColumn;
 use super::schema::{ColumnType, Scalar};
+use super::string_column::StringColumn;
 use crate::bus::Event;
 
 pub const ROW_GROUP_ROWS: usize = 64 * 1024;
+
+fn schema_name(schema: &Schema, i: usize) -> &str {
+    schema.field(i).name()
+}
 
 /// An event with its flattened JSON fields as (collection column index, value); empty for
 /// non-JSON payloads.
@@ -81,34 +86,74 @@ pub fn to_record_batch(
     slot_of: &[Option<u32>],
     text_hint: &mut Vec<usize>,
 ) -> Result<RecordBatch, arrow::error::ArrowError> {
-    let columns = build_columns(rows, schema, slot_of, text_hint, true);
+    let columns = build_columns(rows, schema, slot_of, text_hint, true, None)
+        .map_err(|e| arrow::error::ArrowError::ExternalError(Box::new(e)))?;
     RecordBatch::try_new(schema.clone(), columns)
 }
 
+/// The inferred string columns a [`FileWriter`] encodes itself (see [`StringColumn`]).
+struct Strings {
+    /// Per inferred column of the file (its position among them), its index in `columns`.
+    of_slot: Vec<Option<usize>>,
+    /// The file column index and the writer of each.
+    columns: Vec<(usize, StringColumn)>,
+    zstd: zstd::bulk::Compressor<'static>,
+}
+
 /// The columns of [`to_record_batch`], without the payload column unless `with_payload`
-/// (the file writer writes payloads straight from the events, see [`PayloadColumn`]).
+/// (the file writer writes payloads straight from the events, see [`PayloadColumn`]), and
+/// without the string columns of `strings`, whose values are appended to them instead
+/// (rows numbered from `strings`' first row).
 fn build_columns(
     rows: &[Row<'_>],
     schema: &Arc<Schema>,
     slot_of: &[Option<u32>],
     text_hint: &mut Vec<usize>,
     with_payload: bool,
-) -> Vec<ArrayRef> {
+    mut strings: Option<(&mut Strings, usize)>,
+) -> Result<Vec<ArrayRef>, parquet::errors::ParquetError> {
     let inferred = &schema.fields()[base_fields().len()..];
     let n = rows.len();
     text_hint.resize(inferred.len(), 0);
+    let own = |slot: usize, strings: &Option<(&mut Strings, usize)>| {
+        strings
+            .as_ref()
+            .and_then(|(s, _)| s.of_slot.get(slot).copied().flatten())
+    };
     // One pass over the rows' fields, each value appended to its column's builder (nulls
     // filled in for the rows that lack the field).
-    let mut builders: Vec<ColumnBuilder> = inferred
+    let mut builders: Vec<Option<ColumnBuilder>> = inferred
         .iter()
         .zip(text_hint.iter())
-        .map(|(field, &hint)| ColumnBuilder::new(field.data_type(), n, hint + hint / 4))
+        .enumerate()
+        .map(|(slot, (field, &hint))| {
+            own(slot, &strings)
+                .is_none()
+                .then(|| ColumnBuilder::new(field.data_type(), n, hint + hint / 4))
+        })
         .collect();
     for (r, row) in rows.iter().enumerate() {
         for (col, value) in &row.fields {
             if let Some(Some(i)) = slot_of.get(*col as usize) {
-                builders[*i as usize].push(r, value);
+                match &mut builders[*i as usize] {
+                    Some(builder) => builder.push(r, value),
+                    None => {
+                        let (s, first) = strings.as_mut().expect("an own string column");
+                        let k = s.of_slot[*i as usize].expect("an own string column");
+                        let column = &mut s.columns[k].1;
+                        column.pad_to(*first + r, &mut s.zstd)?;
+                        match value {
+                            Scalar::Str(text) => column.push(text.as_bytes(), &mut s.zstd)?,
+                            other => column.push(other.as_text().as_bytes(), &mut s.zstd)?,
+                        }
+                    }
+                }
             }
+        }
+    }
+    if let Some((s, first)) = strings.as_mut() {
+        for (_, column) in &mut s.columns {
+            column.pad_to(*first + n, &mut s.zstd)?;
         }
     }
     let payload_bytes: usize = if with_payload {
@@ -152,11 +197,13 @@ fn build_columns(
         columns.insert(PAYLOAD_COLUMN, Arc::new(payload.finish()));
     }
     for (builder, hint) in builders.into_iter().zip(text_hint.iter_mut()) {
-        let (array, text) = builder.finish(n);
-        *hint = text;
-        columns.push(array);
+        if let Some(builder) = builder {
+            let (array, text) = builder.finish(n);
+            *hint = text;
+            columns.push(array);
+        }
     }
-    columns
+    Ok(columns)
 }
 
 /// The builder of one inferred column of a chunk. Values come row by row; `rows` is the
@@ -245,10 +292,18 @@ pub const CHUNK_ROWS: usize = 1024;
 
 fn writer_properties(
     plain_columns: &[String],
+    own_columns: &[&str],
 ) -> Result<WriterProperties, parquet::errors::ParquetError> {
     let mut builder = WriterProperties::builder();
     for c in plain_columns {
         builder = builder.set_column_dictionary_enabled(c.as_str().into(), false);
+    }
+    // The inferred string columns are written by `string_column`; as for the payload, the
+    // Arrow writers Parquet sets up for them are never used and allocate nothing.
+    for c in own_columns {
+        builder = builder
+            .set_column_dictionary_enabled((*c).into(), false)
+            .set_column_compression((*c).into(), Compression::UNCOMPRESSED);
     }
     Ok(builder
         // Data page v2: the page writer compresses the values straight into the page buffer.
@@ -318,6 +373,7 @@ pub struct FileWriter {
     /// The open row group's column writers (the payload's slot is never written).
     columns: Option<Vec<ArrowColumnWriter>>,
     payload: PayloadColumn,
+    strings: Strings,
     rows_in_group: usize,
     /// Text bytes per inferred column in the last chunk (see [`to_record_batch`]).
     text_hint: Vec<usize>,
@@ -351,18 +407,46 @@ impl FileWriter {
                 "not an archive file's schema (column {PAYLOAD_COLUMN} is not `payload`): {schema}"
             )));
         }
+        // The inferred string columns (after the archive's own columns; their names are
+        // the dotted paths of JSON fields, so never those of the archive's own columns).
+        let base = base_fields().len();
+        let own: Vec<usize> = (base..schema.fields().len())
+            .filter(|&i| schema.field(i).data_type() == &DataType::Utf8)
+            .collect();
+        let own_names: Vec<&str> = own
+            .iter()
+            .map(|&i| schema.field(i).name().as_str())
+            .collect();
         // ArrowWriter sets the file up (the Arrow schema in the footer's metadata, the
         // Parquet schema); the row groups are then written column by column.
         let (file, factory) = ArrowWriter::try_new(
             Vec::with_capacity(bytes),
             schema.clone(),
-            Some(writer_properties(plain_columns)?),
+            Some(writer_properties(plain_columns, &own_names)?),
         )?
         .into_serialized_writer()?;
         let payload = PayloadColumn::new(
             file.schema_descr().column(PAYLOAD_COLUMN),
             PAYLOAD_PAGE_BYTES,
         )?;
+        let mut of_slot = vec![None; schema.fields().len() - base];
+        let columns = own
+            .iter()
+            .enumerate()
+            .map(|(k, &i)| {
+                of_slot[i - base] = Some(k);
+                let dictionary = !plain_columns.iter().any(|c| c == schema.field(i).name());
+                (
+                    i,
+                    StringColumn::new(file.schema_descr().column(i), dictionary),
+                )
+            })
+            .collect();
+        let strings = Strings {
+            of_slot,
+            columns,
+            zstd: super::string_column::compressor()?,
+        };
         Ok(Self {
             schema,
             slot_of,
@@ -370,6 +454,7 @@ impl FileWriter {
             factory,
             columns: None,
             payload,
+            strings,
             rows_in_group: 0,
             text_hint: Vec::new(),
         })
@@ -384,16 +469,24 @@ impl FileWriter {
         Ok(self.columns.as_mut().expect("just set"))
     }
 
-    /// Writes every column of `columns` (the file's columns but the payload, in order)
-    /// to the open row group.
+    /// Whether file column `i` is written by its own writer (the payload, the inferred
+    /// string columns) rather than by an Arrow column writer.
+    fn own_column(&self, i: usize) -> bool {
+        i == PAYLOAD_COLUMN
+            || i.checked_sub(base_fields().len())
+                .and_then(|slot| self.strings.of_slot.get(slot).copied().flatten())
+                .is_some()
+    }
+
+    /// Writes every column of `columns` (the file's columns written by Arrow column writers,
+    /// see [`Self::own_column`], in order) to the open row group.
     fn write_columns(&mut self, columns: &[ArrayRef]) -> Result<(), parquet::errors::ParquetError> {
         let schema = self.schema.clone();
+        let arrow: Vec<usize> = (0..schema.fields().len())
+            .filter(|&i| !self.own_column(i))
+            .collect();
         let writers = self.columns()?;
-        let fields = schema
-            .fields()
-            .iter()
-            .enumerate()
-            .filter(|(i, _)| *i != PAYLOAD_COLUMN);
+        let fields = arrow.iter().map(|&i| (i, schema.field(i)));
         for ((i, field), array) in fields.zip(columns) {
             for leaf in compute_leaves(field, array)? {
                 writers[i].write(&leaf)?;
@@ -407,8 +500,14 @@ impl FileWriter {
         while !rows.is_empty() {
             let take = rows.len().min(ROW_GROUP_ROWS - self.rows_in_group);
             let (now, rest) = rows.split_at(take);
-            let columns =
-                build_columns(now, &self.schema, &self.slot_of, &mut self.text_hint, false);
+            let columns = build_columns(
+                now,
+                &self.schema,
+                &self.slot_of,
+                &mut self.text_hint,
+                false,
+                Some((&mut self.strings, self.rows_in_group)),
+            )?;
             self.write_columns(&columns)?;
             self.payload
                 .write(now.iter().map(|r| &r.event.payload[..]))?;
@@ -427,9 +526,28 @@ impl FileWriter {
         while offset < batch.num_rows() {
             let take = (batch.num_rows() - offset).min(ROW_GROUP_ROWS - self.rows_in_group);
             let part = batch.slice(offset, take);
-            let mut columns = part.columns().to_vec();
-            let payload = columns.remove(PAYLOAD_COLUMN);
+            let columns: Vec<ArrayRef> = (0..part.num_columns())
+                .filter(|&i| !self.own_column(i))
+                .map(|i| part.column(i).clone())
+                .collect();
             self.write_columns(&columns)?;
+            let strings = &mut self.strings;
+            for (i, column) in &mut strings.columns {
+                let values = part.column(*i).as_string_opt::<i32>().ok_or_else(|| {
+                    parquet::errors::ParquetError::General(format!(
+                        "column {} is {}, not a string",
+                        schema_name(&self.schema, *i),
+                        part.column(*i).data_type()
+                    ))
+                })?;
+                for v in values.iter() {
+                    match v {
+                        Some(v) => column.push(v.as_bytes(), &mut strings.zstd)?,
+                        None => column.push_null(&mut strings.zstd)?,
+                    }
+                }
+            }
+            let payload = part.column(PAYLOAD_COLUMN);
             let payload = payload
                 .as_any()
                 .downcast_ref::<BinaryArray>()
@@ -463,11 +581,19 @@ impl FileWriter {
         };
         let mut payload = Some(self.payload.close_chunk()?);
         let mut group = self.file.next_row_group()?;
+        let base = base_fields().len();
         for (i, writer) in columns.into_iter().enumerate() {
+            let own = i
+                .checked_sub(base)
+                .and_then(|slot| self.strings.of_slot.get(slot).copied().flatten());
             if i == PAYLOAD_COLUMN {
                 let (bytes, close) = payload.take().ok_or_else(|| {
                     parquet::errors::ParquetError::General("row group without payloads".into())
                 })?;
+                group.append_column(&bytes, close)?;
+            } else if let Some(k) = own {
+                let strings = &mut self.strings;
+                let (bytes, close) = strings.columns[k].1.close_chunk(&mut strings.zstd)?;
                 group.append_column(&bytes, close)?;
             } else {
                 writer.close()?.append_to_row_group(&mut group)?;
