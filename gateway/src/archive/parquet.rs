@@ -2,7 +2,10 @@
 //! microsecond timestamp, `content_type`, `client_id`, `headers` as JSON text, `payload` as
 //! the original bytes) followed by the collection's inferred columns that occur in the file,
 //! each with its current (widened) type. zstd, page-level statistics (so readers get the page
-//! index), a bloom filter on `id`, and row groups of at most 64Ki rows.
+//! index), a bloom filter on `id`, and row groups of at most 64Ki rows. The payload's chunks
+//! are written by [`PayloadColumn`] and the inferred string columns' by [`StringColumn`]
+//! (straight from the events, compressed by the archiver); the other columns go through
+//! Arrow arrays and Parquet's Arrow column writers.
 
 use std::sync::Arc;
 
