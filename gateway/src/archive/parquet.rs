@@ -341,22 +341,34 @@ const PAYLOAD_PAGE_BYTES: usize = 1 << 20;
 /// Rows sampled per column by [`high_cardinality`].
 const CARDINALITY_SAMPLE: usize = 256;
 
-/// The inferred string columns (by collection column index) whose values are mostly
-/// distinct in a sample of `rows`: ids, e-mails, free text. Dictionary encoding only costs
-/// there (every value is hashed and interned until the dictionary overflows and the writer
-/// falls back to plain pages), so the archiver writes them plain.
+/// The inferred string and number columns (by collection column index) whose values are
+/// mostly distinct in a sample of `rows`: ids, e-mails, free text, sequence numbers,
+/// timestamps. Dictionary encoding only costs there (every value is hashed and interned
+/// until the dictionary overflows and the writer falls back to plain pages; a 64Ki-row
+/// chunk of distinct integers fits a dictionary whole, and is then written twice: the
+/// values in the dictionary, their indexes in the pages), so the archiver writes them plain.
 pub fn high_cardinality(rows: &[Row<'_>], columns: &[ColumnType]) -> Vec<usize> {
-    let mut seen: Vec<std::collections::HashSet<&str>> = Vec::new();
+    let state = std::hash::RandomState::new();
+    let mut seen: Vec<std::collections::HashSet<u64>> = Vec::new();
     let mut counts: Vec<usize> = vec![0; columns.len()];
     seen.resize_with(columns.len(), Default::default);
     let step = (rows.len() / CARDINALITY_SAMPLE).max(1);
     for row in rows.iter().step_by(step).take(CARDINALITY_SAMPLE) {
         for (col, value) in &row.fields {
             let c = *col as usize;
-            if let (Some(ColumnType::Utf8), Scalar::Str(s)) = (columns.get(c), value) {
-                counts[c] += 1;
-                seen[c].insert(s);
-            }
+            // A value as the column stores it (a string column's widened numbers are
+            // rare enough to leave out; an integer in a float column is that float).
+            let key = match (columns.get(c), value) {
+                (Some(ColumnType::Utf8), Scalar::Str(s)) => {
+                    std::hash::BuildHasher::hash_one(&state, s.as_bytes())
+                }
+                (Some(ColumnType::Int64), Scalar::Int(v)) => *v as u64,
+                (Some(ColumnType::Float64), Scalar::Float(v)) => v.to_bits(),
+                (Some(ColumnType::Float64), Scalar::Int(v)) => (*v as f64).to_bits(),
+                _ => continue,
+            };
+            counts[c] += 1;
+            seen[c].insert(key);
         }
     }
     (0..columns.len())
@@ -710,12 +722,22 @@ mod tests {
                 fields: vec![
                     (0, Scalar::Str(ids[i].as_str().into())),
                     (1, Scalar::Str(["eu", "us", "ap"][i % 3].into())),
-                    (2, Scalar::Int(i as i64)),
+                    (2, Scalar::Int(i as i64 % 7)),
+                    (3, Scalar::Int(i as i64)),
+                    (4, Scalar::Float(i as f64 / 4.0)),
+                    (5, Scalar::Float((i % 5) as f64)),
                 ],
             })
             .collect();
-        let types = [ColumnType::Utf8, ColumnType::Utf8, ColumnType::Int64];
-        assert_eq!(high_cardinality(&rows, &types), vec![0]);
+        let types = [
+            ColumnType::Utf8,
+            ColumnType::Utf8,
+            ColumnType::Int64,
+            ColumnType::Int64,
+            ColumnType::Float64,
+            ColumnType::Float64,
+        ];
+        assert_eq!(high_cardinality(&rows, &types), vec![0, 3, 4]);
 
         let schema = file_schema(&[
             ("user", ColumnType::Utf8),

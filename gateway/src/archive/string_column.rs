@@ -420,6 +420,9 @@ impl StringColumn {
                 *last = serial;
                 page.distinct.push(key);
             }
+            if page.keys.capacity() == 0 {
+                page.keys.reserve(PAGE_ROWS);
+            }
             page.keys.push(key);
             if self.dict.page.len() > DICTIONARY_BYTES {
                 // Too many distinct values: this page ends with the dictionary, the next
@@ -429,6 +432,12 @@ impl StringColumn {
                 return Ok(());
             }
         } else {
+            if page.plain.capacity() == 0 {
+                // Room for a page of values about this long: regrowing a buffer of up to
+                // 1 MiB copied it ~5 times (a writer's buffers live for one file).
+                page.plain
+                    .reserve(((v.len() + 4) * PAGE_ROWS).min(PAGE_BYTES) + v.len() + 4);
+            }
             let start = page.plain.len() + 4;
             page.plain
                 .extend_from_slice(&(v.len() as u32).to_le_bytes());
