@@ -297,8 +297,20 @@ impl<'a> Reader<'a> {
         JsonError { at: self.i, what }
     }
 
-    #[inline]
+    /// Steps over whitespace. Compact JSON has none between tokens: one compare says so
+    /// (every whitespace byte is at most b' '; the loop sorts out the rest).
+    #[inline(always)]
     fn ws(&mut self) {
+        if let Some(&c) = self.b.get(self.i)
+            && c > b' '
+        {
+            return;
+        }
+        self.ws_loop();
+    }
+
+    #[inline]
+    fn ws_loop(&mut self) {
         while let Some(&c) = self.b.get(self.i) {
             if matches!(c, b' ' | b'\n' | b'\r' | b'\t') {
                 self.i += 1;
