@@ -29,10 +29,6 @@ use crate::bus::Event;
 
 pub const ROW_GROUP_ROWS: usize = 64 * 1024;
 
-fn schema_name(schema: &Schema, i: usize) -> &str {
-    schema.field(i).name()
-}
-
 /// An event with its flattened JSON fields as (collection column index, value); empty for
 /// non-JSON payloads.
 pub struct Row<'a> {
@@ -103,6 +99,18 @@ struct Strings {
     zstd: zstd::bulk::Compressor<'static>,
 }
 
+impl Strings {
+    /// The own string column (its index in `columns`) of inferred column `slot`.
+    fn at_slot(&self, slot: usize) -> Option<usize> {
+        self.of_slot.get(slot).copied().flatten()
+    }
+
+    /// The own string column (its index in `columns`) of file column `i`.
+    fn at_column(&self, i: usize) -> Option<usize> {
+        self.at_slot(i.checked_sub(base_fields().len())?)
+    }
+}
+
 /// The columns of [`to_record_batch`], without the payload column unless `with_payload`
 /// (the file writer writes payloads straight from the events, see [`PayloadColumn`]), and
 /// without the string columns of `strings`, whose values are appended to them instead
@@ -119,9 +127,7 @@ fn build_columns(
     let n = rows.len();
     text_hint.resize(inferred.len(), 0);
     let own = |slot: usize, strings: &Option<(&mut Strings, usize)>| {
-        strings
-            .as_ref()
-            .and_then(|(s, _)| s.of_slot.get(slot).copied().flatten())
+        strings.as_ref().and_then(|(s, _)| s.at_slot(slot))
     };
     // One pass over the rows' fields, each value appended to its column's builder (nulls
     // filled in for the rows that lack the field).
@@ -142,7 +148,7 @@ fn build_columns(
                     Some(builder) => builder.push(r, value),
                     None => {
                         let (s, first) = strings.as_mut().expect("an own string column");
-                        let k = s.of_slot[*i as usize].expect("an own string column");
+                        let k = s.at_slot(*i as usize).expect("an own string column");
                         let column = &mut s.columns[k].1;
                         column.pad_to(*first + r, &mut s.zstd)?;
                         match value {
@@ -487,10 +493,7 @@ impl FileWriter {
     /// Whether file column `i` is written by its own writer (the payload, the inferred
     /// string columns) rather than by an Arrow column writer.
     fn own_column(&self, i: usize) -> bool {
-        i == PAYLOAD_COLUMN
-            || i.checked_sub(base_fields().len())
-                .and_then(|slot| self.strings.of_slot.get(slot).copied().flatten())
-                .is_some()
+        i == PAYLOAD_COLUMN || self.strings.at_column(i).is_some()
     }
 
     /// Writes every column of `columns` (the file's columns written by Arrow column writers,
@@ -551,7 +554,7 @@ impl FileWriter {
                 let values = part.column(*i).as_string_opt::<i32>().ok_or_else(|| {
                     parquet::errors::ParquetError::General(format!(
                         "column {} is {}, not a string",
-                        schema_name(&self.schema, *i),
+                        self.schema.field(*i).name(),
                         part.column(*i).data_type()
                     ))
                 })?;
@@ -596,11 +599,8 @@ impl FileWriter {
         };
         let mut payload = Some(self.payload.close_chunk()?);
         let mut group = self.file.next_row_group()?;
-        let base = base_fields().len();
         for (i, writer) in columns.into_iter().enumerate() {
-            let own = i
-                .checked_sub(base)
-                .and_then(|slot| self.strings.of_slot.get(slot).copied().flatten());
+            let own = self.strings.at_column(i);
             if i == PAYLOAD_COLUMN {
                 let (bytes, close) = payload.take().ok_or_else(|| {
                     parquet::errors::ParquetError::General("row group without payloads".into())

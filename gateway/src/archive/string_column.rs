@@ -231,17 +231,23 @@ fn varint(mut v: u64, out: &mut Vec<u8>) {
     out.push(v as u8);
 }
 
+/// The length of the longest prefix of `v` (longer than [`STATS_BYTES`]) of at most
+/// [`STATS_BYTES`] bytes that ends on a character boundary.
+fn stats_cut(v: &[u8]) -> usize {
+    let mut cut = STATS_BYTES;
+    while cut > 0 && (v[cut] & 0xC0) == 0x80 {
+        cut -= 1;
+    }
+    cut
+}
+
 /// A lower bound of `v` of at most [`STATS_BYTES`] bytes (a prefix cut on a character
 /// boundary), and whether it is `v` itself.
 fn lower_bound(v: &[u8]) -> (Vec<u8>, bool) {
     if v.len() <= STATS_BYTES {
         return (v.to_vec(), true);
     }
-    let mut cut = STATS_BYTES;
-    while cut > 0 && (v[cut] & 0xC0) == 0x80 {
-        cut -= 1;
-    }
-    (v[..cut].to_vec(), false)
+    (v[..stats_cut(v)].to_vec(), false)
 }
 
 /// An upper bound of `v` of at most [`STATS_BYTES`] bytes (a prefix whose last character
@@ -250,11 +256,7 @@ fn upper_bound(v: &[u8]) -> (Vec<u8>, bool) {
     if v.len() <= STATS_BYTES {
         return (v.to_vec(), true);
     }
-    let mut cut = STATS_BYTES;
-    while cut > 0 && (v[cut] & 0xC0) == 0x80 {
-        cut -= 1;
-    }
-    if let Ok(prefix) = std::str::from_utf8(&v[..cut]) {
+    if let Ok(prefix) = std::str::from_utf8(&v[..stats_cut(v)]) {
         for (at, c) in prefix.char_indices().rev() {
             if let Some(next) = char::from_u32(c as u32 + 1)
                 && next.len_utf8() == c.len_utf8()

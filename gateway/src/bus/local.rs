@@ -148,8 +148,6 @@ fn list_segments(dir: &Path) -> Result<Vec<Segment>, BusError> {
     Ok(segments)
 }
 
-/// Reads one record at the reader's position. `Ok(None)` at a clean end of file; `Err` with a
-/// reason when the bytes there are not a whole, valid record.
 /// A reader of records: appends a record's body to a fresh buffer.
 trait ReadBody: Read {
     /// Appends exactly `n` bytes to `out`. By default the buffer is filled with zeros first,
@@ -179,6 +177,8 @@ impl ReadBody for BufReader<Durable> {
     }
 }
 
+/// Reads one record at the reader's position. `Ok(None)` at a clean end of file; `Err` with a
+/// reason when the bytes there are not a whole, valid record.
 fn read_record<R: ReadBody>(reader: &mut R) -> Result<Option<(Position, Vec<u8>)>, String> {
     let mut header = [0u8; HEADER_LEN];
     let mut filled = 0;
