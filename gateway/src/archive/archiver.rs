@@ -24,7 +24,7 @@ use object_store::path::Path as ObjectPath;
 use object_store::{ObjectStore, PutMode, PutOptions, PutPayload};
 
 use super::parquet::{CHUNK_ROWS, FileWriter, Row, file_schema, high_cardinality};
-use super::schema::{CollectionSchema, Column, ColumnType};
+use super::schema::{CollectionSchema, Column, ColumnType, Scalar};
 use crate::bus::{Bus, Consumer, Delivery};
 use crate::ids::{new_id, now_micros};
 use crate::meta::{ArchiveFile, Metastore, StoredColumn};
@@ -119,23 +119,46 @@ fn encode_groups(
     now: i64,
     changed: &mut Vec<String>,
 ) -> Result<Vec<EncodedFile>, String> {
+    // Every event's fields, in bus order, in one buffer (kept by the schema between
+    // flushes); `ends[i]`: where the i-th event's fields end. Invalid JSON has no fields.
+    let mut fields = schema.field_buffer();
+    let mut ends = Vec::with_capacity(buf.deliveries.iter().map(|d| d.batch.events.len()).sum());
+    for event in buf.deliveries.iter().flat_map(|d| &d.batch.events) {
+        if event.content_type == "application/json" {
+            let _ = schema.observe_json_into(&event.payload, now, changed, &mut fields);
+        }
+        ends.push(fields.len());
+    }
+    let out = encode_rows(buf, schema, &fields, &ends);
+    schema.keep_field_buffer(fields);
+    out
+}
+
+/// The second half of [`encode_groups`]: the events with their fields (`fields[ends[i - 1]..
+/// ends[i]]` for the i-th event in bus order) grouped by hour partition, one file each.
+fn encode_rows(
+    buf: &Buffer,
+    schema: &CollectionSchema,
+    fields: &[(u32, Scalar<'_>)],
+    ends: &[usize],
+) -> Result<Vec<EncodedFile>, String> {
     // Rows grouped by hour partition; within a group, in bus order.
     let mut groups: std::collections::BTreeMap<i64, (Vec<Row<'_>>, u64, u64)> = Default::default();
+    let mut start = 0;
+    let mut ends = ends.iter();
     for d in &buf.deliveries {
         for event in &d.batch.events {
-            let fields = if event.content_type == "application/json" {
-                schema
-                    .observe_json(&event.payload, now, changed)
-                    .unwrap_or_default()
-            } else {
-                Vec::new()
-            };
+            let end = *ends.next().expect("one end per event");
             let g = groups.entry(hour_of(event.received_at_micros)).or_insert((
                 Vec::new(),
                 u64::MAX,
                 0,
             ));
-            g.0.push(Row { event, fields });
+            g.0.push(Row {
+                event,
+                fields: &fields[start..end],
+            });
+            start = end;
             g.1 = g.1.min(d.position);
             g.2 = g.2.max(d.position);
         }
@@ -158,7 +181,7 @@ fn encode_groups(
         // schema order.
         let mut present = vec![false; schema.columns.len()];
         for row in &rows {
-            for (col, _) in &row.fields {
+            for (col, _) in row.fields {
                 present[*col as usize] = true;
             }
         }

@@ -30,10 +30,11 @@ use crate::bus::Event;
 pub const ROW_GROUP_ROWS: usize = 64 * 1024;
 
 /// An event with its flattened JSON fields as (collection column index, value); empty for
-/// non-JSON payloads.
+/// non-JSON payloads. The fields are a slice of a buffer that holds all rows' fields (see
+/// `CollectionSchema::field_buffer`).
 pub struct Row<'a> {
     pub event: &'a Event,
-    pub fields: Vec<(u32, Scalar<'a>)>,
+    pub fields: &'a [(u32, Scalar<'a>)],
 }
 
 fn base_fields() -> Vec<Field> {
@@ -142,7 +143,7 @@ fn build_columns(
         })
         .collect();
     for (r, row) in rows.iter().enumerate() {
-        for (col, value) in &row.fields {
+        for (col, value) in row.fields {
             if let Some(Some(i)) = slot_of.get(*col as usize) {
                 match &mut builders[*i as usize] {
                     Some(builder) => builder.push(r, value),
@@ -360,7 +361,7 @@ pub fn high_cardinality(rows: &[Row<'_>], columns: &[ColumnType]) -> Vec<usize> 
     seen.resize_with(columns.len(), Default::default);
     let step = (rows.len() / CARDINALITY_SAMPLE).max(1);
     for row in rows.iter().step_by(step).take(CARDINALITY_SAMPLE) {
-        for (col, value) in &row.fields {
+        for (col, value) in row.fields {
             let c = *col as usize;
             // A value as the column stores it (a string column's widened numbers are
             // rare enough to leave out; an integer in a float column is that float).
@@ -449,6 +450,8 @@ impl FileWriter {
         let payload = PayloadColumn::new(
             file.schema_descr().column(PAYLOAD_COLUMN),
             PAYLOAD_PAGE_BYTES,
+            // Most of a file is its payload chunk.
+            bytes,
         )?;
         let mut of_slot = vec![None; schema.fields().len() - base];
         let columns = own
@@ -663,7 +666,7 @@ mod tests {
         ];
         let rows: Vec<Row<'_>> = events
             .iter()
-            .zip(fields)
+            .zip(&fields)
             .map(|(event, fields)| Row { event, fields })
             .collect();
         let schema = file_schema(&[

@@ -91,16 +91,19 @@ fn zstd_error(e: std::io::Error) -> ParquetError {
 
 impl PayloadColumn {
     /// A writer for the column `descr` (a required binary column), in pages of about
-    /// `page_bytes`.
-    pub fn new(descr: ColumnDescPtr, page_bytes: usize) -> Result<Self> {
+    /// `page_bytes`, whose first chunk has room for `chunk_bytes` (later chunks get the
+    /// size of the one before). Buffers sized up front are not regrown from empty: each
+    /// regrowth copies what the buffer holds into memory the process may not have touched
+    /// yet (a page fault per 4 KiB).
+    pub fn new(descr: ColumnDescPtr, page_bytes: usize, chunk_bytes: usize) -> Result<Self> {
         Ok(Self {
             descr,
             page_bytes,
             zstd: payload_compressor()?,
-            page: Vec::new(),
+            page: Vec::with_capacity(page_bytes),
             page_values: 0,
-            scratch: Vec::new(),
-            chunk: Chunk::new(0),
+            scratch: Vec::with_capacity(zstd::zstd_safe::compress_bound(page_bytes)),
+            chunk: Chunk::new(chunk_bytes),
         })
     }
 
