@@ -717,20 +717,22 @@ mod tests {
             })
             .collect();
         let ids: Vec<String> = (0..5000).map(|i| format!("user-{i}")).collect();
-        let rows: Vec<Row<'_>> = events
-            .iter()
-            .enumerate()
-            .map(|(i, event)| Row {
-                event,
-                fields: vec![
+        let fields: Vec<Vec<(u32, Scalar<'_>)>> = (0..events.len())
+            .map(|i| {
+                vec![
                     (0, Scalar::Str(ids[i].as_str().into())),
                     (1, Scalar::Str(["eu", "us", "ap"][i % 3].into())),
                     (2, Scalar::Int(i as i64 % 7)),
                     (3, Scalar::Int(i as i64)),
                     (4, Scalar::Float(i as f64 / 4.0)),
                     (5, Scalar::Float((i % 5) as f64)),
-                ],
+                ]
             })
+            .collect();
+        let rows: Vec<Row<'_>> = events
+            .iter()
+            .zip(&fields)
+            .map(|(event, fields)| Row { event, fields })
             .collect();
         let types = [
             ColumnType::Utf8,

@@ -262,10 +262,7 @@ mod tests {
             .collect();
         let rows: Vec<Row<'_>> = events
             .iter()
-            .map(|event| Row {
-                event,
-                fields: Vec::new(),
-            })
+            .map(|event| Row { event, fields: &[] })
             .collect();
         let schema = file_schema(&[("n", ColumnType::Int64)]);
         let mut w = FileWriter::new(schema, vec![Some(0)]).unwrap();

@@ -663,13 +663,10 @@ mod tests {
             .collect();
         let arrow_schema = file_schema(&columns);
         let slot_of: Vec<Option<u32>> = (0..columns.len() as u32).map(Some).collect();
-        let rows: Vec<Row<'_>> = events
+        let fields: Vec<Vec<(u32, Scalar<'_>)>> = flat
             .iter()
-            .zip(&flat)
-            .map(|(e, f)| Row {
-                event: e,
-                fields: f
-                    .iter()
+            .map(|f| {
+                f.iter()
                     .filter_map(|(name, v)| {
                         schema
                             .columns
@@ -677,8 +674,13 @@ mod tests {
                             .position(|c| &c.name == name)
                             .map(|i| (i as u32, v.clone()))
                     })
-                    .collect(),
+                    .collect()
             })
+            .collect();
+        let rows: Vec<Row<'_>> = events
+            .iter()
+            .zip(&fields)
+            .map(|(event, fields)| Row { event, fields })
             .collect();
         let mut w = FileWriter::new(arrow_schema, slot_of).unwrap();
         for chunk in rows.chunks(50) {

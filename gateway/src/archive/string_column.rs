@@ -755,15 +755,17 @@ mod tests {
                 ..Default::default()
             })
             .collect();
+        let fields: Vec<Vec<(u32, Scalar<'_>)>> = (0..events.len())
+            .map(|i| {
+                (0..COLUMNS.len())
+                    .filter_map(|c| value(c, i).map(|v| (c as u32, v)))
+                    .collect()
+            })
+            .collect();
         let rows: Vec<Row<'_>> = events
             .iter()
-            .enumerate()
-            .map(|(i, event)| Row {
-                event,
-                fields: (0..COLUMNS.len())
-                    .filter_map(|c| value(c, i).map(|v| (c as u32, v)))
-                    .collect(),
-            })
+            .zip(&fields)
+            .map(|(event, fields)| Row { event, fields })
             .collect();
         let schema = file_schema(&COLUMNS);
         let slots = (0..COLUMNS.len() as u32).map(Some).collect();
