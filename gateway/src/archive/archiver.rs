@@ -24,7 +24,7 @@ use object_store::path::Path as ObjectPath;
 use object_store::{ObjectStore, PutMode, PutOptions, PutPayload};
 
 use super::parquet::{CHUNK_ROWS, FileWriter, Row, file_schema, high_cardinality};
-use super::schema::{CollectionSchema, Column, ColumnType, Scalar};
+use super::schema::{CollectionSchema, Column, ColumnType, FieldBuffer, Scalar};
 use crate::bus::{Bus, Consumer, Delivery};
 use crate::ids::{new_id, now_micros};
 use crate::meta::{ArchiveFile, Metastore, StoredColumn};
@@ -77,6 +77,8 @@ pub struct Archiver {
     store: Arc<dyn ObjectStore>,
     options: ArchiverOptions,
     pub status: Arc<ArchiveStatus>,
+    /// The field buffer every flush reads its events into, kept from one flush to the next.
+    fields: Mutex<FieldBuffer>,
 }
 
 /// `team=T/collection=C/date=YYYY-MM-DD/hour=HH/<first>-<last>.parquet`
@@ -116,12 +118,13 @@ struct EncodedFile {
 fn encode_groups(
     buf: &Buffer,
     schema: &mut CollectionSchema,
+    kept: &mut FieldBuffer,
     now: i64,
     changed: &mut Vec<String>,
 ) -> Result<Vec<EncodedFile>, String> {
-    // Every event's fields, in bus order, in one buffer (kept by the schema between
-    // flushes); `ends[i]`: where the i-th event's fields end. Invalid JSON has no fields.
-    let mut fields = schema.field_buffer();
+    // Every event's fields, in bus order, in one buffer (kept between flushes); `ends[i]`:
+    // where the i-th event's fields end. Invalid JSON has no fields.
+    let mut fields = kept.take();
     let mut ends = Vec::with_capacity(buf.deliveries.iter().map(|d| d.batch.events.len()).sum());
     for event in buf.deliveries.iter().flat_map(|d| &d.batch.events) {
         if event.content_type == "application/json" {
@@ -130,7 +133,7 @@ fn encode_groups(
         ends.push(fields.len());
     }
     let out = encode_rows(buf, schema, &fields, &ends);
-    schema.keep_field_buffer(fields);
+    kept.keep(fields);
     out
 }
 
@@ -248,6 +251,7 @@ impl Archiver {
             store,
             options,
             status: Arc::new(ArchiveStatus::default()),
+            fields: Mutex::default(),
         }
     }
 
@@ -446,7 +450,8 @@ impl Archiver {
         let encoded = tokio::task::block_in_place(|| {
             crate::priority::run_in_background("archive-encode", || {
                 crate::allocator::use_bulk_arena();
-                encode_groups(buf, schema, now, &mut changed)
+                let mut kept = self.fields.lock().expect("lock");
+                encode_groups(buf, schema, &mut kept, now, &mut changed)
             })
         })??;
         let max_position = buf.deliveries.iter().map(|d| d.position).max().unwrap_or(0);

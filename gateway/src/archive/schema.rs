@@ -188,8 +188,6 @@ pub struct CollectionSchema {
     /// fields), for [`Self::observe_json`].
     slots: Vec<(u32, u32)>,
     event_stamp: u32,
-    /// The archiver's field buffer between flushes (empty; see [`Self::field_buffer`]).
-    spare_fields: Vec<(u32, Scalar<'static>)>,
 }
 
 impl CollectionSchema {
@@ -206,7 +204,6 @@ impl CollectionSchema {
             next_after: Vec::new(),
             slots: Vec::new(),
             event_stamp: 0,
-            spare_fields: Vec::new(),
         }
     }
 
@@ -232,7 +229,7 @@ impl CollectionSchema {
 
     /// [`Self::observe_json`] appending the event's fields to `out`, which may hold other
     /// events' fields before them (the archiver reads a whole flush into one buffer, see
-    /// [`Self::field_buffer`]). On an error `out` is left as it was.
+    /// [`FieldBuffer`]). On an error `out` is left as it was.
     pub fn observe_json_into<'a>(
         &mut self,
         payload: &'a [u8],
@@ -262,20 +259,6 @@ impl CollectionSchema {
             out.truncate(start);
         }
         result
-    }
-
-    /// An empty buffer for [`Self::observe_json_into`], with the capacity that the last one
-    /// given back through [`Self::keep_field_buffer`] had. The archiver reads every flush
-    /// into one such buffer: one allocation for all of a flush's fields instead of one per
-    /// event, and its pages stay with the process (per-event vectors were freed and faulted
-    /// in again flush after flush: a third of the archiver's page faults).
-    pub fn field_buffer<'a>(&mut self) -> Vec<(u32, Scalar<'a>)> {
-        relabel(std::mem::take(&mut self.spare_fields))
-    }
-
-    /// Keeps `buffer`'s allocation (emptied) for the next [`Self::field_buffer`].
-    pub fn keep_field_buffer(&mut self, buffer: Vec<(u32, Scalar<'_>)>) {
-        self.spare_fields = relabel(buffer);
     }
 
     /// The reference for [`Self::observe_json`], over a `Value` tree (tests only).
@@ -371,6 +354,32 @@ impl CollectionSchema {
         for (name, value) in fields {
             self.observe_one(name, value.column_type(), now, changed);
         }
+    }
+}
+
+/// The allocation of a vector of fields kept from one use to the next, for
+/// [`CollectionSchema::observe_json_into`]. The archiver reads each flush into one such
+/// buffer: one allocation for all of a flush's fields instead of one per event, whose pages
+/// stay with the process (the per-event vectors were freed and faulted in again flush after
+/// flush: about half of the archiver's page faults). What is kept is capped at
+/// [`FieldBuffer::MAX_KEPT_BYTES`].
+#[derive(Default)]
+pub struct FieldBuffer(Vec<(u32, Scalar<'static>)>);
+
+impl FieldBuffer {
+    /// The most a kept buffer holds on to between uses (about 800,000 fields).
+    pub const MAX_KEPT_BYTES: usize = 32 << 20;
+
+    /// An empty vector on the kept allocation (a new one when none is kept).
+    pub fn take<'a>(&mut self) -> Vec<(u32, Scalar<'a>)> {
+        relabel(std::mem::take(&mut self.0))
+    }
+
+    /// Keeps `fields`' allocation (emptied, and shrunk to [`Self::MAX_KEPT_BYTES`]).
+    pub fn keep(&mut self, fields: Vec<(u32, Scalar<'_>)>) {
+        let mut kept = relabel(fields);
+        kept.shrink_to(Self::MAX_KEPT_BYTES / std::mem::size_of::<(u32, Scalar<'_>)>());
+        self.0 = kept;
     }
 }
 
@@ -609,7 +618,8 @@ mod tests {
             r#"{"a": 3, "b": "#.to_string(),
             r#"{"a":4}"#.to_string(),
         ];
-        let mut fields = s.field_buffer();
+        let mut kept = FieldBuffer::default();
+        let mut fields = kept.take();
         let mut ends = Vec::new();
         for doc in &docs {
             let before = fields.len();
@@ -634,11 +644,15 @@ mod tests {
         assert_eq!(ends, [2, 4, 4, 5]);
         // The buffer's allocation survives the payloads it borrowed from.
         let (ptr, capacity) = (fields.as_ptr() as usize, fields.capacity());
-        s.keep_field_buffer(fields);
+        kept.keep(fields);
         drop(docs);
-        let again = s.field_buffer();
+        let again = kept.take();
         assert!(again.is_empty());
         assert_eq!((again.as_ptr() as usize, again.capacity()), (ptr, capacity));
+        // What is kept is capped.
+        let field = std::mem::size_of::<(u32, Scalar<'_>)>();
+        kept.keep(Vec::with_capacity(2 * FieldBuffer::MAX_KEPT_BYTES / field));
+        assert!(kept.take().capacity() * field <= FieldBuffer::MAX_KEPT_BYTES);
     }
 
     #[test]
