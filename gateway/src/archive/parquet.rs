@@ -37,6 +37,19 @@ pub struct Row<'a> {
     pub fields: &'a [(u32, Scalar<'a>)],
 }
 
+#[cfg(test)]
+impl<'a> Row<'a> {
+    /// Rows of `events` with the fields of the same position (tests build their fields one
+    /// vector per event).
+    pub(crate) fn zip(events: &'a [Event], fields: &'a [Vec<(u32, Scalar<'a>)>]) -> Vec<Self> {
+        events
+            .iter()
+            .zip(fields)
+            .map(|(event, fields)| Row { event, fields })
+            .collect()
+    }
+}
+
 fn base_fields() -> Vec<Field> {
     vec![
         Field::new("id", DataType::Utf8, false),
@@ -664,11 +677,7 @@ mod tests {
             vec![(4, Scalar::Int(1)), (0, Scalar::Bool(false))],
             vec![(2, Scalar::Float(2.5)), (3, Scalar::Int(9))],
         ];
-        let rows: Vec<Row<'_>> = events
-            .iter()
-            .zip(&fields)
-            .map(|(event, fields)| Row { event, fields })
-            .collect();
+        let rows = Row::zip(&events, &fields);
         let schema = file_schema(&[
             ("flag", ColumnType::Bool),
             ("n", ColumnType::Float64),
@@ -729,11 +738,7 @@ mod tests {
                 ]
             })
             .collect();
-        let rows: Vec<Row<'_>> = events
-            .iter()
-            .zip(&fields)
-            .map(|(event, fields)| Row { event, fields })
-            .collect();
+        let rows = Row::zip(&events, &fields);
         let types = [
             ColumnType::Utf8,
             ColumnType::Utf8,

@@ -677,11 +677,7 @@ mod tests {
                     .collect()
             })
             .collect();
-        let rows: Vec<Row<'_>> = events
-            .iter()
-            .zip(&fields)
-            .map(|(event, fields)| Row { event, fields })
-            .collect();
+        let rows = Row::zip(&events, &fields);
         let mut w = FileWriter::new(arrow_schema, slot_of).unwrap();
         for chunk in rows.chunks(50) {
             w.write(chunk).unwrap();

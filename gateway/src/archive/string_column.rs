@@ -762,11 +762,7 @@ mod tests {
                     .collect()
             })
             .collect();
-        let rows: Vec<Row<'_>> = events
-            .iter()
-            .zip(&fields)
-            .map(|(event, fields)| Row { event, fields })
-            .collect();
+        let rows = Row::zip(&events, &fields);
         let schema = file_schema(&COLUMNS);
         let slots = (0..COLUMNS.len() as u32).map(Some).collect();
         let mut w = FileWriter::with_capacity(schema, slots, 1 << 20, &["plain".into()]).unwrap();
