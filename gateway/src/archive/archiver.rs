@@ -449,7 +449,7 @@ impl Archiver {
         // CPU they leave; the async worker only waits for it.
         let encoded = tokio::task::block_in_place(|| {
             crate::priority::run_in_background("archive-encode", || {
-                crate::allocator::use_bulk_arena();
+                let _bulk = crate::allocator::enter_bulk_arena();
                 let mut kept = self.fields.lock().expect("lock");
                 encode_groups(buf, schema, &mut kept, now, &mut changed)
             })

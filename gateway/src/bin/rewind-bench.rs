@@ -435,6 +435,15 @@ async fn archive_bench(events: usize, event_bytes: usize) -> anyhow::Result<()> 
             .collect::<Vec<_>>()
             .join(" / ")
     );
+    // Once the archiver is idle, the free pages it kept while draining go back to the system
+    // (`allocator::BULK_IDLE`).
+    let idle = rewind_gateway::allocator::BULK_IDLE * 3;
+    tokio::time::sleep(idle).await;
+    println!(
+        "| bench process RSS {:.0} s after the drain | {:.0} MiB |",
+        idle.as_secs_f64(),
+        self_rss_mib()
+    );
     Ok(())
 }
 

@@ -1231,6 +1231,10 @@ impl Consumer for LocalConsumer {
                     head
                 };
                 let _background = catching_up.then(crate::priority::lower_for_a_while);
+                // A backlog's records are bulk work: their buffers are allocated and freed
+                // over and over while it is read, and kept in the bulk arena meanwhile
+                // instead of being faulted in anew (`allocator::enter_bulk_arena`).
+                let _bulk = catching_up.then(crate::allocator::enter_bulk_arena);
                 // Read-ahead is bounded in bytes, not only in records: a record can be a
                 // batch of thousands of events.
                 let records = reading.0.read_in(&segments, limit, 512, READ_AHEAD_BYTES)?;
