@@ -7,6 +7,7 @@
 
 pub mod local;
 pub mod nats;
+mod wire;
 
 use async_trait::async_trait;
 
@@ -132,8 +133,7 @@ pub trait Consumer: Send {
 
 /// Decodes a bus record. Payloads are slices of `bytes` (no copy).
 pub fn decode_batch(position: Position, bytes: bytes::Bytes) -> Result<BusBatch, BusError> {
-    use prost::Message;
-    BusBatch::decode(bytes).map_err(|e| BusError::Corrupt {
+    wire::decode_batch(bytes).map_err(|e| BusError::Corrupt {
         position,
         detail: e.to_string(),
     })
