@@ -9,6 +9,8 @@
 //!
 //! The settings can be overridden at run time with jemalloc's own variable, e.g.
 //! `_RJEM_MALLOC_CONF=dirty_decay_ms:10000` (keep freed pages longer: less CPU, more RSS).
+//! Bulk work (the archiver's encoding, bus backlog reads) runs in an arena of its own that
+//! keeps its free pages until that work has stopped ([`enter_bulk_arena`]).
 
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -126,7 +128,7 @@ fn keep_bulk_arena(arena: u32) {
 
 /// Returns every free page of the bulk arena to the system now.
 #[allow(unsafe_code)] // jemalloc's mallctl, a command without values
-pub fn purge_bulk_arena() {
+fn purge_bulk_arena() {
     if let Some(b) = bulk() {
         let name = format!("arena.{}.purge\0", b.arena);
         // SAFETY: `arena.<i>.purge` reads and writes nothing; the name is NUL-terminated and
