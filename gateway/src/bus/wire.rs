@@ -271,21 +271,13 @@ mod tests {
             if let Some(ev) = e.events.first() {
                 let mut inner = Vec::new();
                 unknown_field(&mut rng, &mut inner);
-                let mut fields: Vec<Vec<u8>> = Vec::new();
-                let mut one = |f: &dyn Fn(&mut Vec<u8>)| {
-                    let mut v = Vec::new();
-                    f(&mut v);
-                    fields.push(v);
-                };
-                one(&|v| prost::encoding::string::encode(1, &ev.id, v));
-                one(&|v| prost::encoding::int64::encode(2, &ev.received_at_micros, v));
-                one(&|v| prost::encoding::bytes::encode(4, &ev.payload, v));
-                one(&|v| prost::encoding::string::encode(5, &ev.content_type, v));
-                one(&|v| prost::encoding::string::encode(1, &"second".to_string(), v));
-                fields.reverse();
-                for f in fields {
-                    inner.extend(f);
-                }
+                // Last field first; the id comes twice and the last one wins.
+                use prost::encoding::{bytes as payload, int64, string};
+                string::encode(1, &"second".to_string(), &mut inner);
+                string::encode(5, &ev.content_type, &mut inner);
+                payload::encode(4, &ev.payload, &mut inner);
+                int64::encode(2, &ev.received_at_micros, &mut inner);
+                string::encode(1, &ev.id, &mut inner);
                 prost::encoding::encode_key(
                     3,
                     prost::encoding::WireType::LengthDelimited,
