@@ -125,15 +125,18 @@ fn encode_groups(
     // Every event's fields, in bus order, in one buffer (kept between flushes); `ends[i]`:
     // where the i-th event's fields end. Invalid JSON has no fields.
     let mut fields = kept.take();
+    let mut owned = 0;
     let mut ends = Vec::with_capacity(buf.deliveries.iter().map(|d| d.batch.events.len()).sum());
     for event in buf.deliveries.iter().flat_map(|d| &d.batch.events) {
         if event.content_type == "application/json" {
-            let _ = schema.observe_json_into(&event.payload, now, changed, &mut fields);
+            owned += schema
+                .observe_json_into(&event.payload, now, changed, &mut fields)
+                .unwrap_or(0);
         }
         ends.push(fields.len());
     }
     let out = encode_rows(buf, schema, &fields, &ends);
-    kept.keep(fields);
+    kept.keep(fields, owned);
     out
 }
 
