@@ -121,30 +121,28 @@ fn keep_bulk_arena(arena: u32) {
             && idle_ms >= BULK_IDLE.as_millis() as u64
             && b.used.swap(false, Ordering::AcqRel)
         {
-            purge_bulk_arena();
+            purge_arena(arena);
         }
     }
 }
 
-/// Returns every free page of the bulk arena to the system now.
+/// Returns every free page of `arena` to the system now.
 #[allow(unsafe_code)] // jemalloc's mallctl, a command without values
-fn purge_bulk_arena() {
-    if let Some(b) = bulk() {
-        let name = format!("arena.{}.purge\0", b.arena);
-        // SAFETY: `arena.<i>.purge` reads and writes nothing; the name is NUL-terminated and
-        // names an existing arena.
-        let rc = unsafe {
-            tikv_jemalloc_sys::mallctl(
-                name.as_ptr().cast(),
-                std::ptr::null_mut(),
-                std::ptr::null_mut(),
-                std::ptr::null_mut(),
-                0,
-            )
-        };
-        if rc != 0 {
-            tracing::debug!(rc, "cannot purge the bulk arena");
-        }
+fn purge_arena(arena: u32) {
+    let name = format!("arena.{arena}.purge\0");
+    // SAFETY: `arena.<i>.purge` reads and writes nothing; the name is NUL-terminated and
+    // names an existing arena.
+    let rc = unsafe {
+        tikv_jemalloc_sys::mallctl(
+            name.as_ptr().cast(),
+            std::ptr::null_mut(),
+            std::ptr::null_mut(),
+            std::ptr::null_mut(),
+            0,
+        )
+    };
+    if rc != 0 {
+        tracing::debug!(rc, arena, "cannot purge the bulk arena");
     }
 }
 
